@@ -1,0 +1,226 @@
+//! Chapter 3: a full GPT-1-style decoder. Attention from chapter 2, plus a feed-forward
+//! network, residual connections, LayerNorm and dropout, stacked into blocks.
+
+use crate::ch02_attention::{MultiHeadAttention, MultiHeadAttentionConfig, linear_init, positions};
+use crate::common::train::LanguageModel;
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gelu, Initializer, LayerNorm,
+    LayerNormConfig, Linear, LinearConfig,
+};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+// ANCHOR: layer_norm
+/// LayerNorm from its definition: normalise each token's vector to mean 0 and variance 1
+/// (over the channels, not the batch), then scale by `gamma` and shift by `beta`.
+pub fn layer_norm(x: Tensor<3>, gamma: Tensor<1>, beta: Option<Tensor<1>>, eps: f64) -> Tensor<3> {
+    let mean = x.clone().mean_dim(2); // [b, t, 1]
+    let centered = x - mean; // [b, t, c]
+    let var = centered.clone().square().mean_dim(2); // [b, t, 1], the biased variance
+    let normed = centered / (var + eps).sqrt();
+    let y = normed * gamma.unsqueeze::<3>(); // [1, 1, c] broadcasts
+    match beta {
+        Some(beta) => y + beta.unsqueeze::<3>(),
+        None => y,
+    }
+}
+// ANCHOR_END: layer_norm
+
+// ANCHOR: feed_forward
+/// The per-token MLP: widen 4x, GELU, narrow back. Attention moves information between
+/// tokens; this is where each token thinks about what it gathered.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub c_fc: Linear,   // [c] -> [4c]
+    pub gelu: Gelu,
+    pub c_proj: Linear, // [4c] -> [c]
+    pub dropout: Dropout,
+}
+
+impl FeedForward {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.gelu.forward(self.c_fc.forward(x)); // [b, t, 4c]
+        self.dropout.forward(self.c_proj.forward(h)) // [b, t, c]
+    }
+}
+// ANCHOR_END: feed_forward
+
+// ANCHOR: norm
+/// Where LayerNorm sits in a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// GPT-1 (2018): normalise after each residual sum, `x = LN(x + f(x))`.
+    Post,
+    /// GPT-2 (2019) onwards: normalise the branch input, `x = x + f(LN(x))`, plus a final LN.
+    /// The residual path stays an identity from the loss to the embeddings, which trains
+    /// deep stacks more stably.
+    Pre,
+}
+// ANCHOR_END: norm
+
+// ANCHOR: block
+#[derive(Module, Debug)]
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub attn: MultiHeadAttention,
+    pub ln_2: LayerNorm,
+    pub mlp: FeedForward,
+    pub pre_norm: bool,
+}
+
+impl Block {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        if self.pre_norm {
+            let x = x.clone() + self.attn.forward(self.ln_1.forward(x)); // [b, t, c]
+            x.clone() + self.mlp.forward(self.ln_2.forward(x))
+        } else {
+            let x = self.ln_1.forward(x.clone() + self.attn.forward(x));
+            self.ln_2.forward(x.clone() + self.mlp.forward(x))
+        }
+    }
+}
+// ANCHOR_END: block
+
+// ANCHOR: config
+#[derive(Config, Debug, PartialEq)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Longest context (number of learned positions).
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+    /// Biases in Linear and LayerNorm layers (GPT-1 and GPT-2 have them; nanoGPT drops them).
+    #[config(default = true)]
+    pub bias: bool,
+    #[config(default = "Norm::Pre")]
+    pub norm: Norm,
+    /// Share the token embedding with the output head (GPT-1 does).
+    #[config(default = true)]
+    pub tie_weights: bool,
+}
+// ANCHOR_END: config
+
+// ANCHOR: gpt
+#[derive(Module, Debug)]
+pub struct Gpt {
+    pub wte: Embedding, // [vocab, c]
+    pub wpe: Embedding, // [block, c]
+    pub drop: Dropout,
+    pub blocks: Vec<Block>,
+    /// Pre-LN only: the residual stream is never normalised inside the blocks.
+    pub ln_f: Option<LayerNorm>,
+    /// Untied only: otherwise the head reuses `wte`.
+    pub lm_head: Option<Linear>,
+    pub block_size: usize,
+}
+
+impl LanguageModel for Gpt {
+    fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = idx.dims();
+        let pos = positions(t, self.block_size, &idx.device()); // [1, t]
+        let mut x = self.drop.forward(self.wte.forward(idx) + self.wpe.forward(pos)); // [b, t, c]
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        if let Some(ln_f) = &self.ln_f {
+            x = ln_f.forward(x);
+        }
+        match &self.lm_head {
+            Some(head) => head.forward(x), // [b, t, vocab]
+            // Tied: score each token by its embedding's dot product with x.
+            None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
+        }
+    }
+}
+// ANCHOR_END: gpt
+
+// ANCHOR: init
+impl GptConfig {
+    pub fn init(&self, device: &Device) -> Gpt {
+        assert!(self.n_head > 0 && self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head");
+        let (c, std) = (self.n_embd, 0.02);
+        // GPT-1 initialises every weight N(0, 0.02). GPT-2 (pre-LN) also shrinks the layers that
+        // write into the residual stream by 1/sqrt(2 * n_layer), so the stream's variance does
+        // not grow with depth.
+        let proj_std = match self.norm {
+            Norm::Pre => std / (2.0 * self.n_layer as f64).sqrt(),
+            Norm::Post => std,
+        };
+        let linear = |i, o, s| {
+            LinearConfig::new(i, o).with_bias(self.bias).with_initializer(linear_init(Some(s))).init(device)
+        };
+        let ln = || LayerNormConfig::new(c).with_bias(self.bias).init(device);
+        let normal = Initializer::Normal { mean: 0.0, std };
+        let blocks = (0..self.n_layer)
+            .map(|_| Block {
+                ln_1: ln(),
+                attn: MultiHeadAttentionConfig::new(c, self.n_head)
+                    .with_dropout(self.dropout)
+                    .with_bias(self.bias)
+                    .with_init_std(Some(std))
+                    .with_proj_init_std(Some(proj_std))
+                    .init(device),
+                ln_2: ln(),
+                mlp: FeedForward {
+                    c_fc: linear(c, 4 * c, std),
+                    gelu: Gelu::new(),
+                    c_proj: linear(4 * c, c, proj_std),
+                    dropout: DropoutConfig::new(self.dropout).init(),
+                },
+                pre_norm: self.norm == Norm::Pre,
+            })
+            .collect();
+        Gpt {
+            wte: EmbeddingConfig::new(self.vocab_size, c).with_initializer(normal.clone()).init(device),
+            wpe: EmbeddingConfig::new(self.block_size, c).with_initializer(normal).init(device),
+            drop: DropoutConfig::new(self.dropout).init(),
+            blocks,
+            ln_f: (self.norm == Norm::Pre).then(ln),
+            lm_head: (!self.tie_weights).then(|| {
+                LinearConfig::new(c, self.vocab_size)
+                    .with_bias(false)
+                    .with_initializer(linear_init(Some(std)))
+                    .init(device)
+            }),
+            block_size: self.block_size,
+        }
+    }
+}
+// ANCHOR_END: init
+
+// ANCHOR: param_count
+impl GptConfig {
+    /// The parameter count from the architecture alone, term by term.
+    pub fn param_count(&self) -> usize {
+        let (v, p, c, l) = (self.vocab_size, self.block_size, self.n_embd, self.n_layer);
+        let b = usize::from(self.bias); // one bias vector per layer when biases are on
+        let ln = c + b * c; // gamma (+ beta)
+        let attn = c * 3 * c + b * 3 * c + c * c + b * c; // c_attn + c_proj
+        let mlp = c * 4 * c + b * 4 * c + 4 * c * c + b * c; // c_fc + c_proj
+        let block = 2 * ln + attn + mlp; // = 12c^2 + 13c with biases
+        let embeddings = v * c + p * c;
+        let final_ln = if self.norm == Norm::Pre { ln } else { 0 };
+        let head = if self.tie_weights { 0 } else { c * v };
+        embeddings + l * block + final_ln + head
+    }
+
+    /// Training FLOPs per token: 6 per weight that takes part in a matrix product (forward 2,
+    /// backward 4) plus the attention products `q k^T` and `att v` (12 * layers * T * c).
+    /// Position embeddings are a lookup and cost nothing; a tied embedding counts once, as the
+    /// output head. The same convention as nanoGPT's and PaLM's MFU estimates.
+    pub fn flops_per_token(&self) -> f64 {
+        let n = self.param_count() - self.block_size * self.n_embd;
+        6.0 * n as f64 + 12.0 * (self.n_layer * self.block_size * self.n_embd) as f64
+    }
+
+    /// GPT-1 as published (Radford et al., 2018): 12 layers, 12 heads, 768 wide, 3072-wide
+    /// MLP, 512 positions, a 40,478-token BPE vocabulary, post-LN, tied head.
+    pub fn gpt1() -> Self {
+        GptConfig::new(40_478, 512, 12, 12, 768).with_dropout(0.1).with_norm(Norm::Post)
+    }
+}
+// ANCHOR_END: param_count

@@ -1,0 +1,154 @@
+//! Checkpoints: a folder holding the model weights, the optimizer state and a JSON file with
+//! the step, the config, the vocabulary and the losses so far. A checkpoint is written to a
+//! temporary folder and swapped in by renames, so a crash never leaves half of one.
+
+use super::PretrainConfig;
+use crate::ch03_gpt::Gpt;
+use crate::common::report::{write_atomic, write_json};
+use crate::common::tokenizer::CharTokenizer;
+use crate::common::train::LossRecord;
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const MODEL: &str = "model.bpk";
+const OPTIMIZER: &str = "optimizer.bpk";
+const META: &str = "meta.json";
+const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: u32,
+    /// Steps completed.
+    pub step: usize,
+    pub config: PretrainConfig,
+    /// The tokenizer's characters, in id order.
+    pub vocab: String,
+    /// Val loss at this step, and the best seen so far.
+    pub val_loss: f64,
+    pub best_val_loss: f64,
+    pub losses: Vec<LossRecord>,
+    pub backend: String,
+}
+
+/// Saves into `dir` (replacing what was there).
+pub fn save(dir: &Path, model: &Gpt, optim: Option<&ModuleOptimizer>, meta: &Meta) -> Result<()> {
+    let tmp = sibling(dir, "tmp");
+    let old = sibling(dir, "old");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let weights = model.clone().into_record().into_bytes().context("cannot serialise the model")?;
+    write_atomic(&tmp.join(MODEL), &weights)?;
+    if let Some(optim) = optim {
+        let state = optim.into_bytes().context("cannot serialise the optimizer")?;
+        write_atomic(&tmp.join(OPTIMIZER), &state)?;
+    }
+    write_json(&tmp.join(META), meta)?;
+    // Swap: dir -> dir.old, tmp -> dir, drop dir.old. `load` falls back to dir.old if a crash
+    // came between the two renames.
+    let _ = fs::remove_dir_all(&old);
+    if dir.exists() {
+        fs::rename(dir, &old).with_context(|| format!("cannot replace {}", dir.display()))?;
+    }
+    fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn sibling(dir: &Path, suffix: &str) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.with_file_name(format!("{name}.{suffix}"))
+}
+
+/// Reads only the metadata of a checkpoint.
+pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
+    let dir = if !dir.join(META).exists() && sibling(dir, "old").join(META).exists() {
+        sibling(dir, "old")
+    } else {
+        dir.to_path_buf()
+    };
+    if !dir.join(META).exists() {
+        bail!(
+            "no checkpoint in {} (train first: `ch04_pretrain --out DIR` saves into DIR/ckpt/)",
+            dir.display()
+        );
+    }
+    let text = fs::read_to_string(dir.join(META))
+        .with_context(|| format!("cannot read {}", dir.join(META).display()))?;
+    let meta: Meta = serde_json::from_str(&text).with_context(|| {
+        format!("the checkpoint file {} is corrupt", dir.join(META).display())
+    })?;
+    if meta.format != FORMAT {
+        bail!("checkpoint format {} in {} (this build reads {FORMAT})", meta.format, dir.display());
+    }
+    Ok((dir, meta))
+}
+
+/// Loads a checkpoint onto `device`: the model built from the saved config, its weights,
+/// and (when `with_optimizer`) the optimizer state.
+pub fn load(dir: &Path, device: &Device, optim: Option<ModuleOptimizer>) -> Result<(Gpt, Option<ModuleOptimizer>, Meta)> {
+    let (dir, meta) = read_meta(dir)?;
+    let tokenizer = CharTokenizer::from_chars(meta.vocab.chars().collect());
+    if tokenizer.vocab_size() != meta.config.model.vocab_size {
+        bail!("the checkpoint in {} is inconsistent: {} characters for a {}-token model", dir.display(), tokenizer.vocab_size(), meta.config.model.vocab_size);
+    }
+    let path = dir.join(MODEL);
+    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
+        .map_err(|e| anyhow::anyhow!("the checkpoint file {} is corrupt or truncated: {e:?}", path.display()))?;
+    let model = meta
+        .config
+        .model
+        .init(device)
+        .try_load_record(record)
+        .map_err(|e| anyhow::anyhow!("the weights in {} do not fit the model in its meta.json: {e:?}", path.display()))?;
+    let optim = match optim {
+        None => None,
+        Some(optim) => {
+            let path = dir.join(OPTIMIZER);
+            let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Some(optim.from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| {
+                anyhow::anyhow!("the optimizer state {} is corrupt or truncated: {e:?}", path.display())
+            })?)
+        }
+    };
+    Ok((model, optim, meta))
+}
+
+/// Refuses to resume a checkpoint made with another config or vocabulary, naming what differs.
+pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &CharTokenizer) -> Result<()> {
+    if meta.vocab != tokenizer.vocab_string() {
+        bail!(
+            "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
+             it was trained on another corpus",
+            meta.vocab.chars().count(),
+            tokenizer.vocab_size()
+        );
+    }
+    if &meta.config != config {
+        let a = serde_json::to_value(&meta.config)?;
+        let b = serde_json::to_value(config)?;
+        let mut diffs = Vec::new();
+        diff_json("", &a, &b, &mut diffs);
+        bail!("the checkpoint was made with another config: {}", diffs.join(", "));
+    }
+    Ok(())
+}
+
+fn diff_json(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            for (k, va) in x {
+                let vb = y.get(k).unwrap_or(&serde_json::Value::Null);
+                diff_json(&format!("{prefix}{k}."), va, vb, out);
+            }
+        }
+        _ if a != b => out.push(format!("{} is {a} there, {b} here", prefix.trim_end_matches('.'))),
+        _ => {}
+    }
+}

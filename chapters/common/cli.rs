@@ -1,0 +1,90 @@
+//! Flags every chapter binary shares. Chapters flatten these into their own `clap` parser
+//! and set their own defaults with `mut_arg`.
+
+use crate::common::backend::Backend;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// Which Burn backend runs the model.
+    #[arg(long, default_value = "ndarray", value_parser = parse_backend)]
+    pub backend: Backend,
+    /// A UTF-8 text file to train on (default: $GPT_DATA, else Tiny Shakespeare, downloaded
+    /// into data/ on first use).
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Seed for weights, batches and samples: the same seed gives the same run.
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Folder for summary.json, losses.csv and pictures (default: runs/<chapter>/).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    s.parse()
+}
+
+/// The training flags; each chapter sets their defaults.
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: usize,
+    /// Sequences per batch.
+    #[arg(long)]
+    pub batch_size: usize,
+    /// Context length: characters the model sees at once.
+    #[arg(long)]
+    pub block_size: usize,
+    /// Learning rate (AdamW).
+    #[arg(long)]
+    pub lr: f64,
+    /// Estimate train and val loss every this many steps.
+    #[arg(long)]
+    pub eval_interval: usize,
+    /// Batches per loss estimate.
+    #[arg(long)]
+    pub eval_iters: usize,
+}
+
+impl CommonArgs {
+    pub fn out_dir(&self, chapter: &str) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(chapter))
+    }
+}
+
+impl TrainArgs {
+    pub fn settings(&self, seed: u64) -> crate::common::train::TrainSettings {
+        crate::common::train::TrainSettings {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            block_size: self.block_size,
+            eval_interval: self.eval_interval,
+            eval_iters: self.eval_iters,
+            seed,
+            grad_clip: None,
+            stop_after: None,
+        }
+    }
+
+    pub fn check(&self) -> anyhow::Result<()> {
+        for (name, v) in [
+            ("--batch-size", self.batch_size),
+            ("--block-size", self.block_size),
+            ("--eval-iters", self.eval_iters),
+            ("--eval-interval", self.eval_interval),
+        ] {
+            if v == 0 {
+                anyhow::bail!("{name} must be at least 1");
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            anyhow::bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,120 @@
+//! Train/validation split and random batches of (input, target) blocks.
+
+use crate::common::tokenizer::CharTokenizer;
+use anyhow::{Result, bail};
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
+}
+
+/// The encoded corpus, split 90/10 into a training and a validation part.
+pub struct Dataset {
+    pub tokenizer: CharTokenizer,
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
+}
+
+impl Dataset {
+    /// Encodes `text` and splits it: the first 90% trains, the last 10% validates.
+    pub fn new(text: &str) -> Result<Self> {
+        let tokenizer = CharTokenizer::from_text(text);
+        let data = tokenizer.encode(text)?;
+        let n = data.len() * 9 / 10;
+        Ok(Self {
+            tokenizer,
+            val: data[n..].to_vec(),
+            train: data[..n].to_vec(),
+        })
+    }
+
+    pub fn split(&self, split: Split) -> &[usize] {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+
+    /// Both splits must hold at least one block plus its shifted target.
+    pub fn check_block_size(&self, block_size: usize) -> Result<()> {
+        if block_size == 0 {
+            bail!("block size must be at least 1");
+        }
+        let shortest = self.train.len().min(self.val.len());
+        if shortest < block_size + 1 {
+            bail!(
+                "the text is too short for block size {block_size}: the validation split has {} \
+                 characters and the training split {}, each needs at least {} \
+                 (use a longer text or a smaller --block-size)",
+                self.val.len(),
+                self.train.len(),
+                block_size + 1
+            );
+        }
+        Ok(())
+    }
+
+    /// Token ids of a random batch: `x[b]` is a block of the split, `y[b]` the same block
+    /// shifted one character to the right (the next character at every position).
+    pub fn sample_ids(
+        &self,
+        split: Split,
+        batch_size: usize,
+        block_size: usize,
+        rng: &mut StdRng,
+    ) -> (Vec<i64>, Vec<i64>) {
+        let data = self.split(split);
+        let mut x = Vec::with_capacity(batch_size * block_size);
+        let mut y = Vec::with_capacity(batch_size * block_size);
+        for _ in 0..batch_size {
+            let i = rng.random_range(0..data.len() - block_size);
+            x.extend(data[i..i + block_size].iter().map(|&t| t as i64));
+            y.extend(data[i + 1..i + block_size + 1].iter().map(|&t| t as i64));
+        }
+        (x, y)
+    }
+
+    /// A random batch as tensors on `device`: `x, y: [batch, block]`.
+    pub fn batch(
+        &self,
+        split: Split,
+        batch_size: usize,
+        block_size: usize,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>) {
+        let (x, y) = self.sample_ids(split, batch_size, block_size, rng);
+        let shape = [batch_size, block_size];
+        (ids_tensor(x, shape, device), ids_tensor(y, shape, device))
+    }
+}
+
+/// Token ids to an integer tensor of the given shape.
+pub fn ids_tensor(ids: Vec<i64>, shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids, shape), device)
+}
+
+/// A reproducible random stream for one purpose at one step. Deriving every batch from
+/// (seed, purpose, step) rather than from one long-lived generator means a run resumed at
+/// step k draws exactly the batches the uninterrupted run drew.
+pub fn rng_for(seed: u64, purpose: u64, step: usize) -> StdRng {
+    // SplitMix-style mixing so that neighbouring steps get unrelated streams.
+    let mut z = seed
+        ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// The purposes `rng_for` separates.
+pub mod stream {
+    pub const TRAIN: u64 = 1;
+    pub const EVAL: u64 = 2;
+    pub const SAMPLE: u64 = 3;
+    pub const DEMO: u64 = 4;
+}

@@ -1,0 +1,152 @@
+//! What a chapter leaves in its output folder: `summary.json`, `losses.csv` and a loss curve.
+
+use crate::common::train::{LossRecord, TrainReport};
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+use std::fs;
+use std::path::Path;
+
+#[derive(Serialize)]
+pub struct Summary<'a, H: Serialize> {
+    pub chapter: &'a str,
+    pub backend: String,
+    pub seed: u64,
+    pub hyperparameters: H,
+    pub learning_rate: f64,
+    pub parameters: usize,
+    pub steps: usize,
+    pub final_train_loss: f64,
+    pub final_val_loss: f64,
+    pub wall_seconds: f64,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+    pub data: String,
+    /// Chapters that train more than one model list each here (the top-level numbers are
+    /// the chapter's final model).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<Variant>,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Variant {
+    pub name: String,
+    pub parameters: usize,
+    pub final_train_loss: f64,
+    pub final_val_loss: f64,
+    pub wall_seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+impl Variant {
+    pub fn new(name: &str, parameters: usize, report: &TrainReport) -> Self {
+        let last = report.losses.last().copied().unwrap_or(LossRecord { step: 0, train: f64::NAN, val: f64::NAN });
+        Self {
+            name: name.to_string(),
+            parameters,
+            final_train_loss: last.train,
+            final_val_loss: last.val,
+            wall_seconds: report.wall_seconds,
+            tokens_per_second: report.tokens_per_second,
+        }
+    }
+}
+
+/// Writes a file through a temporary sibling and a rename, so readers never see half of it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+pub fn write_losses_csv(path: &Path, losses: &[LossRecord]) -> Result<()> {
+    let mut csv = String::from("step,train,val\n");
+    for r in losses {
+        csv.push_str(&format!("{},{:.6},{:.6}\n", r.step, r.train, r.val));
+    }
+    write_atomic(path, csv.as_bytes())
+}
+
+/// Train and val loss against step, one or more runs on one chart (SVG).
+pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> Result<()> {
+    let all = runs.iter().flat_map(|(_, l)| l.iter());
+    let max_step = all.clone().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), r| {
+        (lo.min(r.train).min(r.val), hi.max(r.train).max(r.val))
+    });
+    let pad = ((hi - lo) * 0.05).max(0.01);
+    let path_str = path.to_string_lossy().to_string();
+    {
+        let root = SVGBackend::new(&path_str, (800, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("cross-entropy loss (nats)")
+            .draw()?;
+        let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for (i, (name, losses)) in runs.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let prefix = if name.is_empty() {
+                String::new()
+            } else {
+                format!("{name} ")
+            };
+            chart
+                .draw_series(LineSeries::new(
+                    losses.iter().map(|r| (r.step as f64, r.train)),
+                    color.stroke_width(2),
+                ))?
+                .label(format!("{prefix}train"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            let dashed = color.mix(0.5).stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(
+                    losses.iter().map(|r| (r.step as f64, r.val)),
+                    dashed,
+                ))?
+                .label(format!("{prefix}val"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], dashed));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+        root.present()?;
+    }
+    Ok(())
+}
+
+/// Writes summary.json, losses.csv and loss_curve.svg for one training run.
+pub fn write_run<H: Serialize>(
+    out: &Path,
+    summary: &Summary<'_, H>,
+    report: &TrainReport,
+    title: &str,
+) -> Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    write_json(&out.join("summary.json"), summary)?;
+    write_losses_csv(&out.join("losses.csv"), &report.losses)?;
+    plot_losses(&out.join("loss_curve.svg"), title, &[("", &report.losses)])?;
+    Ok(())
+}

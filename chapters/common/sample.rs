@@ -1,0 +1,117 @@
+//! Autoregressive generation: feed the context, take the logits of the last position,
+//! pick the next token, append it, repeat.
+
+use crate::common::dataset::ids_tensor;
+use crate::common::train::LanguageModel;
+use burn::prelude::*;
+use rand::RngExt;
+use rand::rngs::StdRng;
+
+/// How the next token is picked from the logits.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleOptions {
+    /// Divides the logits; 0 means greedy (always the most likely token).
+    pub temperature: f64,
+    /// Keep only the `k` most likely tokens before sampling.
+    pub top_k: Option<usize>,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: None,
+        }
+    }
+}
+
+/// Picks a token from one row of logits (on the host: a vocabulary is small, and a seeded
+/// host generator makes samples identical on every backend).
+pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usize {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .expect("non-empty logits")
+    };
+    if opts.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut scaled: Vec<f64> = logits
+        .iter()
+        .map(|&l| l as f64 / opts.temperature)
+        .collect();
+    if let Some(k) = opts.top_k.filter(|&k| k > 0 && k < scaled.len()) {
+        // Everything below the k-th largest logit gets probability zero.
+        let mut sorted = scaled.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        let mut kept = 0;
+        for l in scaled.iter_mut() {
+            // Ties at the threshold: keep only as many as fit in k.
+            if *l > kth || (*l == kth && kept < k) {
+                kept += 1;
+            } else {
+                *l = f64::NEG_INFINITY;
+            }
+        }
+    }
+    // Softmax, then inverse-CDF sampling.
+    let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let probs: Vec<f64> = scaled.iter().map(|&l| (l - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (i, &p) in probs.iter().enumerate() {
+        if u < p {
+            return i;
+        }
+        u -= p;
+    }
+    // Rounding left a sliver at the end: return the last token that had any mass.
+    probs.iter().rposition(|&p| p > 0.0).unwrap_or_else(argmax)
+}
+
+/// Generates `max_new_tokens` after `context`, calling `on_token` with each new token as it
+/// is made (so a binary can stream it to the terminal).
+///
+/// The model always sees a tensor of the same shape `[1, window]`: the context sits at the
+/// left, padding at the right, and the logits are read at the last real position. Causal
+/// attention never looks right, so the padding changes nothing, and a backend that compiles
+/// a kernel per shape (wgpu) compiles once instead of once per length.
+pub fn generate<M: LanguageModel>(
+    model: &M,
+    context: &[usize],
+    max_new_tokens: usize,
+    window: usize,
+    opts: SampleOptions,
+    rng: &mut StdRng,
+    mut on_token: impl FnMut(usize),
+) -> Vec<usize> {
+    let model = model.valid();
+    let device = model.devices().first().cloned().expect("a model with parameters");
+    let mut tokens: Vec<usize> = if context.is_empty() {
+        vec![0]
+    } else {
+        context.to_vec()
+    };
+    let start = tokens.len();
+    for _ in 0..max_new_tokens {
+        let from = tokens.len().saturating_sub(window);
+        let ctx = &tokens[from..];
+        let mut ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
+        ids.resize(window, 0);
+        let logits = model.forward(ids_tensor(ids, [1, window], &device)); // [1, window, vocab]
+        let [_, _, vocab] = logits.dims();
+        let last = logits
+            .slice(s![0..1, ctx.len() - 1..ctx.len(), 0..vocab])
+            .into_data()
+            .try_to_vec::<f32>()
+            .expect("f32 logits");
+        let next = pick_token(&last, opts, rng);
+        on_token(next);
+        tokens.push(next);
+    }
+    tokens.split_off(start)
+}

@@ -1,0 +1,290 @@
+//! The training loop every chapter shares: sample a batch, forward, cross-entropy,
+//! backward, optimizer step; every `eval_interval` steps, estimate train and val loss.
+
+use crate::common::dataset::{Dataset, Split, rng_for, stream};
+use anyhow::{Result, bail};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// What every model of the course is: token ids in, next-token logits out.
+pub trait LanguageModel: Module {
+    /// `idx: [batch, time]` -> logits `[batch, time, vocab]`.
+    fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3>;
+}
+
+/// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+    let [b, t, v] = logits.dims();
+    CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits.reshape([b * t, v]), targets.reshape([b * t]))
+}
+
+/// One evaluation: the mean loss over `eval_iters` random batches of each split.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LossRecord {
+    pub step: usize,
+    pub train: f64,
+    pub val: f64,
+}
+
+/// Estimates the loss on both splits with the inference copy of `model` (no autodiff,
+/// dropout off). Batches depend only on (seed, step), so every backend sees the same ones.
+pub fn estimate_loss<M: LanguageModel>(
+    model: &M,
+    data: &Dataset,
+    batch_size: usize,
+    block_size: usize,
+    eval_iters: usize,
+    seed: u64,
+    step: usize,
+) -> LossRecord {
+    let model = model.valid();
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .expect("a model with parameters");
+    let mean = |split: Split, purpose: u64| {
+        let mut rng = rng_for(seed, purpose, step);
+        let mut total = 0.0;
+        for _ in 0..eval_iters {
+            let (x, y) = data.batch(split, batch_size, block_size, &mut rng, &device);
+            total += cross_entropy(model.forward(x), y).into_scalar::<f32>() as f64;
+        }
+        total / eval_iters as f64
+    };
+    let train = mean(Split::Train, stream::EVAL);
+    let val = mean(Split::Val, stream::EVAL + 100);
+    LossRecord { step, train, val }
+}
+
+/// The knobs of a training run.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSettings {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub block_size: usize,
+    pub eval_interval: usize,
+    pub eval_iters: usize,
+    pub seed: u64,
+    /// Rescale all gradients together when their global L2 norm exceeds this.
+    pub grad_clip: Option<f64>,
+    /// End early after this step (with an evaluation, so a checkpoint hook can save).
+    pub stop_after: Option<usize>,
+}
+
+/// What a run produced besides the trained model.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrainReport {
+    pub losses: Vec<LossRecord>,
+    /// Training time only (evaluations excluded), in seconds.
+    pub train_seconds: f64,
+    /// Wall time of the whole loop, evaluations included.
+    pub wall_seconds: f64,
+    pub tokens_per_second: f64,
+}
+
+/// Hooks a chapter can hang on the loop (chapter 4 writes checkpoints here).
+pub trait TrainHooks<M> {
+    /// Learning rate for `step` (0-based).
+    fn learning_rate(&self, step: usize) -> f64;
+    /// Called after each evaluation, with the model and optimizer as they are at `record.step`.
+    fn on_eval(&mut self, _record: &LossRecord, _model: &M, _optim: &ModuleOptimizer) -> Result<()> {
+        Ok(())
+    }
+    /// Extra text for the progress bar (e.g. the learning rate or FLOPs utilisation).
+    fn progress_extra(&self, _step: usize, _tokens_per_second: f64) -> String {
+        String::new()
+    }
+}
+
+/// A constant learning rate and no other hook: chapters 1 to 3.
+pub struct ConstantLr(pub f64);
+
+impl<M> TrainHooks<M> for ConstantLr {
+    fn learning_rate(&self, _step: usize) -> f64 {
+        self.0
+    }
+}
+
+/// Trains `model` (whose parameters live on an autodiff device) from `start_step` to
+/// `settings.steps`. Losses are estimated at every multiple of `eval_interval` and after the
+/// last step. A loss that is not finite stops the run with an error.
+pub fn train<M: LanguageModel>(
+    mut model: M,
+    optim: &mut ModuleOptimizer,
+    data: &Dataset,
+    settings: &TrainSettings,
+    start_step: usize,
+    hooks: &mut dyn TrainHooks<M>,
+) -> Result<(M, TrainReport)> {
+    data.check_block_size(settings.block_size)?;
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .expect("a model with parameters");
+    let (b, t) = (settings.batch_size, settings.block_size);
+    let bar = ProgressBar::new(settings.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step as u64);
+
+    let mut report = TrainReport::default();
+    let started = Instant::now();
+    let mut train_time = Duration::ZERO;
+    let mut trained_steps = 0usize;
+    let end = settings.stop_after.map_or(settings.steps, |s| s.min(settings.steps));
+    let is_eval_step = |step: usize| {
+        step % settings.eval_interval.max(1) == 0 || step == settings.steps || step == end
+    };
+    for step in start_step..=settings.steps {
+        if is_eval_step(step) && (step > start_step || start_step == 0) {
+            let record = estimate_loss(
+                &model,
+                data,
+                b,
+                t,
+                settings.eval_iters,
+                settings.seed,
+                step,
+            );
+            // `suspend` rather than `bar.println`: the latter prints nothing when the bar is
+            // hidden (output piped to a file), and recorded runs need these lines.
+            bar.suspend(|| {
+                println!(
+                    "step {step:>5}: train loss {:.4}, val loss {:.4}",
+                    record.train, record.val
+                )
+            });
+            report.losses.push(record);
+            hooks.on_eval(&record, &model, optim)?;
+        }
+        if step == end {
+            break;
+        }
+        let tick = Instant::now();
+        let (next, loss_value) = train_step(model, optim, data, settings, step, hooks.learning_rate(step), &device);
+        model = next;
+        if !loss_value.is_finite() {
+            bar.abandon();
+            bail!(
+                "the training loss became {loss_value} at step {step}; stopping \
+                 (try a lower learning rate; the last checkpoint, if any, is kept)"
+            );
+        }
+        train_time += tick.elapsed();
+        trained_steps += 1;
+        let tps = (trained_steps * b * t) as f64 / train_time.as_secs_f64();
+        bar.set_message(format!(
+            "loss {loss_value:.4} | {} tok/s{}",
+            human(tps),
+            hooks.progress_extra(step, tps)
+        ));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report.train_seconds = train_time.as_secs_f64();
+    report.wall_seconds = started.elapsed().as_secs_f64();
+    report.tokens_per_second = if trained_steps > 0 {
+        (trained_steps * b * t) as f64 / report.train_seconds
+    } else {
+        0.0
+    };
+    Ok((model, report))
+}
+
+// ANCHOR: train_step
+/// One optimizer step on the training batch of `step`; returns the new model and the loss.
+pub fn train_step<M: LanguageModel>(
+    model: M,
+    optim: &mut ModuleOptimizer,
+    data: &Dataset,
+    settings: &TrainSettings,
+    step: usize,
+    lr: f64,
+    device: &Device,
+) -> (M, f32) {
+    let mut rng = rng_for(settings.seed, stream::TRAIN, step);
+    let (x, y) = data.batch(Split::Train, settings.batch_size, settings.block_size, &mut rng, device);
+    let loss = cross_entropy(model.forward(x), y); // [1]
+    let loss_value = loss.clone().into_scalar::<f32>();
+    if !loss_value.is_finite() {
+        return (model, loss_value);
+    }
+    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+    if let Some(max_norm) = settings.grad_clip {
+        grads = clip_grad_norm(grads, &model, max_norm).0;
+    }
+    (optim.step(lr, model, grads), loss_value)
+}
+// ANCHOR_END: train_step
+
+/// 12345.6 -> "12.3k".
+pub fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+// ANCHOR: clip
+/// Gradient clipping by global norm (as PyTorch's `clip_grad_norm_`): treat every gradient
+/// of the model as one long vector; if its length exceeds `max_norm`, scale all of them down
+/// by the same factor. Returns the clipped gradients and the norm before clipping.
+pub fn clip_grad_norm<M: Module>(
+    mut grads: GradientsParams,
+    model: &M,
+    max_norm: f64,
+) -> (GradientsParams, f64) {
+    let mut sum = SumOfSquares { grads: &grads, total: None };
+    model.visit(&mut sum);
+    let norm = sum.total.map_or(0.0, |t| t.into_scalar::<f32>() as f64).sqrt();
+    if norm > max_norm {
+        let mut scale = Scale { grads: &mut grads, factor: max_norm / (norm + 1e-6) };
+        model.visit(&mut scale);
+    }
+    (grads, norm)
+}
+
+struct SumOfSquares<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SumOfSquares<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.square().sum(); // [1]
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g * self.factor);
+        }
+    }
+}
+// ANCHOR_END: clip

@@ -1,0 +1,12 @@
+//! # Build a GPT from scratch in Rust, with Burn
+//!
+//! The library half of the course: every chapter's model lives here so the next chapter can
+//! `use` it, and every chapter binary (`chapters/chNN_*/main.rs`) is a notebook that walks
+//! through it. See the book in `book/` for the prose.
+
+pub mod common;
+
+pub mod ch01_bigram;
+pub mod ch02_attention;
+pub mod ch03_gpt;
+pub mod ch04_pretrain;

@@ -1,0 +1,154 @@
+//! Chapter 2: averaging, causal attention, multi-head attention.
+
+mod support;
+
+use burn::optim::AdamWConfig;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use course::ch02_attention::{
+    AttentionLmConfig, Head, MultiHeadAttentionConfig, average_loops, average_matmul,
+    average_softmax, scaled_scores,
+};
+use course::common::backend::Backend;
+use course::common::dataset::{Dataset, Split, rng_for, stream};
+use course::common::max_abs_diff;
+use course::common::train::{ConstantLr, LanguageModel, TrainSettings, train};
+
+fn randn<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+#[test]
+fn the_three_averaging_versions_agree() {
+    let device = support::ndarray_device();
+    device.seed(1);
+    let x = randn([4, 8, 2], &device);
+    let a = average_loops(&x);
+    let (b, wb) = average_matmul(&x);
+    let (c, wc) = average_softmax(&x);
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+    assert!(max_abs_diff(&a, &c) < 1e-5);
+    assert!(max_abs_diff(&wb, &wc) < 1e-6);
+    // Row t of the weights is 1/(t+1) on and below the diagonal.
+    let w = wb.to_data().try_to_vec::<f32>().unwrap();
+    assert!((w[3 * 8 + 2] - 0.25).abs() < 1e-6 && w[3 * 8 + 4] == 0.0);
+    // And the first position is x itself, the last the mean over all of time.
+    let first = a.clone().slice(s![.., 0..1, ..]);
+    assert!(max_abs_diff(&first, &x.clone().slice(s![.., 0..1, ..])) < 1e-6);
+    let last = a.slice(s![.., 7..8, ..]);
+    assert!(max_abs_diff(&last, &x.mean_dim(1)) < 1e-5);
+}
+
+/// Outputs at positions <= t must not change when inputs after t do.
+fn assert_causal(f: impl Fn(Tensor<3>) -> Tensor<3>, device: &Device) {
+    let (b, t, c) = (2, 8, 16);
+    let x = randn([b, t, c], device);
+    let y = f(x.clone());
+    for cut in [0, 3, 6] {
+        let tail = randn([b, t - cut - 1, c], device);
+        let x2 = Tensor::cat(vec![x.clone().slice(s![.., 0..cut + 1, ..]), tail], 1);
+        let y2 = f(x2);
+        let keep = |y: &Tensor<3>| y.clone().slice(s![.., 0..cut + 1, ..]);
+        assert!(max_abs_diff(&keep(&y), &keep(&y2)) < 1e-5, "position <= {cut} changed");
+        let later = |y: &Tensor<3>| y.clone().slice(s![.., cut + 1..t, ..]);
+        assert!(max_abs_diff(&later(&y), &later(&y2)) > 1e-3, "later positions should change");
+    }
+}
+
+#[test]
+fn attention_is_causal_for_one_head_and_for_many() {
+    let device = support::ndarray_device();
+    device.seed(2);
+    let head = Head::new(16, 8, &device);
+    assert_causal(|x| head.forward(x), &device);
+    let mha = MultiHeadAttentionConfig::new(16, 4).init(&device);
+    assert_causal(|x| mha.forward(x), &device);
+}
+
+#[test]
+fn attention_rows_are_distributions_over_the_past() {
+    let device = support::ndarray_device();
+    device.seed(3);
+    let mha = MultiHeadAttentionConfig::new(16, 4).init(&device);
+    let (y, wei) = mha.forward_with_weights(randn([2, 8, 16], &device));
+    assert_eq!(y.dims(), [2, 8, 16]);
+    assert_eq!(wei.dims(), [2, 4, 8, 8]);
+    let w = wei.into_data().try_to_vec::<f32>().unwrap();
+    for row in w.chunks(8).enumerate() {
+        let (i, r) = row;
+        let t = i % 8;
+        let sum: f32 = r.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "row sums to {sum}");
+        assert!(r[t + 1..].iter().all(|&v| v == 0.0), "weight above the diagonal in {r:?}");
+        assert!(r[..=t].iter().all(|&v| v > 0.0));
+    }
+    let head = Head::new(16, 8, &device);
+    let (_, wei) = head.forward_with_weights(randn([1, 8, 16], &device));
+    assert_eq!(wei.dims(), [1, 8, 8]);
+}
+
+#[test]
+fn scaling_keeps_score_variance_near_one() {
+    let device = support::ndarray_device();
+    device.seed(4);
+    let hs = 64;
+    let q = randn([16, 32, hs], &device);
+    let k = randn([16, 32, hs], &device);
+    let var = |t: Tensor<3>| t.flatten::<1>(0, 2).var(0).into_scalar::<f32>();
+    let scaled = var(scaled_scores(q.clone(), k.clone()));
+    let raw = var(q.matmul(k.swap_dims(1, 2)));
+    assert!((scaled - 1.0).abs() < 0.15, "scaled variance {scaled}");
+    assert!((raw / hs as f32 - 1.0).abs() < 0.15, "raw variance {raw} vs head size {hs}");
+}
+
+#[test]
+fn the_model_is_causal_in_its_tokens() {
+    let device = support::ndarray_device();
+    device.seed(5);
+    let model = AttentionLmConfig::new(65, 8, 32, 4).init(&device);
+    let ids = |v: Vec<i64>| Tensor::<2, Int>::from_data(TensorData::new(v, [1, 8]), &device);
+    let a = model.forward(ids(vec![1, 2, 3, 4, 5, 6, 7, 8]));
+    let b = model.forward(ids(vec![1, 2, 3, 4, 60, 61, 62, 63]));
+    let head = |t: &Tensor<3>| t.clone().slice(s![.., 0..4, ..]);
+    assert!(max_abs_diff(&head(&a), &head(&b)) < 1e-5);
+    assert!(max_abs_diff(&a, &b) > 1e-3);
+}
+
+#[test]
+fn logits_on_wgpu_and_flex_equal_ndarray_for_the_same_weights() {
+    let data = Dataset::new(&support::corpus()).unwrap();
+    let nd = support::ndarray_device();
+    nd.seed(6);
+    let model = AttentionLmConfig::new(65, 8, 32, 4).init(&nd);
+    let (x, _) = data.batch(Split::Val, 4, 8, &mut rng_for(6, stream::DEMO, 0), &nd);
+    let reference = model.forward(x.clone());
+    let mut others = vec![Backend::Flex.device()];
+    others.extend(support::wgpu_device());
+    for dev in others {
+        let logits = model.clone().to_device(&dev).forward(x.clone().to_device(&dev));
+        let diff = max_abs_diff(&reference, &logits);
+        assert!(diff <= 1e-4, "max abs diff {diff} on {dev:?}");
+    }
+}
+
+#[test]
+fn a_short_training_run_learns() {
+    let data = Dataset::new(&support::corpus()).unwrap();
+    let device = support::ndarray_device().autodiff();
+    device.seed(7);
+    let model = AttentionLmConfig::new(65, 8, 32, 4).init(&device);
+    let settings = TrainSettings {
+        steps: 1500,
+        batch_size: 32,
+        block_size: 8,
+        eval_interval: 1500,
+        eval_iters: 50,
+        seed: 7,
+        grad_clip: None,
+        stop_after: None,
+    };
+    let mut optim = AdamWConfig::new().init();
+    let (_, report) = train(model, &mut optim, &data, &settings, 0, &mut ConstantLr(3e-3)).unwrap();
+    let last = report.losses.last().unwrap();
+    assert!(last.val < 2.7, "{last:?}");
+}

@@ -1,0 +1,275 @@
+//! Chapter 4: schedule, optimizer groups, checkpoints, resume and sampling.
+
+mod support;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use course::ch04_pretrain::{DECAYED, learning_rate, optimizer, preset};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ch04_pretrain");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    support::run_bin(BIN, args, &[])
+}
+
+fn corpus() -> String {
+    support::corpus_path().to_string_lossy().into_owned()
+}
+
+/// A short `tiny` run shared by the tests below (trained once per test binary).
+fn trained() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("gpt-course-ch04-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (code, _, err) = run(&[
+            "--preset", "tiny", "--data", &corpus(), "--steps", "60", "--eval-interval", "30",
+            "--eval-iters", "5", "--sample-chars", "20", "--out", dir.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        dir
+    })
+}
+
+fn losses(dir: &Path) -> Vec<(usize, f64, f64)> {
+    std::fs::read_to_string(dir.join("losses.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let v: Vec<&str> = l.split(',').collect();
+            (v[0].parse().unwrap(), v[1].parse().unwrap(), v[2].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn the_tiny_preset_learns_on_the_real_corpus() {
+    let dir = support::tempdir();
+    let out = dir.path().join("tiny");
+    let (code, stdout, err) = run(&["--preset", "tiny", "--data", &corpus(), "--sample-chars", "100", "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let val = summary["final_val_loss"].as_f64().unwrap();
+    assert_eq!(summary["steps"], 500);
+    assert!(val < 2.5, "tiny preset val loss {val}");
+    assert!(stdout.contains("== 4.5 A sample from the best checkpoint =="));
+    assert!(out.join("ckpt/best/model.bpk").exists() && out.join("ckpt/last/optimizer.bpk").exists());
+}
+
+#[test]
+fn a_resumed_run_matches_one_that_never_stopped() {
+    let dir = support::tempdir();
+    let common = |out: &Path| -> Vec<String> {
+        ["--preset", "tiny", "--data", &corpus(), "--steps", "60", "--eval-interval", "20", "--eval-iters", "5",
+         "--sample-chars", "10", "--out", out.to_str().unwrap()]
+            .iter().map(|s| s.to_string()).collect()
+    };
+    let straight = dir.path().join("straight");
+    let args = common(&straight);
+    let (code, _, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+
+    let resumed = dir.path().join("resumed");
+    let mut first = common(&resumed);
+    first.extend(["--stop-after".to_string(), "40".to_string()]);
+    let (code, _, err) = run(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    let mut second = common(&resumed);
+    second.push("--resume".to_string());
+    let (code, stdout, err) = run(&second.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("resuming from step 40"), "{stdout}");
+
+    let (a, b) = (losses(&straight), losses(&resumed));
+    assert_eq!(a.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 20, 40, 60]);
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!((x.1 - y.1).abs() < 1e-4 && (x.2 - y.2).abs() < 1e-4, "{x:?} vs {y:?}");
+    }
+}
+
+#[test]
+fn the_schedule_warms_up_peaks_and_decays() {
+    let cfg = preset("baby", 65).unwrap();
+    assert_eq!((cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr), (100, 2000, 1e-3, 1e-4));
+    assert!((learning_rate(&cfg, 0) - 1e-5).abs() < 1e-12, "warmup starts at lr / warmup");
+    assert!((learning_rate(&cfg, 49) - 5e-4).abs() < 1e-12);
+    assert!((learning_rate(&cfg, 100) - 1e-3).abs() < 1e-12, "peak after warmup");
+    let mid = learning_rate(&cfg, 1050);
+    assert!((mid - 5.5e-4).abs() < 1e-9, "half way through the decay: {mid}");
+    assert!((learning_rate(&cfg, 2000) - 1e-4).abs() < 1e-12, "ends at min_lr");
+    let mut prev = f64::INFINITY;
+    for step in 100..2000 {
+        let lr = learning_rate(&cfg, step);
+        assert!(lr <= prev && lr >= cfg.min_lr);
+        prev = lr;
+    }
+}
+
+/// Records every parameter's path and value.
+struct Snapshot(Vec<(String, Vec<f32>)>, Vec<String>);
+
+impl ModuleVisitor for Snapshot {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.1.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.1.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        self.0.push((self.1.join("."), p.val().to_data().try_to_vec::<f32>().unwrap()));
+    }
+}
+
+/// Zero gradients for every parameter, so an AdamW step is weight decay alone.
+struct ZeroGrads(GradientsParams);
+
+impl ModuleVisitor for ZeroGrads {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+        self.0.register(p.id, p.val().zeros_like());
+    }
+}
+
+#[test]
+fn weight_decay_touches_only_linear_weights() {
+    let device = support::ndarray_device();
+    let mut cfg = preset("tiny", 65).unwrap();
+    cfg.model = cfg.model.with_bias(true).with_tie_weights(false);
+    let model = cfg.model.init(&device);
+    let snap = |m: &course::ch03_gpt::Gpt| {
+        let mut s = Snapshot(vec![], vec![]);
+        m.visit(&mut s);
+        s.0
+    };
+    let before = snap(&model);
+    let mut zero = ZeroGrads(GradientsParams::new());
+    model.visit(&mut zero);
+    let lr = 0.5;
+    let after = snap(&optimizer(&cfg).step(lr, model, zero.0));
+    let re_matches = |p: &str| {
+        let weight = p.ends_with(".weight");
+        let linear = p.starts_with("blocks.") && (p.contains(".c_attn.") || p.contains(".c_proj.") || p.contains(".c_fc.")) || p == "lm_head.weight";
+        weight && linear
+    };
+    let mut decayed = 0;
+    for ((path, a), (path2, b)) in before.iter().zip(&after) {
+        assert_eq!(path, path2);
+        let expect = if re_matches(path) { 1.0 - lr as f32 * cfg.weight_decay as f32 } else { 1.0 };
+        decayed += usize::from(re_matches(path));
+        for (x, y) in a.iter().zip(b) {
+            assert!((x * expect - y).abs() <= 1e-6 * x.abs().max(1.0), "{path}: {x} -> {y}, expected x{expect}");
+        }
+    }
+    // 4 matrices per block (c_attn, attn c_proj, c_fc, mlp c_proj) + the untied head.
+    assert_eq!(decayed, 4 * cfg.model.n_layer + 1, "pattern {DECAYED}");
+}
+
+fn sample(extra: &[&str]) -> (i32, String, String) {
+    let ckpt = trained().join("ckpt/best");
+    let mut args = vec!["sample", "--checkpoint", ckpt.to_str().unwrap(), "--max-new-tokens", "40"];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn greedy_sampling_is_deterministic_and_seeded_sampling_reproducible() {
+    let (c1, greedy1, e1) = sample(&["--temperature", "0", "--seed", "1", "--prompt", "ROMEO:"]);
+    let (c2, greedy2, _) = sample(&["--temperature", "0", "--seed", "2", "--prompt", "ROMEO:"]);
+    assert_eq!((c1, c2), (0, 0), "{e1}");
+    assert_eq!(greedy1, greedy2, "greedy ignores the seed");
+    assert!(greedy1.starts_with("ROMEO:") && greedy1.trim_end().len() >= 40);
+    let (_, s1, _) = sample(&["--seed", "7", "--num-samples", "2"]);
+    let (_, s2, _) = sample(&["--seed", "7", "--num-samples", "2"]);
+    let (_, s3, _) = sample(&["--seed", "8", "--num-samples", "2"]);
+    assert_eq!(s1, s2);
+    assert_ne!(s1, s3);
+}
+
+#[test]
+fn a_prompt_with_unknown_characters_is_refused() {
+    let (code, _, err) = sample(&["--prompt", "hello 🙂"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not in the vocabulary") && err.contains("🙂"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_missing_checkpoint_is_a_clear_error() {
+    let dir = support::tempdir();
+    let (code, _, err) = run(&["sample", "--checkpoint", dir.path().join("nothing").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no checkpoint in"), "{err}");
+}
+
+#[test]
+fn a_truncated_or_corrupt_checkpoint_is_a_clear_error() {
+    let dir = support::tempdir();
+    let copy = dir.path().join("best");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["model.bpk", "meta.json"] {
+        std::fs::copy(trained().join("ckpt/best").join(f), copy.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(copy.join("model.bpk")).unwrap();
+    std::fs::write(copy.join("model.bpk"), &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("corrupt or truncated") || err.contains("do not fit"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    std::fs::write(copy.join("meta.json"), b"{ not json").unwrap();
+    let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn resuming_with_another_config_or_vocabulary_is_refused() {
+    let dir = support::tempdir();
+    let out = dir.path().join("run");
+    copy_dir(trained(), &out);
+    let base = ["--preset", "tiny", "--steps", "60", "--eval-interval", "30", "--eval-iters", "5", "--resume", "--out", out.to_str().unwrap()];
+    let mut other_config = base.to_vec();
+    let corpus = corpus();
+    other_config.extend(["--data", &corpus, "--n-embd", "32"]);
+    let (code, _, err) = run(&other_config);
+    assert_ne!(code, 0);
+    assert!(err.contains("another config") && err.contains("n_embd is 64 there, 32 here"), "{err}");
+
+    let small = dir.path().join("other.txt");
+    std::fs::write(&small, "abcdefghij ".repeat(2000)).unwrap();
+    let mut other_vocab = base.to_vec();
+    other_vocab.extend(["--data", small.to_str().unwrap()]);
+    let (code, _, err) = run(&other_vocab);
+    assert_ne!(code, 0);
+    assert!(err.contains("vocabulary"), "{err}");
+}
+
+#[test]
+fn a_block_larger_than_the_validation_split_is_refused() {
+    let dir = support::tempdir();
+    let small = dir.path().join("small.txt");
+    std::fs::write(&small, "To be, or not to be, that is the question.\n".repeat(10)).unwrap();
+    let (code, _, err) = run(&["--preset", "tiny", "--data", small.to_str().unwrap(), "--block-size", "64", "--out", dir.path().join("o").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("too short for block size 64"), "{err}");
+    assert!(!dir.path().join("o/ckpt").exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The shared spine: tokenizer, batches, data loading and the downloader.
+
+mod support;
+
+use course::common::backend::Backend;
+use course::common::data::{download, load_corpus, read_text};
+use course::common::dataset::{Dataset, Split, rng_for, stream};
+use course::common::sample::{SampleOptions, pick_token};
+use course::common::tokenizer::CharTokenizer;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+#[test]
+fn tokenizer_round_trips_the_whole_corpus() {
+    let text = support::corpus();
+    let tok = CharTokenizer::from_text(&text);
+    assert_eq!(tok.vocab_size(), 65);
+    let ids = tok.encode(&text).unwrap();
+    assert_eq!(ids.len(), text.chars().count());
+    assert_eq!(tok.decode(&ids), text);
+    // Sorted vocabulary: newline first, then space, then punctuation, digits, letters.
+    assert_eq!(tok.chars()[0], '\n');
+    assert_eq!(tok.chars()[1], ' ');
+}
+
+#[test]
+fn unknown_characters_are_an_error_that_names_them() {
+    let tok = CharTokenizer::from_text("abc");
+    let err = tok.encode("abz€").unwrap_err().to_string();
+    assert!(err.contains("'z'") && err.contains("'€'"), "{err}");
+}
+
+#[test]
+fn batch_targets_are_inputs_shifted_by_one() {
+    let text = support::corpus();
+    let data = Dataset::new(&text).unwrap();
+    assert_eq!(data.train.len() + data.val.len(), text.chars().count());
+    assert_eq!(data.train.len(), text.chars().count() * 9 / 10);
+    let mut rng = rng_for(7, stream::TRAIN, 0);
+    for split in [Split::Train, Split::Val] {
+        let (x, y) = data.sample_ids(split, 16, 32, &mut rng);
+        assert_eq!(x.len(), 16 * 32);
+        for b in 0..16 {
+            let (xr, yr) = (&x[b * 32..(b + 1) * 32], &y[b * 32..(b + 1) * 32]);
+            assert_eq!(&xr[1..], &yr[..31], "y is x shifted left by one");
+            // And each row is a real stretch of the split.
+            let s = data.split(split);
+            let start = (0..s.len() - 32)
+                .find(|&i| s[i..i + 32].iter().zip(xr).all(|(&a, &b)| a as i64 == b))
+                .expect("row found in the split");
+            assert_eq!(s[start + 32] as i64, yr[31]);
+        }
+    }
+}
+
+#[test]
+fn batches_depend_only_on_seed_and_step() {
+    let data = Dataset::new(&support::corpus()).unwrap();
+    let a = data.sample_ids(Split::Train, 4, 8, &mut rng_for(1, stream::TRAIN, 5));
+    let b = data.sample_ids(Split::Train, 4, 8, &mut rng_for(1, stream::TRAIN, 5));
+    let c = data.sample_ids(Split::Train, 4, 8, &mut rng_for(1, stream::TRAIN, 6));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn text_too_short_for_one_block_is_a_clear_error() {
+    let data = Dataset::new("hello world, this is short").unwrap();
+    let err = data.check_block_size(8).unwrap_err().to_string();
+    assert!(err.contains("too short for block size 8"), "{err}");
+    assert!(data.check_block_size(1).is_ok());
+}
+
+#[test]
+fn missing_and_non_utf8_files_are_clear_errors() {
+    let dir = support::tempdir();
+    let missing = dir.path().join("nope.txt");
+    let err = format!("{:#}", load_corpus(Some(&missing)).err().unwrap());
+    assert!(err.contains("cannot read the data file") && err.contains("--data"), "{err}");
+
+    let binary = dir.path().join("bin.txt");
+    std::fs::write(&binary, [b'o', b'k', 0xff, 0xfe]).unwrap();
+    let err = read_text(&binary).unwrap_err().to_string();
+    assert!(err.contains("not UTF-8") && err.contains("offset 2"), "{err}");
+}
+
+/// Serves `body` once to the first HTTP request on a loopback port; returns the URL.
+fn serve_once(body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}/input.txt")
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+#[test]
+fn download_verifies_the_checksum_and_renames_when_whole() {
+    let body = b"First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(100);
+    let dir = support::tempdir();
+    let dest = dir.path().join("sub/corpus.txt");
+    download(&serve_once(body.clone()), &dest, &sha256_hex(&body)).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "only the final file remains");
+}
+
+#[test]
+fn download_with_a_wrong_checksum_leaves_nothing_behind() {
+    let body = b"not the file you are looking for".to_vec();
+    let dir = support::tempdir();
+    let dest = dir.path().join("corpus.txt");
+    let err = download(&serve_once(body), &dest, &"0".repeat(64)).unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file left behind");
+}
+
+#[test]
+fn download_without_network_points_at_the_data_flag() {
+    // Bind then drop a listener: nothing answers on that port any more.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = support::tempdir();
+    let dest = dir.path().join("corpus.txt");
+    let url = format!("http://127.0.0.1:{port}/input.txt");
+    let err = download(&url, &dest, &"0".repeat(64)).unwrap_err().to_string();
+    assert!(err.contains("could not download") && err.contains("--data"), "{err}");
+    assert!(!dest.exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn backend_names_parse_and_unknown_ones_list_the_choices() {
+    assert_eq!("ndarray".parse::<Backend>().unwrap(), Backend::Ndarray);
+    assert_eq!("FLEX".parse::<Backend>().unwrap(), Backend::Flex);
+    let err = "tpu".parse::<Backend>().unwrap_err();
+    assert!(err.contains("unknown backend 'tpu'") && err.contains("ndarray, flex"), "{err}");
+}
+
+#[test]
+fn greedy_picks_the_argmax_and_top_k_stays_in_the_top_k() {
+    let logits = [0.1f32, 2.0, -1.0, 1.9, 0.5, 1.8];
+    let mut rng = rng_for(0, stream::SAMPLE, 0);
+    let greedy = SampleOptions { temperature: 0.0, top_k: None };
+    assert_eq!(pick_token(&logits, greedy, &mut rng), 1);
+    let top3 = SampleOptions { temperature: 5.0, top_k: Some(3) };
+    let mut seen = [0usize; 6];
+    for _ in 0..2000 {
+        seen[pick_token(&logits, top3, &mut rng)] += 1;
+    }
+    assert_eq!(seen[0] + seen[2] + seen[4], 0, "only tokens 1, 3, 5 are in the top 3: {seen:?}");
+    assert!(seen[1] > 0 && seen[3] > 0 && seen[5] > 0, "{seen:?}");
+    // Without top-k, a high temperature reaches every token.
+    let hot = SampleOptions { temperature: 5.0, top_k: None };
+    let mut all = [0usize; 6];
+    for _ in 0..2000 {
+        all[pick_token(&logits, hot, &mut rng)] += 1;
+    }
+    assert!(all.iter().all(|&n| n > 0), "{all:?}");
+}

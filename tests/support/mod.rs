@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use burn::tensor::Device;
+use course::common::backend::Backend;
+use std::path::PathBuf;
+
+/// The real corpus: `$GPT_DATA`, else the copy in `../shared/data/` beside the checkout,
+/// else the downloaded one in `data/`.
+pub fn corpus_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("GPT_DATA").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for p in [
+        root.join("../shared/data/tinyshakespeare.txt"),
+        root.join("data/tinyshakespeare.txt"),
+    ] {
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("set GPT_DATA to a copy of tinyshakespeare.txt (these tests need the real corpus)");
+}
+
+pub fn corpus() -> String {
+    std::fs::read_to_string(corpus_path()).expect("readable corpus")
+}
+
+/// The wgpu device, unless `GPT_SKIP_WGPU=1` (for machines without any Vulkan driver).
+/// CI installs Mesa's lavapipe so these tests really run there.
+pub fn wgpu_device() -> Option<Device> {
+    if std::env::var("GPT_SKIP_WGPU").is_ok_and(|v| v == "1") {
+        eprintln!("GPT_SKIP_WGPU=1: skipping the wgpu half of this test");
+        return None;
+    }
+    let backend: Backend = "wgpu".parse().expect("this build has the wgpu feature");
+    Some(backend.device())
+}
+
+pub fn ndarray_device() -> Device {
+    Backend::Ndarray.device()
+}
+
+/// Runs one of the crate's binaries and returns (exit code, stdout, stderr).
+pub fn run_bin(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(args).env_remove("GPT_DATA");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A fresh, empty directory under the system temp dir, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir() -> TempDir {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "gpt-course-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a temp dir");
+    TempDir(dir)
+}

@@ -28,11 +28,21 @@ fn loss_at_initialisation_matches_theory() {
     let ln65 = 65f64.ln();
     // Tiny weights: every prediction is nearly uniform, so the loss is -ln(1/65).
     let small = init_loss(0.02);
-    assert!((small - ln65).abs() < 0.3, "init loss {small} vs ln 65 = {ln65}");
-    assert!((small - ln65).abs() < 0.02, "init loss {small} vs ln 65 = {ln65}");
+    assert!(
+        (small - ln65).abs() < 0.3,
+        "init loss {small} vs ln 65 = {ln65}"
+    );
+    assert!(
+        (small - ln65).abs() < 0.02,
+        "init loss {small} vs ln 65 = {ln65}"
+    );
     // N(0, 1) logits (PyTorch's and the lecture's init): about ln V + 1/2.
     let unit = init_loss(1.0);
-    assert!((unit - (ln65 + 0.5)).abs() < 0.3, "init loss {unit} vs {}", ln65 + 0.5);
+    assert!(
+        (unit - (ln65 + 0.5)).abs() < 0.3,
+        "init loss {unit} vs {}",
+        ln65 + 0.5
+    );
 }
 
 fn short_run(seed: u64, steps: usize) -> Vec<LossRecord> {
@@ -51,7 +61,15 @@ fn short_run(seed: u64, steps: usize) -> Vec<LossRecord> {
         stop_after: None,
     };
     let mut optim = AdamWConfig::new().init();
-    let (_, report) = train(model, &mut optim, &data, &settings, 0, &mut ConstantLr(1e-2)).unwrap();
+    let (_, report) = train(
+        model,
+        &mut optim,
+        &data,
+        &settings,
+        0,
+        &mut ConstantLr(1e-2),
+    )
+    .unwrap();
     report.losses
 }
 
@@ -110,15 +128,22 @@ const BIN: &str = env!("CARGO_BIN_EXE_ch01_bigram");
 fn cli_rejects_an_unknown_backend_with_the_list() {
     let (code, _, err) = support::run_bin(BIN, &["--backend", "tpu"], &[]);
     assert_ne!(code, 0);
-    assert!(err.contains("unknown backend 'tpu'") && err.contains("ndarray"), "{err}");
+    assert!(
+        err.contains("unknown backend 'tpu'") && err.contains("ndarray"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn cli_reports_a_missing_data_file() {
-    let (code, _, err) = support::run_bin(BIN, &["--data", "/no/such/file.txt", "--steps", "1"], &[]);
+    let (code, _, err) =
+        support::run_bin(BIN, &["--data", "/no/such/file.txt", "--steps", "1"], &[]);
     assert_ne!(code, 0);
-    assert!(err.contains("cannot read the data file") && err.contains("/no/such/file.txt"), "{err}");
+    assert!(
+        err.contains("cannot read the data file") && err.contains("/no/such/file.txt"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -130,13 +155,28 @@ fn cli_runs_end_to_end_and_writes_its_outputs() {
     let (code, stdout, err) = support::run_bin(
         BIN,
         &[
-            "--data", corpus.to_str().unwrap(), "--steps", "200", "--eval-interval", "100",
-            "--eval-iters", "10", "--sample-chars", "50", "--out", out.to_str().unwrap(),
+            "--data",
+            corpus.to_str().unwrap(),
+            "--steps",
+            "200",
+            "--eval-interval",
+            "100",
+            "--eval-iters",
+            "10",
+            "--sample-chars",
+            "50",
+            "--out",
+            out.to_str().unwrap(),
         ],
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    for heading in ["== 1.1 The data ==", "== 1.4 Batches ==", "when input is", "== 1.9"] {
+    for heading in [
+        "== 1.1 The data ==",
+        "== 1.4 Batches ==",
+        "when input is",
+        "== 1.9",
+    ] {
         assert!(stdout.contains(heading), "missing {heading:?} in\n{stdout}");
     }
     let summary: serde_json::Value =
@@ -146,7 +186,11 @@ fn cli_runs_end_to_end_and_writes_its_outputs() {
     assert_eq!(summary["steps"], 200);
     assert!(summary["final_val_loss"].as_f64().unwrap() < 4.0);
     let csv = std::fs::read_to_string(out.join("losses.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 3, "header + steps 0, 100, 200:\n{csv}");
+    assert_eq!(
+        csv.lines().count(),
+        1 + 3,
+        "header + steps 0, 100, 200:\n{csv}"
+    );
     let svg = std::fs::read_to_string(out.join("loss_curve.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
 }

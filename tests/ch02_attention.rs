@@ -49,9 +49,15 @@ fn assert_causal(f: impl Fn(Tensor<3>) -> Tensor<3>, device: &Device) {
         let x2 = Tensor::cat(vec![x.clone().slice(s![.., 0..cut + 1, ..]), tail], 1);
         let y2 = f(x2);
         let keep = |y: &Tensor<3>| y.clone().slice(s![.., 0..cut + 1, ..]);
-        assert!(max_abs_diff(&keep(&y), &keep(&y2)) < 1e-5, "position <= {cut} changed");
+        assert!(
+            max_abs_diff(&keep(&y), &keep(&y2)) < 1e-5,
+            "position <= {cut} changed"
+        );
         let later = |y: &Tensor<3>| y.clone().slice(s![.., cut + 1..t, ..]);
-        assert!(max_abs_diff(&later(&y), &later(&y2)) > 1e-3, "later positions should change");
+        assert!(
+            max_abs_diff(&later(&y), &later(&y2)) > 1e-3,
+            "later positions should change"
+        );
     }
 }
 
@@ -79,7 +85,10 @@ fn attention_rows_are_distributions_over_the_past() {
         let t = i % 8;
         let sum: f32 = r.iter().sum();
         assert!((sum - 1.0).abs() < 1e-5, "row sums to {sum}");
-        assert!(r[t + 1..].iter().all(|&v| v == 0.0), "weight above the diagonal in {r:?}");
+        assert!(
+            r[t + 1..].iter().all(|&v| v == 0.0),
+            "weight above the diagonal in {r:?}"
+        );
         assert!(r[..=t].iter().all(|&v| v > 0.0));
     }
     let head = Head::new(16, 8, &device);
@@ -98,7 +107,10 @@ fn scaling_keeps_score_variance_near_one() {
     let scaled = var(scaled_scores(q.clone(), k.clone()));
     let raw = var(q.matmul(k.swap_dims(1, 2)));
     assert!((scaled - 1.0).abs() < 0.15, "scaled variance {scaled}");
-    assert!((raw / hs as f32 - 1.0).abs() < 0.15, "raw variance {raw} vs head size {hs}");
+    assert!(
+        (raw / hs as f32 - 1.0).abs() < 0.15,
+        "raw variance {raw} vs head size {hs}"
+    );
 }
 
 #[test]
@@ -125,7 +137,10 @@ fn logits_on_wgpu_and_flex_equal_ndarray_for_the_same_weights() {
     let mut others = vec![Backend::Flex.device()];
     others.extend(support::wgpu_device());
     for dev in others {
-        let logits = model.clone().to_device(&dev).forward(x.clone().to_device(&dev));
+        let logits = model
+            .clone()
+            .to_device(&dev)
+            .forward(x.clone().to_device(&dev));
         let diff = max_abs_diff(&reference, &logits);
         assert!(diff <= 1e-4, "max abs diff {diff} on {dev:?}");
     }
@@ -148,7 +163,15 @@ fn a_short_training_run_learns() {
         stop_after: None,
     };
     let mut optim = AdamWConfig::new().init();
-    let (_, report) = train(model, &mut optim, &data, &settings, 0, &mut ConstantLr(3e-3)).unwrap();
+    let (_, report) = train(
+        model,
+        &mut optim,
+        &data,
+        &settings,
+        0,
+        &mut ConstantLr(3e-3),
+    )
+    .unwrap();
     let last = report.losses.last().unwrap();
     assert!(last.val < 2.7, "{last:?}");
 }

@@ -26,8 +26,20 @@ fn trained() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("gpt-course-ch04-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let (code, _, err) = run(&[
-            "--preset", "tiny", "--data", &corpus(), "--steps", "60", "--eval-interval", "30",
-            "--eval-iters", "5", "--sample-chars", "20", "--out", dir.to_str().unwrap(),
+            "--preset",
+            "tiny",
+            "--data",
+            &corpus(),
+            "--steps",
+            "60",
+            "--eval-interval",
+            "30",
+            "--eval-iters",
+            "5",
+            "--sample-chars",
+            "20",
+            "--out",
+            dir.to_str().unwrap(),
         ]);
         assert_eq!(code, 0, "{err}");
         dir
@@ -41,7 +53,11 @@ fn losses(dir: &Path) -> Vec<(usize, f64, f64)> {
         .skip(1)
         .map(|l| {
             let v: Vec<&str> = l.split(',').collect();
-            (v[0].parse().unwrap(), v[1].parse().unwrap(), v[2].parse().unwrap())
+            (
+                v[0].parse().unwrap(),
+                v[1].parse().unwrap(),
+                v[2].parse().unwrap(),
+            )
         })
         .collect()
 }
@@ -50,7 +66,16 @@ fn losses(dir: &Path) -> Vec<(usize, f64, f64)> {
 fn the_tiny_preset_learns_on_the_real_corpus() {
     let dir = support::tempdir();
     let out = dir.path().join("tiny");
-    let (code, stdout, err) = run(&["--preset", "tiny", "--data", &corpus(), "--sample-chars", "100", "--out", out.to_str().unwrap()]);
+    let (code, stdout, err) = run(&[
+        "--preset",
+        "tiny",
+        "--data",
+        &corpus(),
+        "--sample-chars",
+        "100",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{err}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -58,16 +83,34 @@ fn the_tiny_preset_learns_on_the_real_corpus() {
     assert_eq!(summary["steps"], 500);
     assert!(val < 2.5, "tiny preset val loss {val}");
     assert!(stdout.contains("== 4.5 A sample from the best checkpoint =="));
-    assert!(out.join("ckpt/best/model.bpk").exists() && out.join("ckpt/last/optimizer.bpk").exists());
+    assert!(
+        out.join("ckpt/best/model.bpk").exists() && out.join("ckpt/last/optimizer.bpk").exists()
+    );
 }
 
 #[test]
 fn a_resumed_run_matches_one_that_never_stopped() {
     let dir = support::tempdir();
     let common = |out: &Path| -> Vec<String> {
-        ["--preset", "tiny", "--data", &corpus(), "--steps", "60", "--eval-interval", "20", "--eval-iters", "5",
-         "--sample-chars", "10", "--out", out.to_str().unwrap()]
-            .iter().map(|s| s.to_string()).collect()
+        [
+            "--preset",
+            "tiny",
+            "--data",
+            &corpus(),
+            "--steps",
+            "60",
+            "--eval-interval",
+            "20",
+            "--eval-iters",
+            "5",
+            "--sample-chars",
+            "10",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     let straight = dir.path().join("straight");
     let args = common(&straight);
@@ -86,24 +129,45 @@ fn a_resumed_run_matches_one_that_never_stopped() {
     assert!(stdout.contains("resuming from step 40"), "{stdout}");
 
     let (a, b) = (losses(&straight), losses(&resumed));
-    assert_eq!(a.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 20, 40, 60]);
+    assert_eq!(
+        a.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![0, 20, 40, 60]
+    );
     assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.0, y.0);
-        assert!((x.1 - y.1).abs() < 1e-4 && (x.2 - y.2).abs() < 1e-4, "{x:?} vs {y:?}");
+        assert!(
+            (x.1 - y.1).abs() < 1e-4 && (x.2 - y.2).abs() < 1e-4,
+            "{x:?} vs {y:?}"
+        );
     }
 }
 
 #[test]
 fn the_schedule_warms_up_peaks_and_decays() {
     let cfg = preset("baby", 65).unwrap();
-    assert_eq!((cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr), (100, 2000, 1e-3, 1e-4));
-    assert!((learning_rate(&cfg, 0) - 1e-5).abs() < 1e-12, "warmup starts at lr / warmup");
+    assert_eq!(
+        (cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr),
+        (100, 2000, 1e-3, 1e-4)
+    );
+    assert!(
+        (learning_rate(&cfg, 0) - 1e-5).abs() < 1e-12,
+        "warmup starts at lr / warmup"
+    );
     assert!((learning_rate(&cfg, 49) - 5e-4).abs() < 1e-12);
-    assert!((learning_rate(&cfg, 100) - 1e-3).abs() < 1e-12, "peak after warmup");
+    assert!(
+        (learning_rate(&cfg, 100) - 1e-3).abs() < 1e-12,
+        "peak after warmup"
+    );
     let mid = learning_rate(&cfg, 1050);
-    assert!((mid - 5.5e-4).abs() < 1e-9, "half way through the decay: {mid}");
-    assert!((learning_rate(&cfg, 2000) - 1e-4).abs() < 1e-12, "ends at min_lr");
+    assert!(
+        (mid - 5.5e-4).abs() < 1e-9,
+        "half way through the decay: {mid}"
+    );
+    assert!(
+        (learning_rate(&cfg, 2000) - 1e-4).abs() < 1e-12,
+        "ends at min_lr"
+    );
     let mut prev = f64::INFINITY;
     for step in 100..2000 {
         let lr = learning_rate(&cfg, step);
@@ -123,7 +187,10 @@ impl ModuleVisitor for Snapshot {
         self.1.pop();
     }
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-        self.0.push((self.1.join("."), p.val().to_data().try_to_vec::<f32>().unwrap()));
+        self.0.push((
+            self.1.join("."),
+            p.val().to_data().try_to_vec::<f32>().unwrap(),
+        ));
     }
 }
 
@@ -132,13 +199,14 @@ struct ZeroGrads(GradientsParams);
 
 impl ModuleVisitor for ZeroGrads {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
-        self.0.register(p.id, p.val().zeros_like());
+        self.0
+            .register(p.id, p.val().without_autodiff().zeros_like());
     }
 }
 
 #[test]
 fn weight_decay_touches_only_linear_weights() {
-    let device = support::ndarray_device();
+    let device = support::ndarray_device().autodiff();
     let mut cfg = preset("tiny", 65).unwrap();
     cfg.model = cfg.model.with_bias(true).with_tie_weights(false);
     let model = cfg.model.init(&device);
@@ -154,16 +222,25 @@ fn weight_decay_touches_only_linear_weights() {
     let after = snap(&optimizer(&cfg).step(lr, model, zero.0));
     let re_matches = |p: &str| {
         let weight = p.ends_with(".weight");
-        let linear = p.starts_with("blocks.") && (p.contains(".c_attn.") || p.contains(".c_proj.") || p.contains(".c_fc.")) || p == "lm_head.weight";
+        let linear = p.starts_with("blocks.")
+            && (p.contains(".c_attn.") || p.contains(".c_proj.") || p.contains(".c_fc."))
+            || p == "lm_head.weight";
         weight && linear
     };
     let mut decayed = 0;
     for ((path, a), (path2, b)) in before.iter().zip(&after) {
         assert_eq!(path, path2);
-        let expect = if re_matches(path) { 1.0 - lr as f32 * cfg.weight_decay as f32 } else { 1.0 };
+        let expect = if re_matches(path) {
+            1.0 - lr as f32 * cfg.weight_decay as f32
+        } else {
+            1.0
+        };
         decayed += usize::from(re_matches(path));
         for (x, y) in a.iter().zip(b) {
-            assert!((x * expect - y).abs() <= 1e-6 * x.abs().max(1.0), "{path}: {x} -> {y}, expected x{expect}");
+            assert!(
+                (x * expect - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "{path}: {x} -> {y}, expected x{expect}"
+            );
         }
     }
     // 4 matrices per block (c_attn, attn c_proj, c_fc, mlp c_proj) + the untied head.
@@ -172,7 +249,13 @@ fn weight_decay_touches_only_linear_weights() {
 
 fn sample(extra: &[&str]) -> (i32, String, String) {
     let ckpt = trained().join("ckpt/best");
-    let mut args = vec!["sample", "--checkpoint", ckpt.to_str().unwrap(), "--max-new-tokens", "40"];
+    let mut args = vec![
+        "sample",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--max-new-tokens",
+        "40",
+    ];
     args.extend_from_slice(extra);
     run(&args)
 }
@@ -183,7 +266,10 @@ fn greedy_sampling_is_deterministic_and_seeded_sampling_reproducible() {
     let (c2, greedy2, _) = sample(&["--temperature", "0", "--seed", "2", "--prompt", "ROMEO:"]);
     assert_eq!((c1, c2), (0, 0), "{e1}");
     assert_eq!(greedy1, greedy2, "greedy ignores the seed");
-    assert!(greedy1.starts_with("ROMEO:") && greedy1.trim_end().len() >= 40);
+    assert!(
+        greedy1.starts_with("ROMEO:") && greedy1.chars().count() >= 6 + 40,
+        "{greedy1:?}"
+    );
     let (_, s1, _) = sample(&["--seed", "7", "--num-samples", "2"]);
     let (_, s2, _) = sample(&["--seed", "7", "--num-samples", "2"]);
     let (_, s3, _) = sample(&["--seed", "8", "--num-samples", "2"]);
@@ -195,14 +281,21 @@ fn greedy_sampling_is_deterministic_and_seeded_sampling_reproducible() {
 fn a_prompt_with_unknown_characters_is_refused() {
     let (code, _, err) = sample(&["--prompt", "hello 🙂"]);
     assert_ne!(code, 0);
-    assert!(err.contains("not in the vocabulary") && err.contains("🙂"), "{err}");
+    assert!(
+        err.contains("not in the vocabulary") && err.contains("🙂"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
 fn a_missing_checkpoint_is_a_clear_error() {
     let dir = support::tempdir();
-    let (code, _, err) = run(&["sample", "--checkpoint", dir.path().join("nothing").to_str().unwrap()]);
+    let (code, _, err) = run(&[
+        "sample",
+        "--checkpoint",
+        dir.path().join("nothing").to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("no checkpoint in"), "{err}");
 }
@@ -219,7 +312,10 @@ fn a_truncated_or_corrupt_checkpoint_is_a_clear_error() {
     std::fs::write(copy.join("model.bpk"), &bytes[..bytes.len() / 2]).unwrap();
     let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("corrupt or truncated") || err.contains("do not fit"), "{err}");
+    assert!(
+        err.contains("corrupt or truncated") || err.contains("do not fit"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     std::fs::write(copy.join("meta.json"), b"{ not json").unwrap();
@@ -233,13 +329,28 @@ fn resuming_with_another_config_or_vocabulary_is_refused() {
     let dir = support::tempdir();
     let out = dir.path().join("run");
     copy_dir(trained(), &out);
-    let base = ["--preset", "tiny", "--steps", "60", "--eval-interval", "30", "--eval-iters", "5", "--resume", "--out", out.to_str().unwrap()];
+    let base = [
+        "--preset",
+        "tiny",
+        "--steps",
+        "60",
+        "--eval-interval",
+        "30",
+        "--eval-iters",
+        "5",
+        "--resume",
+        "--out",
+        out.to_str().unwrap(),
+    ];
     let mut other_config = base.to_vec();
     let corpus = corpus();
     other_config.extend(["--data", &corpus, "--n-embd", "32"]);
     let (code, _, err) = run(&other_config);
     assert_ne!(code, 0);
-    assert!(err.contains("another config") && err.contains("n_embd is 64 there, 32 here"), "{err}");
+    assert!(
+        err.contains("another config") && err.contains("n_embd is 64 there, 32 here"),
+        "{err}"
+    );
 
     let small = dir.path().join("other.txt");
     std::fs::write(&small, "abcdefghij ".repeat(2000)).unwrap();
@@ -254,8 +365,21 @@ fn resuming_with_another_config_or_vocabulary_is_refused() {
 fn a_block_larger_than_the_validation_split_is_refused() {
     let dir = support::tempdir();
     let small = dir.path().join("small.txt");
-    std::fs::write(&small, "To be, or not to be, that is the question.\n".repeat(10)).unwrap();
-    let (code, _, err) = run(&["--preset", "tiny", "--data", small.to_str().unwrap(), "--block-size", "64", "--out", dir.path().join("o").to_str().unwrap()]);
+    std::fs::write(
+        &small,
+        "To be, or not to be, that is the question.\n".repeat(10),
+    )
+    .unwrap();
+    let (code, _, err) = run(&[
+        "--preset",
+        "tiny",
+        "--data",
+        small.to_str().unwrap(),
+        "--block-size",
+        "64",
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
     assert_ne!(code, 0);
     assert!(err.contains("too short for block size 64"), "{err}");
     assert!(!dir.path().join("o/ckpt").exists());

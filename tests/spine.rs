@@ -77,12 +77,18 @@ fn missing_and_non_utf8_files_are_clear_errors() {
     let dir = support::tempdir();
     let missing = dir.path().join("nope.txt");
     let err = format!("{:#}", load_corpus(Some(&missing)).err().unwrap());
-    assert!(err.contains("cannot read the data file") && err.contains("--data"), "{err}");
+    assert!(
+        err.contains("cannot read the data file") && err.contains("--data"),
+        "{err}"
+    );
 
     let binary = dir.path().join("bin.txt");
     std::fs::write(&binary, [b'o', b'k', 0xff, 0xfe]).unwrap();
     let err = read_text(&binary).unwrap_err().to_string();
-    assert!(err.contains("not UTF-8") && err.contains("offset 2"), "{err}");
+    assert!(
+        err.contains("not UTF-8") && err.contains("offset 2"),
+        "{err}"
+    );
 }
 
 /// Serves `body` once to the first HTTP request on a loopback port; returns the URL.
@@ -124,20 +130,35 @@ fn download_with_a_wrong_checksum_leaves_nothing_behind() {
     let body = b"not the file you are looking for".to_vec();
     let dir = support::tempdir();
     let dest = dir.path().join("corpus.txt");
-    let err = download(&serve_once(body), &dest, &"0".repeat(64)).unwrap_err().to_string();
+    let err = download(&serve_once(body), &dest, &"0".repeat(64))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("checksum mismatch"), "{err}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no file left behind"
+    );
 }
 
 #[test]
 fn download_without_network_points_at_the_data_flag() {
     // Bind then drop a listener: nothing answers on that port any more.
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = support::tempdir();
     let dest = dir.path().join("corpus.txt");
     let url = format!("http://127.0.0.1:{port}/input.txt");
-    let err = download(&url, &dest, &"0".repeat(64)).unwrap_err().to_string();
-    assert!(err.contains("could not download") && err.contains("--data"), "{err}");
+    let err = download(&url, &dest, &"0".repeat(64))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("could not download") && err.contains("--data"),
+        "{err}"
+    );
     assert!(!dest.exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -147,24 +168,40 @@ fn backend_names_parse_and_unknown_ones_list_the_choices() {
     assert_eq!("ndarray".parse::<Backend>().unwrap(), Backend::Ndarray);
     assert_eq!("FLEX".parse::<Backend>().unwrap(), Backend::Flex);
     let err = "tpu".parse::<Backend>().unwrap_err();
-    assert!(err.contains("unknown backend 'tpu'") && err.contains("ndarray, flex"), "{err}");
+    assert!(
+        err.contains("unknown backend 'tpu'") && err.contains("ndarray, flex"),
+        "{err}"
+    );
 }
 
 #[test]
 fn greedy_picks_the_argmax_and_top_k_stays_in_the_top_k() {
     let logits = [0.1f32, 2.0, -1.0, 1.9, 0.5, 1.8];
     let mut rng = rng_for(0, stream::SAMPLE, 0);
-    let greedy = SampleOptions { temperature: 0.0, top_k: None };
+    let greedy = SampleOptions {
+        temperature: 0.0,
+        top_k: None,
+    };
     assert_eq!(pick_token(&logits, greedy, &mut rng), 1);
-    let top3 = SampleOptions { temperature: 5.0, top_k: Some(3) };
+    let top3 = SampleOptions {
+        temperature: 5.0,
+        top_k: Some(3),
+    };
     let mut seen = [0usize; 6];
     for _ in 0..2000 {
         seen[pick_token(&logits, top3, &mut rng)] += 1;
     }
-    assert_eq!(seen[0] + seen[2] + seen[4], 0, "only tokens 1, 3, 5 are in the top 3: {seen:?}");
+    assert_eq!(
+        seen[0] + seen[2] + seen[4],
+        0,
+        "only tokens 1, 3, 5 are in the top 3: {seen:?}"
+    );
     assert!(seen[1] > 0 && seen[3] > 0 && seen[5] > 0, "{seen:?}");
     // Without top-k, a high temperature reaches every token.
-    let hot = SampleOptions { temperature: 5.0, top_k: None };
+    let hot = SampleOptions {
+        temperature: 5.0,
+        top_k: None,
+    };
     let mut all = [0usize; 6];
     for _ in 0..2000 {
         all[pick_token(&logits, hot, &mut rng)] += 1;

@@ -22,12 +22,12 @@ const CHAPTER: &str = "ch01_bigram";
 /// Chapter 1: a bigram language model on Tiny Shakespeare.
 #[derive(Parser, Debug)]
 #[command(name = CHAPTER, version)]
-#[command(mut_arg("steps", |a| a.default_value("3000")))]
-#[command(mut_arg("batch_size", |a| a.default_value("32")))]
-#[command(mut_arg("block_size", |a| a.default_value("8")))]
-#[command(mut_arg("lr", |a| a.default_value("1e-2")))]
-#[command(mut_arg("eval_interval", |a| a.default_value("300")))]
-#[command(mut_arg("eval_iters", |a| a.default_value("200")))]
+#[command(mut_arg("steps", |a| a.default_value("3000").required(false)))]
+#[command(mut_arg("batch_size", |a| a.default_value("32").required(false)))]
+#[command(mut_arg("block_size", |a| a.default_value("8").required(false)))]
+#[command(mut_arg("lr", |a| a.default_value("1e-2").required(false)))]
+#[command(mut_arg("eval_interval", |a| a.default_value("300").required(false)))]
+#[command(mut_arg("eval_iters", |a| a.default_value("200").required(false)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -44,7 +44,10 @@ fn main() -> Result<()> {
     let out = args.common.out_dir(CHAPTER);
     let device = args.common.backend.device();
     device.seed(args.common.seed);
-    println!("Chapter 1: a bigram language model (backend: {})", args.common.backend);
+    println!(
+        "Chapter 1: a bigram language model (backend: {})",
+        args.common.backend
+    );
 
     // ANCHOR: data
     section("1.1", "The data");
@@ -60,7 +63,11 @@ fn main() -> Result<()> {
     section("1.2", "A character tokenizer");
     let data = Dataset::new(text)?;
     let tok = &data.tokenizer;
-    println!("vocabulary ({} characters): {:?}", tok.vocab_size(), tok.vocab_string());
+    println!(
+        "vocabulary ({} characters): {:?}",
+        tok.vocab_size(),
+        tok.vocab_string()
+    );
     let probe: String = text.chars().filter(|c| c.is_alphabetic()).take(9).collect();
     let ids = tok.encode(&probe)?;
     println!("encode({probe:?}) = {ids:?}");
@@ -83,10 +90,18 @@ fn main() -> Result<()> {
     let mut rng = rng_for(args.common.seed, stream::DEMO, 0);
     let (x, y) = data.batch(Split::Train, b, t, &mut rng, &device);
     println!("x: {:?} (inputs)\n{}", x.dims(), fmt_ids(&x));
-    println!("y: {:?} (targets: x shifted left by one)\n{}", y.dims(), fmt_ids(&y));
+    println!(
+        "y: {:?} (targets: x shifted left by one)\n{}",
+        y.dims(),
+        fmt_ids(&y)
+    );
     let row = |t: &Tensor<2, Int>| -> Vec<usize> {
         let v = t.clone().slice(s![0..1, ..]).into_data().convert::<i64>();
-        v.try_to_vec::<i64>().expect("ids").into_iter().map(|i| i as usize).collect()
+        v.try_to_vec::<i64>()
+            .expect("ids")
+            .into_iter()
+            .map(|i| i as usize)
+            .collect()
     };
     let (x0, y0) = (row(&x), row(&y));
     for i in 0..t {
@@ -101,7 +116,12 @@ fn main() -> Result<()> {
     // ANCHOR: init_loss
     section("1.5", "The bigram model");
     let model = BigramConfig::new(tok.vocab_size()).init(&device.clone().autodiff());
-    println!("parameters: {} (a {} x {} table)", model.num_params(), tok.vocab_size(), tok.vocab_size());
+    println!(
+        "parameters: {} (a {} x {} table)",
+        model.num_params(),
+        tok.vocab_size(),
+        tok.vocab_size()
+    );
     let logits = model.forward(x.clone().autodiff());
     println!("logits: {:?} = [batch, time, vocab]", logits.dims());
 
@@ -109,7 +129,10 @@ fn main() -> Result<()> {
     let loss = cross_entropy(logits, y.autodiff()).into_scalar::<f32>();
     let v = tok.vocab_size() as f64;
     println!("uniform guess: -ln(1/{v}) = {:.4}", v.ln());
-    println!("expected for N(0, 1) logits: about ln({v}) + 1/2 = {:.4}", v.ln() + 0.5);
+    println!(
+        "expected for N(0, 1) logits: about ln({v}) + 1/2 = {:.4}",
+        v.ln() + 0.5
+    );
     println!("measured on the batch above: {loss:.4}");
     // ANCHOR_END: init_loss
 
@@ -117,7 +140,15 @@ fn main() -> Result<()> {
     section("1.7", "A sample before training");
     let window = args.train.block_size;
     let mut sample_rng = rng_for(args.common.seed, stream::SAMPLE, 0);
-    let before = generate(&model, &[0], 100, window, SampleOptions::default(), &mut sample_rng, |_| {});
+    let before = generate(
+        &model,
+        &[0],
+        100,
+        window,
+        SampleOptions::default(),
+        &mut sample_rng,
+        |_| {},
+    );
     println!("{}", tok.decode(&before));
     // ANCHOR_END: sample_before
 
@@ -125,7 +156,14 @@ fn main() -> Result<()> {
     section("1.8", "Training");
     let settings = args.train.settings(args.common.seed);
     let mut optim = AdamWConfig::new().init();
-    let (model, report) = train(model, &mut optim, &data, &settings, 0, &mut ConstantLr(args.train.lr))?;
+    let (model, report) = train(
+        model,
+        &mut optim,
+        &data,
+        &settings,
+        0,
+        &mut ConstantLr(args.train.lr),
+    )?;
     let last = *report.losses.last().expect("at least one evaluation");
     println!(
         "final: train {:.4}, val {:.4} after {} steps; {:.1} s, {:.0} tokens/s",
@@ -137,10 +175,18 @@ fn main() -> Result<()> {
     section("1.9", "A sample after training");
     let mut sample_rng = rng_for(args.common.seed, stream::SAMPLE, 1);
     let mut stdout = std::io::stdout();
-    generate(&model, &[0], args.sample_chars, window, SampleOptions::default(), &mut sample_rng, |t| {
-        print!("{}", tok.decode(&[t]));
-        let _ = stdout.flush();
-    });
+    generate(
+        &model,
+        &[0],
+        args.sample_chars,
+        window,
+        SampleOptions::default(),
+        &mut sample_rng,
+        |t| {
+            print!("{}", tok.decode(&[t]));
+            let _ = stdout.flush();
+        },
+    );
     println!();
     // ANCHOR_END: sample_after
 

@@ -26,12 +26,12 @@ const CHAPTER: &str = "ch02_attention";
 /// Chapter 2: self-attention, from averaging to multi-head.
 #[derive(Parser, Debug)]
 #[command(name = CHAPTER, version)]
-#[command(mut_arg("steps", |a| a.default_value("5000")))]
-#[command(mut_arg("batch_size", |a| a.default_value("32")))]
-#[command(mut_arg("block_size", |a| a.default_value("8")))]
-#[command(mut_arg("lr", |a| a.default_value("1e-3")))]
-#[command(mut_arg("eval_interval", |a| a.default_value("500")))]
-#[command(mut_arg("eval_iters", |a| a.default_value("200")))]
+#[command(mut_arg("steps", |a| a.default_value("5000").required(false)))]
+#[command(mut_arg("batch_size", |a| a.default_value("32").required(false)))]
+#[command(mut_arg("block_size", |a| a.default_value("8").required(false)))]
+#[command(mut_arg("lr", |a| a.default_value("1e-3").required(false)))]
+#[command(mut_arg("eval_interval", |a| a.default_value("500").required(false)))]
+#[command(mut_arg("eval_iters", |a| a.default_value("200").required(false)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -52,13 +52,20 @@ fn main() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
     if args.n_head == 0 || args.n_embd % args.n_head != 0 {
-        anyhow::bail!("--n-embd ({}) must be a multiple of --n-head ({})", args.n_embd, args.n_head);
+        anyhow::bail!(
+            "--n-embd ({}) must be a multiple of --n-head ({})",
+            args.n_embd,
+            args.n_head
+        );
     }
     let out = args.common.out_dir(CHAPTER);
     std::fs::create_dir_all(&out)?;
     let device = args.common.backend.device();
     device.seed(args.common.seed);
-    println!("Chapter 2: self-attention (backend: {})", args.common.backend);
+    println!(
+        "Chapter 2: self-attention (backend: {})",
+        args.common.backend
+    );
     let corpus = load_corpus(args.common.data.as_deref())?;
     let data = Dataset::new(&corpus.text)?;
     data.check_block_size(args.train.block_size)?;
@@ -70,10 +77,22 @@ fn main() -> Result<()> {
     let a = average_loops(&x);
     let (b, wei_b) = average_matmul(&x);
     let (c, wei_c) = average_softmax(&x);
-    println!("x[0]: [T=8, C=2]\n{}", fmt_matrix(&x.clone().slice(s![0..1, .., ..]).squeeze_dim(0), 3));
-    println!("(a) loops, mean of x[0, ..=t]:\n{}", fmt_matrix(&a.clone().slice(s![0..1, .., ..]).squeeze_dim(0), 3));
-    println!("(b) weights: lower-triangular ones, rows normalised:\n{}", fmt_matrix(&wei_b, 3));
-    println!("(c) weights: softmax of 0 / -inf:\n{}", fmt_matrix(&wei_c, 3));
+    println!(
+        "x[0]: [T=8, C=2]\n{}",
+        fmt_matrix(&x.clone().slice(s![0..1, .., ..]).squeeze_dim(0), 3)
+    );
+    println!(
+        "(a) loops, mean of x[0, ..=t]:\n{}",
+        fmt_matrix(&a.clone().slice(s![0..1, .., ..]).squeeze_dim(0), 3)
+    );
+    println!(
+        "(b) weights: lower-triangular ones, rows normalised:\n{}",
+        fmt_matrix(&wei_b, 3)
+    );
+    println!(
+        "(c) weights: softmax of 0 / -inf:\n{}",
+        fmt_matrix(&wei_c, 3)
+    );
     println!(
         "max |a - b| = {:.2e}, max |a - c| = {:.2e}: the three are the same",
         max_abs_diff(&a, &b),
@@ -87,21 +106,41 @@ fn main() -> Result<()> {
     let x = Tensor::<3>::random([4, 8, 32], Distribution::Normal(0.0, 1.0), &device); // [B, T, C]
     let head = Head::new(32, head_size, &device);
     let (y, wei) = head.forward_with_weights(x);
-    println!("x: [4, 8, 32] -> keys, queries, values: [4, 8, {head_size}] -> out {:?}", y.dims());
-    println!("attention weights of the first sequence (row t = query at t; zeros above the diagonal):");
-    println!("{}", fmt_matrix(&wei.slice(s![0..1, .., ..]).squeeze_dim(0), 3));
+    println!(
+        "x: [4, 8, 32] -> keys, queries, values: [4, 8, {head_size}] -> out {:?}",
+        y.dims()
+    );
+    println!(
+        "attention weights of the first sequence (row t = query at t; zeros above the diagonal):"
+    );
+    println!(
+        "{}",
+        fmt_matrix(&wei.slice(s![0..1, .., ..]).squeeze_dim(0), 3)
+    );
 
     println!("\nwhy divide by sqrt(head_size): with unit-variance q and k,");
     let q = Tensor::<3>::random([4, 8, head_size], Distribution::Normal(0.0, 1.0), &device);
     let k = Tensor::<3>::random([4, 8, head_size], Distribution::Normal(0.0, 1.0), &device);
     let raw = q.matmul(k.swap_dims(1, 2)); // [4, 8, 8]
     let var = |t: Tensor<3>| t.flatten::<1>(0, 2).var(0).into_scalar::<f32>();
-    println!("  var(q . k)                = {:.2} (about head_size = {head_size})", var(raw.clone()));
-    println!("  var(q . k / sqrt({head_size}))     = {:.2} (about 1)", var(raw / (head_size as f64).sqrt()));
+    println!(
+        "  var(q . k)                = {:.2} (about head_size = {head_size})",
+        var(raw.clone())
+    );
+    println!(
+        "  var(q . k / sqrt({head_size}))     = {:.2} (about 1)",
+        var(raw / (head_size as f64).sqrt())
+    );
     let scores = Tensor::<1>::from_floats([0.1, -0.2, 0.3, -0.2, 0.5], &device);
     let show = |t: Tensor<1>| fmt_matrix(&t.unsqueeze::<2>(), 3);
-    println!("  softmax([0.1, -0.2, 0.3, -0.2, 0.5])     = {}", show(softmax(scores.clone(), 0)));
-    println!("  softmax([0.1, -0.2, 0.3, -0.2, 0.5] * 8) = {}  <- nearly one-hot", show(softmax(scores * 8.0, 0)));
+    println!(
+        "  softmax([0.1, -0.2, 0.3, -0.2, 0.5])     = {}",
+        show(softmax(scores.clone(), 0))
+    );
+    println!(
+        "  softmax([0.1, -0.2, 0.3, -0.2, 0.5] * 8) = {}  <- nearly one-hot",
+        show(softmax(scores * 8.0, 0))
+    );
     // ANCHOR_END: one_head_demo
 
     // ANCHOR: positions_demo
@@ -113,7 +152,8 @@ fn main() -> Result<()> {
     let ids = tok.encode("to be or")?;
     let mut swapped = ids.clone();
     swapped.swap(0, 3);
-    let as_tensor = |v: &[usize]| ids_tensor(v.iter().map(|&i| i as i64).collect(), [1, 8], &device);
+    let as_tensor =
+        |v: &[usize]| ids_tensor(v.iter().map(|&i| i as i64).collect(), [1, 8], &device);
     let last = |t: Tensor<3>| t.slice(s![0..1, 7..8, ..]);
     let p = course::ch02_attention::positions(8, 8, &device);
     let (orig, swap) = (as_tensor(&ids), as_tensor(&swapped));
@@ -135,7 +175,12 @@ fn main() -> Result<()> {
     let ad = device.clone().autodiff();
     let fit = |name: &str, cfg: AttentionLmConfig| -> Result<(AttentionLm, TrainReport)> {
         let model = cfg.init(&ad);
-        println!("{name}: {} heads of size {}, {} parameters", cfg.n_head, cfg.n_embd / cfg.n_head, model.num_params());
+        println!(
+            "{name}: {} heads of size {}, {} parameters",
+            cfg.n_head,
+            cfg.n_embd / cfg.n_head,
+            model.num_params()
+        );
         let mut optim = AdamWConfig::new().init();
         let mut hooks = ConstantLr(lr.0);
         let (model, report) = train(model, &mut optim, &data, &settings, 0, &mut hooks)?;
@@ -156,15 +201,30 @@ fn main() -> Result<()> {
     // ANCHOR: attention_map
     section("2.6", "Pictures: what each head of model B looks at");
     let prompt: Vec<usize> = data.val[..t].to_vec();
-    let (_, wei) = model_b.valid().forward_with_weights(as_tensor_any(&prompt, &device)); // [1, nh, t, t]
+    let (_, wei) = model_b
+        .valid()
+        .forward_with_weights(as_tensor_any(&prompt, &device)); // [1, nh, t, t]
     let labels: Vec<String> = tok.decode(&prompt).chars().map(show_char).collect();
     let nh = args.n_head;
     let values = wei.into_data().try_to_vec::<f32>().expect("f32");
     let panels: Vec<Panel> = (0..nh)
-        .map(|h| Panel { title: format!("head {}", h + 1), values: values[h * t * t..(h + 1) * t * t].to_vec() })
+        .map(|h| Panel {
+            title: format!("head {}", h + 1),
+            values: values[h * t * t..(h + 1) * t * t].to_vec(),
+        })
         .collect();
     let map = out.join("attention_heads.svg");
-    heatmap_grid(&map, &format!("Model B attention on {:?} (rows: query, columns: key)", tok.decode(&prompt)), &panels, &labels, &labels, nh.min(4))?;
+    heatmap_grid(
+        &map,
+        &format!(
+            "Model B attention on {:?} (rows: query, columns: key)",
+            tok.decode(&prompt)
+        ),
+        &panels,
+        &labels,
+        &labels,
+        nh.min(4),
+    )?;
     println!("prompt from the validation text: {:?}", tok.decode(&prompt));
     println!("wrote {}", map.display());
     // ANCHOR_END: attention_map
@@ -172,14 +232,26 @@ fn main() -> Result<()> {
     section("2.7", "A sample from model B");
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 2);
     let mut stdout = std::io::stdout();
-    generate(&model_b, &[0], args.sample_chars, t, SampleOptions::default(), &mut rng, |tk| {
-        print!("{}", tok.decode(&[tk]));
-        let _ = stdout.flush();
-    });
+    generate(
+        &model_b,
+        &[0],
+        args.sample_chars,
+        t,
+        SampleOptions::default(),
+        &mut rng,
+        |tk| {
+            print!("{}", tok.decode(&[tk]));
+            let _ = stdout.flush();
+        },
+    );
     println!();
 
     section("2.8", "What the run wrote");
-    plot_losses(&out.join("loss_curve.svg"), "Chapter 2: one head (A) vs four heads (B)", &[("A", &report_a.losses), ("B", &report_b.losses)])?;
+    plot_losses(
+        &out.join("loss_curve.svg"),
+        "Chapter 2: one head (A) vs four heads (B)",
+        &[("A", &report_a.losses), ("B", &report_b.losses)],
+    )?;
     write_losses_csv(&out.join("losses.csv"), &report_b.losses)?;
     write_losses_csv(&out.join("losses_model_a.csv"), &report_a.losses)?;
     let last = *report_b.losses.last().expect("evaluated");
@@ -200,15 +272,30 @@ fn main() -> Result<()> {
         tokens_per_second: report_b.tokens_per_second,
         data: corpus.path.display().to_string(),
         variants: vec![
-            Variant::new(&format!("A: 1 head of {c}"), model_a.num_params(), &report_a),
-            Variant::new(&format!("B: {nh} heads of {}", c / nh), model_b.num_params(), &report_b),
+            Variant::new(
+                &format!("A: 1 head of {c}"),
+                model_a.num_params(),
+                &report_a,
+            ),
+            Variant::new(
+                &format!("B: {nh} heads of {}", c / nh),
+                model_b.num_params(),
+                &report_b,
+            ),
         ],
     };
     write_json(&out.join("summary.json"), &summary)?;
-    println!("{}/summary.json, losses.csv, losses_model_a.csv, loss_curve.svg, attention_heads.svg", out.display());
+    println!(
+        "{}/summary.json, losses.csv, losses_model_a.csv, loss_curve.svg, attention_heads.svg",
+        out.display()
+    );
     Ok(())
 }
 
 fn as_tensor_any(ids: &[usize], device: &Device) -> Tensor<2, Int> {
-    ids_tensor(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()], device)
+    ids_tensor(
+        ids.iter().map(|&i| i as i64).collect(),
+        [1, ids.len()],
+        device,
+    )
 }

@@ -2,7 +2,9 @@
 //! weighted average of what they find; the weights come from comparing queries with keys.
 
 use crate::common::train::LanguageModel;
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -76,8 +78,16 @@ pub struct Head {
 
 impl Head {
     pub fn new(n_embd: usize, head_size: usize, device: &Device) -> Self {
-        let proj = || LinearConfig::new(n_embd, head_size).with_bias(false).init(device);
-        Self { key: proj(), query: proj(), value: proj() }
+        let proj = || {
+            LinearConfig::new(n_embd, head_size)
+                .with_bias(false)
+                .init(device)
+        };
+        Self {
+            key: proj(),
+            query: proj(),
+            value: proj(),
+        }
     }
 
     /// `x: [b, t, c]` -> (`[b, t, head_size]`, weights `[b, t, t]`).
@@ -176,7 +186,11 @@ impl MultiHeadAttentionConfig {
         };
         MultiHeadAttention {
             c_attn: linear(self.n_embd, 3 * self.n_embd, self.init_std),
-            c_proj: linear(self.n_embd, self.n_embd, self.proj_init_std.or(self.init_std)),
+            c_proj: linear(
+                self.n_embd,
+                self.n_embd,
+                self.proj_init_std.or(self.init_std),
+            ),
             attn_dropout: DropoutConfig::new(self.dropout).init(),
             resid_dropout: DropoutConfig::new(self.dropout).init(),
             n_head: self.n_head,
@@ -218,7 +232,10 @@ impl AttentionLmConfig {
 
 /// Position ids `[1, t]`, broadcast over the batch when added.
 pub fn positions(t: usize, block_size: usize, device: &Device) -> Tensor<2, Int> {
-    assert!(t <= block_size, "sequence of {t} tokens is longer than the block size {block_size}");
+    assert!(
+        t <= block_size,
+        "sequence of {t} tokens is longer than the block size {block_size}"
+    );
     Tensor::<1, Int>::arange(0..t as i64, device).unsqueeze::<2>()
 }
 

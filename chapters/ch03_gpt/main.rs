@@ -23,12 +23,12 @@ const CHAPTER: &str = "ch03_gpt";
 /// Chapter 3: a GPT-1-style decoder.
 #[derive(Parser, Debug)]
 #[command(name = CHAPTER, version)]
-#[command(mut_arg("steps", |a| a.default_value("5000")))]
-#[command(mut_arg("batch_size", |a| a.default_value("32")))]
-#[command(mut_arg("block_size", |a| a.default_value("8")))]
-#[command(mut_arg("lr", |a| a.default_value("1e-3")))]
-#[command(mut_arg("eval_interval", |a| a.default_value("500")))]
-#[command(mut_arg("eval_iters", |a| a.default_value("200")))]
+#[command(mut_arg("steps", |a| a.default_value("5000").required(false)))]
+#[command(mut_arg("batch_size", |a| a.default_value("32").required(false)))]
+#[command(mut_arg("block_size", |a| a.default_value("8").required(false)))]
+#[command(mut_arg("lr", |a| a.default_value("1e-3").required(false)))]
+#[command(mut_arg("eval_interval", |a| a.default_value("500").required(false)))]
+#[command(mut_arg("eval_iters", |a| a.default_value("200").required(false)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -61,7 +61,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
     if args.n_head == 0 || args.n_embd % args.n_head != 0 {
-        anyhow::bail!("--n-embd ({}) must be a multiple of --n-head ({})", args.n_embd, args.n_head);
+        anyhow::bail!(
+            "--n-embd ({}) must be a multiple of --n-head ({})",
+            args.n_embd,
+            args.n_head
+        );
     }
     if !(0.0..1.0).contains(&args.dropout) {
         anyhow::bail!("--dropout must be in [0, 1), got {}", args.dropout);
@@ -70,7 +74,10 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let device = args.common.backend.device();
     device.seed(args.common.seed);
-    println!("Chapter 3: a GPT-1-style decoder (backend: {})", args.common.backend);
+    println!(
+        "Chapter 3: a GPT-1-style decoder (backend: {})",
+        args.common.backend
+    );
     let corpus = load_corpus(args.common.data.as_deref())?;
     let data = Dataset::new(&corpus.text)?;
     data.check_block_size(args.train.block_size)?;
@@ -84,10 +91,20 @@ fn main() -> Result<()> {
         .with_tie_weights(!args.untie);
     let model = cfg.init(&device);
     let block = &model.blocks[0];
-    println!("block: LN -> {}-head attention -> + ; LN -> MLP {} -> {} -> GELU -> {} -> +",
-        args.n_head, args.n_embd, 4 * args.n_embd, args.n_embd);
+    println!(
+        "block: LN -> {}-head attention -> + ; LN -> MLP {} -> {} -> GELU -> {} -> +",
+        args.n_head,
+        args.n_embd,
+        4 * args.n_embd,
+        args.n_embd
+    );
     let x = Tensor::<3>::random([2, t, args.n_embd], Distribution::Normal(0.0, 1.0), &device);
-    println!("x {:?} -> mlp {:?} -> block {:?}", x.dims(), block.mlp.forward(x.clone()).dims(), block.forward(x.clone()).dims());
+    println!(
+        "x {:?} -> mlp {:?} -> block {:?}",
+        x.dims(),
+        block.mlp.forward(x.clone()).dims(),
+        block.forward(x.clone()).dims()
+    );
 
     // ANCHOR: residual_demo
     section("3.2", "Residual connections");
@@ -97,7 +114,9 @@ fn main() -> Result<()> {
     for depth in [4, 16, 32] {
         let plain = first_layer_grad_norm(depth, false, &ad);
         let resid = first_layer_grad_norm(depth, true, &ad);
-        println!("depth {depth:>2}: |grad| at layer 1 = {plain:.2e} without residuals, {resid:.2e} with");
+        println!(
+            "depth {depth:>2}: |grad| at layer 1 = {plain:.2e} without residuals, {resid:.2e} with"
+        );
     }
     // ANCHOR_END: residual_demo
 
@@ -105,34 +124,63 @@ fn main() -> Result<()> {
     section("3.3", "LayerNorm from its definition");
     let x = Tensor::<3>::random([2, t, args.n_embd], Distribution::Normal(3.0, 2.0), &device);
     let burn_ln = LayerNormConfig::new(args.n_embd).init(&device);
-    let ours = layer_norm(x.clone(), burn_ln.gamma.val(), burn_ln.beta.as_ref().map(|b| b.val()), 1e-5);
+    let ours = layer_norm(
+        x.clone(),
+        burn_ln.gamma.val(),
+        burn_ln.beta.as_ref().map(|b| b.val()),
+        1e-5,
+    );
     let theirs = burn_ln.forward(x.clone());
     let stats = |t: &Tensor<3>| {
         let row = t.clone().slice(s![0..1, 0..1, ..]).flatten::<1>(0, 2);
-        (row.clone().mean().into_scalar::<f32>(), row.var_bias(0).sqrt().into_scalar::<f32>())
+        (
+            row.clone().mean().into_scalar::<f32>(),
+            row.var_bias(0).sqrt().into_scalar::<f32>(),
+        )
     };
-    println!("one token before: mean {:.3}, std {:.3}", stats(&x).0, stats(&x).1);
-    println!("one token after:  mean {:.3}, std {:.3}", stats(&ours).0, stats(&ours).1);
-    println!("max |ours - burn::nn::LayerNorm| = {:.2e}", max_abs_diff(&ours, &theirs));
+    println!(
+        "one token before: mean {:.3}, std {:.3}",
+        stats(&x).0,
+        stats(&x).1
+    );
+    println!(
+        "one token after:  mean {:.3}, std {:.3}",
+        stats(&ours).0,
+        stats(&ours).1
+    );
+    println!(
+        "max |ours - burn::nn::LayerNorm| = {:.2e}",
+        max_abs_diff(&ours, &theirs)
+    );
     // ANCHOR_END: layer_norm_demo
 
     // ANCHOR: dropout_demo
     section("3.4", "Dropout");
-    let dropped = GptConfig::new(v, t, 1, args.n_head, args.n_embd).with_dropout(0.2).init(&ad);
+    let dropped = GptConfig::new(v, t, 1, args.n_head, args.n_embd)
+        .with_dropout(0.2)
+        .init(&ad);
     let mut rng = rng_for(args.common.seed, stream::DEMO, 3);
     let (xb, _) = data.batch(Split::Val, 2, t, &mut rng, &ad);
     let a = dropped.forward(xb.clone());
     let b = dropped.forward(xb.clone());
     let eval = dropped.valid();
     let xe = xb.without_autodiff();
-    println!("training mode, two passes differ by {:.3} (a new random mask each time)", max_abs_diff(&a, &b));
-    println!("eval mode (model.valid()), two passes differ by {:.3}", max_abs_diff(&eval.forward(xe.clone()), &eval.forward(xe)));
+    println!(
+        "training mode, two passes differ by {:.3} (a new random mask each time)",
+        max_abs_diff(&a, &b)
+    );
+    println!(
+        "eval mode (model.valid()), two passes differ by {:.3}",
+        max_abs_diff(&eval.forward(xe.clone()), &eval.forward(xe))
+    );
     // ANCHOR_END: dropout_demo
 
     // ANCHOR: gpt_demo
     section("3.5", "The GPT-1 decoder");
-    println!("{} blocks, {} heads, {} wide, block size {t}, norm: {:?}, head tied to wte: {}",
-        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.norm, cfg.tie_weights);
+    println!(
+        "{} blocks, {} heads, {} wide, block size {t}, norm: {:?}, head tied to wte: {}",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.norm, cfg.tie_weights
+    );
     println!("post-LN (GPT-1): x = LN(x + attn(x)); x = LN(x + mlp(x))");
     println!("pre-LN  (GPT-2): x = x + attn(LN(x)); x = x + mlp(LN(x)); final LN before the head");
     let logits = model.forward(data.batch(Split::Val, 2, t, &mut rng, &device).0);
@@ -141,27 +189,53 @@ fn main() -> Result<()> {
 
     // ANCHOR: params_demo
     section("3.6", "Counting parameters");
-    for c in [cfg.clone(), cfg.clone().with_tie_weights(!cfg.tie_weights), cfg.clone().with_norm(Norm::Post)] {
-        println!("{:?}, tied {}: num_params() = {}, formula = {}", c.norm, c.tie_weights, c.init(&device).num_params(), c.param_count());
+    for c in [
+        cfg.clone(),
+        cfg.clone().with_tie_weights(!cfg.tie_weights),
+        cfg.clone().with_norm(Norm::Post),
+    ] {
+        println!(
+            "{:?}, tied {}: num_params() = {}, formula = {}",
+            c.norm,
+            c.tie_weights,
+            c.init(&device).num_params(),
+            c.param_count()
+        );
     }
     let gpt1 = GptConfig::gpt1();
-    println!("GPT-1 (12 layers, 12 heads, 768 wide, 512 positions, 40,478 tokens): {} parameters (~{:.0}M)",
-        gpt1.param_count(), gpt1.param_count() as f64 / 1e6);
+    println!(
+        "GPT-1 (12 layers, 12 heads, 768 wide, 512 positions, 40,478 tokens): {} parameters (~{:.0}M)",
+        gpt1.param_count(),
+        gpt1.param_count() as f64 / 1e6
+    );
     // ANCHOR_END: params_demo
 
     // ANCHOR: train_gpt
     let settings = args.train.settings(args.common.seed);
     let fit = |cfg: &GptConfig| -> Result<(Gpt, TrainReport)> {
         let mut optim = AdamWConfig::new().init();
-        let (model, report) = train(cfg.init(&ad), &mut optim, &data, &settings, 0, &mut ConstantLr(args.train.lr))?;
+        let (model, report) = train(
+            cfg.init(&ad),
+            &mut optim,
+            &data,
+            &settings,
+            0,
+            &mut ConstantLr(args.train.lr),
+        )?;
         let last = report.losses.last().expect("evaluated");
-        println!("{:?}-LN: final train {:.4}, val {:.4}; {:.1} s, {:.0} tokens/s",
-            cfg.norm, last.train, last.val, report.wall_seconds, report.tokens_per_second);
+        println!(
+            "{:?}-LN: final train {:.4}, val {:.4}; {:.1} s, {:.0} tokens/s",
+            cfg.norm, last.train, last.val, report.wall_seconds, report.tokens_per_second
+        );
         Ok((model, report))
     };
     section("3.7", &format!("Training ({:?}-LN)", cfg.norm));
     let (model, report) = fit(&cfg)?;
-    let other = if cfg.norm == Norm::Pre { Norm::Post } else { Norm::Pre };
+    let other = if cfg.norm == Norm::Pre {
+        Norm::Post
+    } else {
+        Norm::Pre
+    };
     let compare = if args.no_compare {
         None
     } else {
@@ -173,10 +247,18 @@ fn main() -> Result<()> {
     section("3.9", "A sample");
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 3);
     let mut stdout = std::io::stdout();
-    generate(&model, &[0], args.sample_chars, t, SampleOptions::default(), &mut rng, |tk| {
-        print!("{}", tok.decode(&[tk]));
-        let _ = stdout.flush();
-    });
+    generate(
+        &model,
+        &[0],
+        args.sample_chars,
+        t,
+        SampleOptions::default(),
+        &mut rng,
+        |tk| {
+            print!("{}", tok.decode(&[tk]));
+            let _ = stdout.flush();
+        },
+    );
     println!();
 
     section("3.10", "What the run wrote");
@@ -185,12 +267,22 @@ fn main() -> Result<()> {
     if let Some((_, r)) = &compare {
         runs.push((name(other), &r.losses));
     }
-    let runs_ref: Vec<(&str, &[_])> = runs.iter().map(|(n, l)| (n.as_str(), l.as_slice())).collect();
-    plot_losses(&out.join("loss_curve.svg"), "Chapter 3: GPT decoder, pre-LN vs post-LN", &runs_ref)?;
+    let runs_ref: Vec<(&str, &[_])> = runs
+        .iter()
+        .map(|(n, l)| (n.as_str(), l.as_slice()))
+        .collect();
+    plot_losses(
+        &out.join("loss_curve.svg"),
+        "Chapter 3: GPT decoder, pre-LN vs post-LN",
+        &runs_ref,
+    )?;
     write_losses_csv(&out.join("losses.csv"), &report.losses)?;
     let mut variants = vec![Variant::new(&name(cfg.norm), model.num_params(), &report)];
     if let Some((m, r)) = &compare {
-        write_losses_csv(&out.join(format!("losses_{}.csv", name(other).to_lowercase())), &r.losses)?;
+        write_losses_csv(
+            &out.join(format!("losses_{}.csv", name(other).to_lowercase())),
+            &r.losses,
+        )?;
         variants.push(Variant::new(&name(other), m.num_params(), r));
     }
     let last = *report.losses.last().expect("evaluated");
@@ -211,7 +303,10 @@ fn main() -> Result<()> {
         variants,
     };
     write_json(&out.join("summary.json"), &summary)?;
-    println!("{}/summary.json, losses*.csv, loss_curve.svg", out.display());
+    println!(
+        "{}/summary.json, losses*.csv, loss_curve.svg",
+        out.display()
+    );
     Ok(())
 }
 
@@ -222,10 +317,15 @@ fn first_layer_grad_norm(depth: usize, residual: bool, device: &Device) -> f32 {
     let c = 32;
     let layer = |i, o| -> Linear {
         LinearConfig::new(i, o)
-            .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+            .with_initializer(burn::nn::Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            })
             .init(device)
     };
-    let stack: Vec<(Linear, Linear)> = (0..depth).map(|_| (layer(c, 4 * c), layer(4 * c, c))).collect();
+    let stack: Vec<(Linear, Linear)> = (0..depth)
+        .map(|_| (layer(c, 4 * c), layer(4 * c, c)))
+        .collect();
     let gelu = Gelu::new();
     let mut x = Tensor::<2>::random([16, c], Distribution::Normal(0.0, 1.0), device);
     for (up, down) in &stack {
@@ -233,6 +333,11 @@ fn first_layer_grad_norm(depth: usize, residual: bool, device: &Device) -> f32 {
         x = if residual { x + fx } else { fx };
     }
     let grads = x.square().mean().backward();
-    let g = stack[0].0.weight.val().grad(&grads).expect("a gradient for layer 1");
+    let g = stack[0]
+        .0
+        .weight
+        .val()
+        .grad(&grads)
+        .expect("a gradient for layer 1");
     g.square().sum().sqrt().into_scalar::<f32>()
 }

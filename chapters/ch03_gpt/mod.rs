@@ -31,7 +31,7 @@ pub fn layer_norm(x: Tensor<3>, gamma: Tensor<1>, beta: Option<Tensor<1>>, eps: 
 /// tokens; this is where each token thinks about what it gathered.
 #[derive(Module, Debug)]
 pub struct FeedForward {
-    pub c_fc: Linear,   // [c] -> [4c]
+    pub c_fc: Linear, // [c] -> [4c]
     pub gelu: Gelu,
     pub c_proj: Linear, // [4c] -> [c]
     pub dropout: Dropout,
@@ -122,7 +122,9 @@ impl LanguageModel for Gpt {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = idx.dims();
         let pos = positions(t, self.block_size, &idx.device()); // [1, t]
-        let mut x = self.drop.forward(self.wte.forward(idx) + self.wpe.forward(pos)); // [b, t, c]
+        let mut x = self
+            .drop
+            .forward(self.wte.forward(idx) + self.wpe.forward(pos)); // [b, t, c]
         for block in &self.blocks {
             x = block.forward(x);
         }
@@ -141,7 +143,10 @@ impl LanguageModel for Gpt {
 // ANCHOR: init
 impl GptConfig {
     pub fn init(&self, device: &Device) -> Gpt {
-        assert!(self.n_head > 0 && self.n_embd % self.n_head == 0, "n_embd must be a multiple of n_head");
+        assert!(
+            self.n_head > 0 && self.n_embd % self.n_head == 0,
+            "n_embd must be a multiple of n_head"
+        );
         let (c, std) = (self.n_embd, 0.02);
         // GPT-1 initialises every weight N(0, 0.02). GPT-2 (pre-LN) also shrinks the layers that
         // write into the residual stream by 1/sqrt(2 * n_layer), so the stream's variance does
@@ -151,7 +156,10 @@ impl GptConfig {
             Norm::Post => std,
         };
         let linear = |i, o, s| {
-            LinearConfig::new(i, o).with_bias(self.bias).with_initializer(linear_init(Some(s))).init(device)
+            LinearConfig::new(i, o)
+                .with_bias(self.bias)
+                .with_initializer(linear_init(Some(s)))
+                .init(device)
         };
         let ln = || LayerNormConfig::new(c).with_bias(self.bias).init(device);
         let normal = Initializer::Normal { mean: 0.0, std };
@@ -175,8 +183,12 @@ impl GptConfig {
             })
             .collect();
         Gpt {
-            wte: EmbeddingConfig::new(self.vocab_size, c).with_initializer(normal.clone()).init(device),
-            wpe: EmbeddingConfig::new(self.block_size, c).with_initializer(normal).init(device),
+            wte: EmbeddingConfig::new(self.vocab_size, c)
+                .with_initializer(normal.clone())
+                .init(device),
+            wpe: EmbeddingConfig::new(self.block_size, c)
+                .with_initializer(normal)
+                .init(device),
             drop: DropoutConfig::new(self.dropout).init(),
             blocks,
             ln_f: (self.norm == Norm::Pre).then(ln),
@@ -220,7 +232,9 @@ impl GptConfig {
     /// GPT-1 as published (Radford et al., 2018): 12 layers, 12 heads, 768 wide, 3072-wide
     /// MLP, 512 positions, a 40,478-token BPE vocabulary, post-LN, tied head.
     pub fn gpt1() -> Self {
-        GptConfig::new(40_478, 512, 12, 12, 768).with_dropout(0.1).with_norm(Norm::Post)
+        GptConfig::new(40_478, 512, 12, 12, 768)
+            .with_dropout(0.1)
+            .with_norm(Norm::Post)
     }
 }
 // ANCHOR_END: param_count

@@ -42,10 +42,16 @@ pub fn save(dir: &Path, model: &Gpt, optim: Option<&ModuleOptimizer>, meta: &Met
     let old = sibling(dir, "old");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let weights = model.clone().into_record().into_bytes().context("cannot serialise the model")?;
+    let weights = model
+        .clone()
+        .into_record()
+        .into_bytes()
+        .context("cannot serialise the model")?;
     write_atomic(&tmp.join(MODEL), &weights)?;
     if let Some(optim) = optim {
-        let state = optim.into_bytes().context("cannot serialise the optimizer")?;
+        let state = optim
+            .into_bytes()
+            .context("cannot serialise the optimizer")?;
         write_atomic(&tmp.join(OPTIMIZER), &state)?;
     }
     write_json(&tmp.join(META), meta)?;
@@ -61,7 +67,10 @@ pub fn save(dir: &Path, model: &Gpt, optim: Option<&ModuleOptimizer>, meta: &Met
 }
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dir.with_file_name(format!("{name}.{suffix}"))
 }
 
@@ -81,47 +90,84 @@ pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
     let text = fs::read_to_string(dir.join(META))
         .with_context(|| format!("cannot read {}", dir.join(META).display()))?;
     let meta: Meta = serde_json::from_str(&text).with_context(|| {
-        format!("the checkpoint file {} is corrupt", dir.join(META).display())
+        format!(
+            "the checkpoint file {} is corrupt",
+            dir.join(META).display()
+        )
     })?;
     if meta.format != FORMAT {
-        bail!("checkpoint format {} in {} (this build reads {FORMAT})", meta.format, dir.display());
+        bail!(
+            "checkpoint format {} in {} (this build reads {FORMAT})",
+            meta.format,
+            dir.display()
+        );
     }
     Ok((dir, meta))
 }
 
 /// Loads a checkpoint onto `device`: the model built from the saved config, its weights,
 /// and (when `with_optimizer`) the optimizer state.
-pub fn load(dir: &Path, device: &Device, optim: Option<ModuleOptimizer>) -> Result<(Gpt, Option<ModuleOptimizer>, Meta)> {
+pub fn load(
+    dir: &Path,
+    device: &Device,
+    optim: Option<ModuleOptimizer>,
+) -> Result<(Gpt, Option<ModuleOptimizer>, Meta)> {
     let (dir, meta) = read_meta(dir)?;
     let tokenizer = CharTokenizer::from_chars(meta.vocab.chars().collect());
     if tokenizer.vocab_size() != meta.config.model.vocab_size {
-        bail!("the checkpoint in {} is inconsistent: {} characters for a {}-token model", dir.display(), tokenizer.vocab_size(), meta.config.model.vocab_size);
+        bail!(
+            "the checkpoint in {} is inconsistent: {} characters for a {}-token model",
+            dir.display(),
+            tokenizer.vocab_size(),
+            meta.config.model.vocab_size
+        );
     }
     let path = dir.join(MODEL);
     let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes))
-        .map_err(|e| anyhow::anyhow!("the checkpoint file {} is corrupt or truncated: {e:?}", path.display()))?;
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| {
+        anyhow::anyhow!(
+            "the checkpoint file {} is corrupt or truncated: {e:?}",
+            path.display()
+        )
+    })?;
     let model = meta
         .config
         .model
         .init(device)
         .try_load_record(record)
-        .map_err(|e| anyhow::anyhow!("the weights in {} do not fit the model in its meta.json: {e:?}", path.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the weights in {} do not fit the model in its meta.json: {e:?}",
+                path.display()
+            )
+        })?;
     let optim = match optim {
         None => None,
         Some(optim) => {
             let path = dir.join(OPTIMIZER);
-            let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            Some(optim.from_bytes(Bytes::from_bytes_vec(bytes)).map_err(|e| {
-                anyhow::anyhow!("the optimizer state {} is corrupt or truncated: {e:?}", path.display())
-            })?)
+            let bytes =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Some(
+                optim
+                    .from_bytes(Bytes::from_bytes_vec(bytes))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "the optimizer state {} is corrupt or truncated: {e:?}",
+                            path.display()
+                        )
+                    })?,
+            )
         }
     };
     Ok((model, optim, meta))
 }
 
 /// Refuses to resume a checkpoint made with another config or vocabulary, naming what differs.
-pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &CharTokenizer) -> Result<()> {
+pub fn check_compatible(
+    meta: &Meta,
+    config: &PretrainConfig,
+    tokenizer: &CharTokenizer,
+) -> Result<()> {
     if meta.vocab != tokenizer.vocab_string() {
         bail!(
             "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
@@ -135,7 +181,10 @@ pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &CharTo
         let b = serde_json::to_value(config)?;
         let mut diffs = Vec::new();
         diff_json("", &a, &b, &mut diffs);
-        bail!("the checkpoint was made with another config: {}", diffs.join(", "));
+        bail!(
+            "the checkpoint was made with another config: {}",
+            diffs.join(", ")
+        );
     }
     Ok(())
 }
@@ -148,7 +197,10 @@ fn diff_json(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &m
                 diff_json(&format!("{prefix}{k}."), va, vb, out);
             }
         }
-        _ if a != b => out.push(format!("{} is {a} there, {b} here", prefix.trim_end_matches('.'))),
+        _ if a != b => out.push(format!(
+            "{} is {a} there, {b} here",
+            prefix.trim_end_matches('.')
+        )),
         _ => {}
     }
 }

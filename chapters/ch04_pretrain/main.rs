@@ -10,16 +10,18 @@ use burn::prelude::*;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use course::ch03_gpt::{Gpt, Norm};
 use course::ch04_pretrain::checkpoint::{self, Meta};
-use course::ch04_pretrain::{PRESETS, decayed_group, PretrainConfig, learning_rate, mfu, optimizer, preset};
+use course::ch04_pretrain::{
+    PRESETS, PretrainConfig, decayed_group, learning_rate, mfu, optimizer, preset,
+};
 use course::common::backend::Backend;
 use course::common::cli::CommonArgs;
 use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, rng_for, stream};
 use course::common::report::{Summary, plot_losses, write_json, write_losses_csv};
 use course::common::sample::{SampleOptions, generate};
+use course::common::section;
 use course::common::tokenizer::CharTokenizer;
 use course::common::train::{LossRecord, TrainHooks, TrainSettings, human, train, train_step};
-use course::common::section;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -151,7 +153,11 @@ fn main() -> Result<()> {
 /// The preset, then every flag that was given on top of it.
 fn build_config(a: &TrainCmd, vocab_size: usize) -> Result<PretrainConfig> {
     let Some(mut c) = preset(&a.preset, vocab_size) else {
-        bail!("unknown preset '{}'; choose one of {}", a.preset, PRESETS.join(", "));
+        bail!(
+            "unknown preset '{}'; choose one of {}",
+            a.preset,
+            PRESETS.join(", ")
+        );
     };
     let m = &mut c.model;
     m.n_layer = a.n_layer.unwrap_or(m.n_layer);
@@ -185,13 +191,21 @@ fn validate(c: &PretrainConfig) -> Result<()> {
         bail!("layers, heads, width, block size and batch size must all be at least 1");
     }
     if m.n_embd % m.n_head != 0 {
-        bail!("--n-embd ({}) must be a multiple of --n-head ({})", m.n_embd, m.n_head);
+        bail!(
+            "--n-embd ({}) must be a multiple of --n-head ({})",
+            m.n_embd,
+            m.n_head
+        );
     }
     if !(0.0..1.0).contains(&m.dropout) {
         bail!("--dropout must be in [0, 1), got {}", m.dropout);
     }
     if !(c.lr > 0.0 && c.lr <= 1.0) || !(c.min_lr >= 0.0 && c.min_lr <= c.lr) {
-        bail!("need 0 < --lr <= 1 and 0 <= --min-lr <= --lr (got {} and {})", c.lr, c.min_lr);
+        bail!(
+            "need 0 < --lr <= 1 and 0 <= --min-lr <= --lr (got {} and {})",
+            c.lr,
+            c.min_lr
+        );
     }
     if c.eval_interval == 0 || c.eval_iters == 0 {
         bail!("--eval-interval and --eval-iters must be at least 1");
@@ -233,7 +247,12 @@ impl TrainHooks<Gpt> for Pretrain<'_> {
         learning_rate(self.config, step)
     }
 
-    fn on_eval(&mut self, record: &LossRecord, model: &Gpt, optim: &burn::optim::ModuleOptimizer) -> Result<()> {
+    fn on_eval(
+        &mut self,
+        record: &LossRecord,
+        model: &Gpt,
+        optim: &burn::optim::ModuleOptimizer,
+    ) -> Result<()> {
         self.losses.push(*record);
         let improved = record.val < self.best_val;
         self.best_val = self.best_val.min(record.val);
@@ -279,27 +298,60 @@ fn pretrain(a: TrainCmd) -> Result<()> {
     let tok = &data.tokenizer;
     let cfg = build_config(&a, tok.vocab_size())?;
     data.check_block_size(cfg.model.block_size)?;
-    println!("{}: {} characters, vocabulary {}", corpus.path.display(), corpus.text.chars().count(), tok.vocab_size());
-    println!("preset {}: {} layers, {} heads, {} wide, block {}, batch {}, dropout {}, {:?}-LN, bias {}, tied {}",
-        cfg.preset, cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size,
-        cfg.batch_size, cfg.model.dropout, cfg.model.norm, cfg.model.bias, cfg.model.tie_weights);
+    println!(
+        "{}: {} characters, vocabulary {}",
+        corpus.path.display(),
+        corpus.text.chars().count(),
+        tok.vocab_size()
+    );
+    println!(
+        "preset {}: {} layers, {} heads, {} wide, block {}, batch {}, dropout {}, {:?}-LN, bias {}, tied {}",
+        cfg.preset,
+        cfg.model.n_layer,
+        cfg.model.n_head,
+        cfg.model.n_embd,
+        cfg.model.block_size,
+        cfg.batch_size,
+        cfg.model.dropout,
+        cfg.model.norm,
+        cfg.model.bias,
+        cfg.model.tie_weights
+    );
 
     section("4.2", "The model");
     let model = cfg.model.init(&ad);
     let flops = cfg.model.flops_per_token();
-    println!("parameters: {} (formula: {})", model.num_params(), cfg.model.param_count());
-    println!("training FLOPs per token: {:.2} M (6N + attention); per step: {:.2} G",
-        flops / 1e6, flops * (cfg.batch_size * cfg.model.block_size) as f64 / 1e9);
+    println!(
+        "parameters: {} (formula: {})",
+        model.num_params(),
+        cfg.model.param_count()
+    );
+    println!(
+        "training FLOPs per token: {:.2} M (6N + attention); per step: {:.2} G",
+        flops / 1e6,
+        flops * (cfg.batch_size * cfg.model.block_size) as f64 / 1e9
+    );
 
     // ANCHOR: optimizer_demo
     section("4.3", "Optimizer and schedule");
     let mut optim = optimizer(&cfg);
     let (decayed, kept) = param_groups(&model);
-    println!("AdamW, betas ({}, {}), weight decay {} on {} weight matrices ({} values);",
-        cfg.beta1, cfg.beta2, cfg.weight_decay, decayed.0, decayed.1);
-    println!("  no decay on {} biases, LayerNorm gains and embeddings ({} values)", kept.0, kept.1);
+    println!(
+        "AdamW, betas ({}, {}), weight decay {} on {} weight matrices ({} values);",
+        cfg.beta1, cfg.beta2, cfg.weight_decay, decayed.0, decayed.1
+    );
+    println!(
+        "  no decay on {} biases, LayerNorm gains and embeddings ({} values)",
+        kept.0, kept.1
+    );
     println!("gradient clipping: global norm {}", cfg.grad_clip);
-    for step in [0, cfg.warmup_steps / 2, cfg.warmup_steps, cfg.steps / 2, cfg.steps - 1] {
+    for step in [
+        0,
+        cfg.warmup_steps / 2,
+        cfg.warmup_steps,
+        cfg.steps / 2,
+        cfg.steps - 1,
+    ] {
         println!("  lr at step {step:>6}: {:.3e}", learning_rate(&cfg, step));
     }
     // ANCHOR_END: optimizer_demo
@@ -323,31 +375,61 @@ fn pretrain(a: TrainCmd) -> Result<()> {
     if a.resume {
         let (m, o, meta) = checkpoint::load(&ckpt.join("last"), &ad, Some(optim))?;
         checkpoint::check_compatible(&meta, &cfg, tok)?;
-        println!("resuming from step {} (best val so far {:.4})", meta.step, meta.best_val_loss);
+        println!(
+            "resuming from step {} (best val so far {:.4})",
+            meta.step, meta.best_val_loss
+        );
         (model, optim, start) = (m, o.expect("optimizer state"), meta.step);
         hooks.losses = meta.losses;
         hooks.best_val = meta.best_val_loss;
     } else if ckpt.join("last").exists() {
-        println!("(starting afresh: the checkpoints in {} will be replaced; --resume continues them)", ckpt.display());
+        println!(
+            "(starting afresh: the checkpoints in {} will be replaced; --resume continues them)",
+            ckpt.display()
+        );
     }
     let started = Instant::now();
     let run = settings(&cfg, a.stop_after);
     let (_, report) = train(model, &mut optim, &data, &run, start, &mut hooks)?;
     let losses = hooks.losses.clone();
     let last = *losses.last().expect("evaluated");
-    println!("step {}: train {:.4}, val {:.4} (best {:.4}); {:.1} s, {} tokens/s, {:.1} GFLOP/s",
-        last.step, last.train, last.val, hooks.best_val, report.wall_seconds,
-        human(report.tokens_per_second), flops * report.tokens_per_second / 1e9);
+    println!(
+        "step {}: train {:.4}, val {:.4} (best {:.4}); {:.1} s, {} tokens/s, {:.1} GFLOP/s",
+        last.step,
+        last.train,
+        last.val,
+        hooks.best_val,
+        report.wall_seconds,
+        human(report.tokens_per_second),
+        flops * report.tokens_per_second / 1e9
+    );
     // ANCHOR_END: train
 
     section("4.5", "A sample from the best checkpoint");
     let (best, _, meta) = checkpoint::load(&ckpt.join("best"), &device, None)?;
-    println!("(step {}, val {:.4}, temperature 0.8)", meta.step, meta.val_loss);
-    stream_sample(&best, tok, "\n", a.sample_chars, SampleOptions { temperature: 0.8, top_k: None }, a.common.seed)?;
+    println!(
+        "(step {}, val {:.4}, temperature 0.8)",
+        meta.step, meta.val_loss
+    );
+    stream_sample(
+        &best,
+        tok,
+        "\n",
+        a.sample_chars,
+        SampleOptions {
+            temperature: 0.8,
+            top_k: None,
+        },
+        a.common.seed,
+    )?;
 
     section("4.6", "What the run wrote");
     write_losses_csv(&out.join("losses.csv"), &losses)?;
-    plot_losses(&out.join("loss_curve.svg"), &format!("Chapter 4: pre-training ({} preset)", cfg.preset), &[("", &losses)])?;
+    plot_losses(
+        &out.join("loss_curve.svg"),
+        &format!("Chapter 4: pre-training ({} preset)", cfg.preset),
+        &[("", &losses)],
+    )?;
     let summary = Summary {
         chapter: CHAPTER,
         backend: a.common.backend.to_string(),
@@ -365,7 +447,10 @@ fn pretrain(a: TrainCmd) -> Result<()> {
         variants: vec![],
     };
     write_json(&out.join("summary.json"), &summary)?;
-    println!("{}/summary.json, losses.csv, loss_curve.svg, ckpt/last, ckpt/best", out.display());
+    println!(
+        "{}/summary.json, losses.csv, loss_curve.svg, ckpt/last, ckpt/best",
+        out.display()
+    );
     Ok(())
 }
 
@@ -387,37 +472,77 @@ fn param_groups(model: &Gpt) -> ((usize, usize), (usize, usize)) {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
             let n = param.shape().num_elements();
             let path = self.path.join("."); // e.g. "blocks.0.attn.c_attn.weight"
-            let g = if self.group.matches(&param.id, Some(&path)) { &mut self.decayed } else { &mut self.kept };
+            let g = if self.group.matches(&param.id, Some(&path)) {
+                &mut self.decayed
+            } else {
+                &mut self.kept
+            };
             *g = (g.0 + 1, g.1 + n);
         }
     }
-    let mut g = Groups { group: decayed_group(), path: vec![], decayed: (0, 0), kept: (0, 0) };
+    let mut g = Groups {
+        group: decayed_group(),
+        path: vec![],
+        decayed: (0, 0),
+        kept: (0, 0),
+    };
     model.visit(&mut g);
     (g.decayed, g.kept)
 }
 
 // ANCHOR: sample
 fn sample(cmd: SampleCmd) -> Result<()> {
-    let dir = cmd.checkpoint.clone().unwrap_or_else(|| PathBuf::from("runs").join(CHAPTER).join("ckpt/best"));
+    let dir = cmd
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(CHAPTER).join("ckpt/best"));
     let device = cmd.backend.device();
     device.seed(cmd.seed);
     let (model, _, meta) = checkpoint::load(&dir, &device, None)?;
     let tok = CharTokenizer::from_chars(meta.vocab.chars().collect());
-    let prompt = if cmd.prompt.is_empty() { "\n".to_string() } else { cmd.prompt.clone() };
-    tok.encode(&prompt).map_err(|e| anyhow::anyhow!("the prompt cannot be encoded: {e}"))?;
-    eprintln!("checkpoint {} (step {}, val {:.4}), backend {}", dir.display(), meta.step, meta.val_loss, cmd.backend);
-    let opts = SampleOptions { temperature: cmd.temperature, top_k: cmd.top_k };
+    let prompt = if cmd.prompt.is_empty() {
+        "\n".to_string()
+    } else {
+        cmd.prompt.clone()
+    };
+    tok.encode(&prompt)
+        .map_err(|e| anyhow::anyhow!("the prompt cannot be encoded: {e}"))?;
+    eprintln!(
+        "checkpoint {} (step {}, val {:.4}), backend {}",
+        dir.display(),
+        meta.step,
+        meta.val_loss,
+        cmd.backend
+    );
+    let opts = SampleOptions {
+        temperature: cmd.temperature,
+        top_k: cmd.top_k,
+    };
     for i in 0..cmd.num_samples {
         if i > 0 {
             println!("\n---------------");
         }
-        stream_sample(&model, &tok, &prompt, cmd.max_new_tokens, opts, cmd.seed + i as u64)?;
+        stream_sample(
+            &model,
+            &tok,
+            &prompt,
+            cmd.max_new_tokens,
+            opts,
+            cmd.seed + i as u64,
+        )?;
     }
     Ok(())
 }
 
 /// Prints `prompt`, then the characters the model generates, as they come.
-fn stream_sample(model: &Gpt, tok: &CharTokenizer, prompt: &str, n: usize, opts: SampleOptions, seed: u64) -> Result<()> {
+fn stream_sample(
+    model: &Gpt,
+    tok: &CharTokenizer,
+    prompt: &str,
+    n: usize,
+    opts: SampleOptions,
+    seed: u64,
+) -> Result<()> {
     let context = tok.encode(prompt)?;
     let mut rng = rng_for(seed, stream::SAMPLE, 4);
     let mut stdout = std::io::stdout();
@@ -459,14 +584,30 @@ pub struct Machine {
 fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    Machine { cpu, cores: std::thread::available_parallelism().map_or(1, |n| n.get()), os: std::env::consts::OS.to_string() }
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        os: std::env::consts::OS.to_string(),
+    }
 }
 
 /// Times `n` training steps after 3 warm-up steps (the first one, which compiles and
 /// autotunes kernels on GPU backends, is reported on its own).
-fn bench(a: &TrainCmd, cfg: &PretrainConfig, mut model: Gpt, mut optim: burn::optim::ModuleOptimizer, data: &Dataset, n: usize, out: &Path) -> Result<()> {
+fn bench(
+    a: &TrainCmd,
+    cfg: &PretrainConfig,
+    mut model: Gpt,
+    mut optim: burn::optim::ModuleOptimizer,
+    data: &Dataset,
+    n: usize,
+    out: &Path,
+) -> Result<()> {
     section("4.4", &format!("Benchmark: {n} steps"));
     let run = settings(cfg, None);
     let device = model.devices()[0].clone();
@@ -474,7 +615,15 @@ fn bench(a: &TrainCmd, cfg: &PretrainConfig, mut model: Gpt, mut optim: burn::op
     let mut times = Vec::with_capacity(n + warmup);
     for step in 0..warmup + n {
         let tick = Instant::now();
-        let (m, loss) = train_step(model, &mut optim, data, &run, step, learning_rate(cfg, step), &device);
+        let (m, loss) = train_step(
+            model,
+            &mut optim,
+            data,
+            &run,
+            step,
+            learning_rate(cfg, step),
+            &device,
+        );
         model = m;
         times.push(tick.elapsed().as_secs_f64() * 1e3);
         if !loss.is_finite() {
@@ -487,7 +636,11 @@ fn bench(a: &TrainCmd, cfg: &PretrainConfig, mut model: Gpt, mut optim: burn::op
     let tokens = cfg.batch_size * cfg.model.block_size;
     let tps = tokens as f64 / (median / 1e3);
     let gflops = cfg.model.flops_per_token() * tps / 1e9;
-    println!("first step {:.1} ms; median of {n}: {median:.1} ms/step, {} tokens/s, {gflops:.1} GFLOP/s", times[0], human(tps));
+    println!(
+        "first step {:.1} ms; median of {n}: {median:.1} ms/step, {} tokens/s, {gflops:.1} GFLOP/s",
+        times[0],
+        human(tps)
+    );
     let result = Bench {
         preset: &cfg.preset,
         backend: a.common.backend.to_string(),

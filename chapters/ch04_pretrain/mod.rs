@@ -55,7 +55,11 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
     };
     Some(match name {
         // For tests and a first look: seconds on a CPU.
-        "tiny" => PretrainConfig { warmup_steps: 50, eval_interval: 100, ..base(2, 2, 64, 32, 16, 500) },
+        "tiny" => PretrainConfig {
+            warmup_steps: 50,
+            eval_interval: 100,
+            ..base(2, 2, 64, 32, 16, 500)
+        },
         // The default: nanoGPT's "baby GPT" for CPUs, about 0.8M parameters.
         "baby" => base(4, 4, 128, 64, 12, 2000),
         // The lecture's final model (about 10.8M parameters): GPU-sized.
@@ -72,7 +76,11 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
         // numbers; far too big to train on a CPU.
         "gpt1" => {
             let mut c = base(12, 12, 768, 512, 64, 100_000);
-            c.model = c.model.with_dropout(0.1).with_bias(true).with_norm(Norm::Post);
+            c.model = c
+                .model
+                .with_dropout(0.1)
+                .with_bias(true)
+                .with_norm(Norm::Post);
             c.lr = 2.5e-4;
             c.min_lr = 0.0;
             c.warmup_steps = 2000;
@@ -105,7 +113,8 @@ pub fn learning_rate(cfg: &PretrainConfig, step: usize) -> f64 {
 // ANCHOR: optimizer
 /// The parameters that get weight decay: the weight matrices of Linear layers. Biases,
 /// LayerNorm gains and the embeddings are not shrunk towards zero.
-pub const DECAYED: &str = r"^(blocks\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|lm_head)\.weight$";
+pub const DECAYED: &str =
+    r"^(blocks\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|lm_head)\.weight$";
 
 /// AdamW with two parameter groups: no decay by default, `weight_decay` for `DECAYED`.
 /// (Clipping is done by the training loop on the global norm, not per tensor.)
@@ -117,7 +126,9 @@ pub fn optimizer(cfg: &PretrainConfig) -> ModuleOptimizer {
             .with_epsilon(1e-8)
             .with_weight_decay(wd as f32)
     };
-    adamw(0.0).init().with_group(decayed_group(), adamw(cfg.weight_decay).build(), None)
+    adamw(0.0)
+        .init()
+        .with_group(decayed_group(), adamw(cfg.weight_decay).build(), None)
 }
 
 pub fn decayed_group() -> ParamGroup {

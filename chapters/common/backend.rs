@@ -81,7 +81,11 @@ impl Backend {
     }
 
     pub fn available() -> String {
-        Self::ALL.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
+        Self::ALL
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

@@ -63,21 +63,37 @@ pub fn heatmap_grid(
     let path_str = path.to_string_lossy().to_string();
     let root = SVGBackend::new(&path_str, (width, height)).into_drawing_area();
     root.fill(&WHITE)?;
-    root.draw(&Text::new(title.to_string(), (10, 10), ("sans-serif", 20).into_font()))?;
+    root.draw(&Text::new(
+        title.to_string(),
+        (10, 10),
+        ("sans-serif", 20).into_font(),
+    ))?;
     let mono = ("monospace", label).into_font();
     for (p, panel) in panels.iter().enumerate() {
         let x0 = 10 + (p % grid_cols) as i32 * panel_w as i32;
         let y0 = 45 + (p / grid_cols) as i32 * panel_h as i32;
-        root.draw(&Text::new(panel.title.clone(), (x0 + margin as i32, y0), ("sans-serif", 15).into_font()))?;
+        root.draw(&Text::new(
+            panel.title.clone(),
+            (x0 + margin as i32, y0),
+            ("sans-serif", 15).into_font(),
+        ))?;
         let top = y0 + 24 + margin as i32;
         let left = x0 + margin as i32;
         for (j, l) in col_labels.iter().enumerate() {
             let x = left + j as i32 * cell as i32 + cell as i32 / 3;
-            root.draw(&Text::new(l.clone(), (x, top - label as i32 - 4), mono.clone()))?;
+            root.draw(&Text::new(
+                l.clone(),
+                (x, top - label as i32 - 4),
+                mono.clone(),
+            ))?;
         }
         for (i, l) in row_labels.iter().enumerate() {
             let y = top + i as i32 * cell as i32 + (cell as i32 - label as i32) / 2;
-            root.draw(&Text::new(l.clone(), (x0 + margin as i32 - label as i32 - 2, y), mono.clone()))?;
+            root.draw(&Text::new(
+                l.clone(),
+                (x0 + margin as i32 - label as i32 - 2, y),
+                mono.clone(),
+            ))?;
             for j in 0..nc {
                 let v = panel.values[i * nc + j];
                 let (cx, cy) = (left + j as i32 * cell as i32, top + i as i32 * cell as i32);
@@ -96,8 +112,16 @@ pub fn heatmap_grid(
             ramp(k as f32 / 99.0).filled(),
         ))?;
     }
-    root.draw(&Text::new("0", (bx + 18, by), ("sans-serif", 12).into_font()))?;
-    root.draw(&Text::new("1", (bx + 236, by), ("sans-serif", 12).into_font()))?;
+    root.draw(&Text::new(
+        "0",
+        (bx + 18, by),
+        ("sans-serif", 12).into_font(),
+    ))?;
+    root.draw(&Text::new(
+        "1",
+        (bx + 236, by),
+        ("sans-serif", 12).into_font(),
+    ))?;
     root.present()?;
     Ok(())
 }

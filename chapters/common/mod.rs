@@ -37,10 +37,16 @@ pub fn fmt_matrix(t: &Tensor<2>, decimals: usize) -> String {
 /// A 2-D integer tensor as rows, for printing.
 pub fn fmt_ids(t: &Tensor<2, Int>) -> String {
     let [rows, cols] = t.dims();
-    let v = t.to_data().convert::<i64>().try_to_vec::<i64>().expect("int tensor");
+    let v = t
+        .to_data()
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .expect("int tensor");
     (0..rows)
         .map(|r| {
-            let cells: Vec<String> = (0..cols).map(|c| format!("{:>3}", v[r * cols + c])).collect();
+            let cells: Vec<String> = (0..cols)
+                .map(|c| format!("{:>3}", v[r * cols + c]))
+                .collect();
             format!("[{}]", cells.join(" "))
         })
         .collect::<Vec<_>>()
@@ -52,5 +58,8 @@ pub fn max_abs_diff<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> f32 {
     let a = a.to_data().try_to_vec::<f32>().expect("f32 tensor");
     let b = b.to_data().try_to_vec::<f32>().expect("f32 tensor");
     assert_eq!(a.len(), b.len(), "tensors of different sizes");
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

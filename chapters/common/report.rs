@@ -40,7 +40,11 @@ pub struct Variant {
 
 impl Variant {
     pub fn new(name: &str, parameters: usize, report: &TrainReport) -> Self {
-        let last = report.losses.last().copied().unwrap_or(LossRecord { step: 0, train: f64::NAN, val: f64::NAN });
+        let last = report.losses.last().copied().unwrap_or(LossRecord {
+            step: 0,
+            train: f64::NAN,
+            val: f64::NAN,
+        });
         Self {
             name: name.to_string(),
             parameters,
@@ -101,11 +105,17 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> 
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("cross-entropy loss (nats)")
             .draw()?;
-        let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        // (train, val) colour pairs from the Tableau palette, one pair per run.
+        let palette = [
+            (RGBColor(31, 119, 180), RGBColor(255, 127, 14)),
+            (RGBColor(44, 160, 44), RGBColor(214, 39, 40)),
+            (RGBColor(148, 103, 189), RGBColor(140, 86, 75)),
+        ];
         for (i, (name, losses)) in runs.iter().enumerate() {
-            let color = palette[i % palette.len()];
+            let (color, val_color) = palette[i % palette.len()];
             let prefix = if name.is_empty() {
                 String::new()
             } else {
@@ -118,14 +128,14 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> 
                 ))?
                 .label(format!("{prefix}train"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            let dashed = color.mix(0.5).stroke_width(2);
+            let val_style = val_color.stroke_width(2);
             chart
                 .draw_series(LineSeries::new(
                     losses.iter().map(|r| (r.step as f64, r.val)),
-                    dashed,
+                    val_style,
                 ))?
                 .label(format!("{prefix}val"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], dashed));
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], val_style));
         }
         chart
             .configure_series_labels()

@@ -90,7 +90,11 @@ pub fn generate<M: LanguageModel>(
     mut on_token: impl FnMut(usize),
 ) -> Vec<usize> {
     let model = model.valid();
-    let device = model.devices().first().cloned().expect("a model with parameters");
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .expect("a model with parameters");
     let mut tokens: Vec<usize> = if context.is_empty() {
         vec![0]
     } else {

@@ -95,7 +95,12 @@ pub trait TrainHooks<M> {
     /// Learning rate for `step` (0-based).
     fn learning_rate(&self, step: usize) -> f64;
     /// Called after each evaluation, with the model and optimizer as they are at `record.step`.
-    fn on_eval(&mut self, _record: &LossRecord, _model: &M, _optim: &ModuleOptimizer) -> Result<()> {
+    fn on_eval(
+        &mut self,
+        _record: &LossRecord,
+        _model: &M,
+        _optim: &ModuleOptimizer,
+    ) -> Result<()> {
         Ok(())
     }
     /// Extra text for the progress bar (e.g. the learning rate or FLOPs utilisation).
@@ -142,21 +147,16 @@ pub fn train<M: LanguageModel>(
     let started = Instant::now();
     let mut train_time = Duration::ZERO;
     let mut trained_steps = 0usize;
-    let end = settings.stop_after.map_or(settings.steps, |s| s.min(settings.steps));
+    let end = settings
+        .stop_after
+        .map_or(settings.steps, |s| s.min(settings.steps));
     let is_eval_step = |step: usize| {
         step % settings.eval_interval.max(1) == 0 || step == settings.steps || step == end
     };
     for step in start_step..=settings.steps {
         if is_eval_step(step) && (step > start_step || start_step == 0) {
-            let record = estimate_loss(
-                &model,
-                data,
-                b,
-                t,
-                settings.eval_iters,
-                settings.seed,
-                step,
-            );
+            let record =
+                estimate_loss(&model, data, b, t, settings.eval_iters, settings.seed, step);
             // `suspend` rather than `bar.println`: the latter prints nothing when the bar is
             // hidden (output piped to a file), and recorded runs need these lines.
             bar.suspend(|| {
@@ -172,7 +172,15 @@ pub fn train<M: LanguageModel>(
             break;
         }
         let tick = Instant::now();
-        let (next, loss_value) = train_step(model, optim, data, settings, step, hooks.learning_rate(step), &device);
+        let (next, loss_value) = train_step(
+            model,
+            optim,
+            data,
+            settings,
+            step,
+            hooks.learning_rate(step),
+            &device,
+        );
         model = next;
         if !loss_value.is_finite() {
             bar.abandon();
@@ -214,7 +222,13 @@ pub fn train_step<M: LanguageModel>(
     device: &Device,
 ) -> (M, f32) {
     let mut rng = rng_for(settings.seed, stream::TRAIN, step);
-    let (x, y) = data.batch(Split::Train, settings.batch_size, settings.block_size, &mut rng, device);
+    let (x, y) = data.batch(
+        Split::Train,
+        settings.batch_size,
+        settings.block_size,
+        &mut rng,
+        device,
+    );
     let loss = cross_entropy(model.forward(x), y); // [1]
     let loss_value = loss.clone().into_scalar::<f32>();
     if !loss_value.is_finite() {
@@ -248,11 +262,20 @@ pub fn clip_grad_norm<M: Module>(
     model: &M,
     max_norm: f64,
 ) -> (GradientsParams, f64) {
-    let mut sum = SumOfSquares { grads: &grads, total: None };
+    let mut sum = SumOfSquares {
+        grads: &grads,
+        total: None,
+    };
     model.visit(&mut sum);
-    let norm = sum.total.map_or(0.0, |t| t.into_scalar::<f32>() as f64).sqrt();
+    let norm = sum
+        .total
+        .map_or(0.0, |t| t.into_scalar::<f32>() as f64)
+        .sqrt();
     if norm > max_norm {
-        let mut scale = Scale { grads: &mut grads, factor: max_norm / (norm + 1e-6) };
+        let mut scale = Scale {
+            grads: &mut grads,
+            factor: max_norm / (norm + 1e-6),
+        };
         model.visit(&mut scale);
     }
     (grads, norm)

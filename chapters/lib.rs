@@ -10,3 +10,4 @@ pub mod ch01_bigram;
 pub mod ch02_attention;
 pub mod ch03_gpt;
 pub mod ch04_pretrain;
+pub mod compare_backends;

@@ -200,7 +200,12 @@ fn main() -> Result<()> {
 
     // ANCHOR: attention_map
     section("2.6", "Pictures: what each head of model B looks at");
-    let prompt: Vec<usize> = data.val[..t].to_vec();
+    // The first word start in the validation text (a space, then a letter) makes a readable prompt.
+    let space = tok.encode(" ")?[0];
+    let start = (1..data.val.len() - t)
+        .find(|&i| data.val[i - 1] == space && tok.chars()[data.val[i]].is_alphabetic())
+        .unwrap_or(0);
+    let prompt: Vec<usize> = data.val[start..start + t].to_vec();
     let (_, wei) = model_b
         .valid()
         .forward_with_weights(as_tensor_any(&prompt, &device)); // [1, nh, t, t]

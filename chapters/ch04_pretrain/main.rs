@@ -11,17 +11,18 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use course::ch03_gpt::{Gpt, Norm};
 use course::ch04_pretrain::checkpoint::{self, Meta};
 use course::ch04_pretrain::{
-    PRESETS, PretrainConfig, decayed_group, learning_rate, mfu, optimizer, preset,
+    PRESETS, PretrainConfig, StepTimes, decayed_group, learning_rate, mfu, optimizer, preset,
+    time_steps, train_settings,
 };
 use course::common::backend::Backend;
 use course::common::cli::CommonArgs;
 use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, rng_for, stream};
-use course::common::report::{Summary, plot_losses, write_json, write_losses_csv};
+use course::common::report::{Machine, Summary, plot_losses, write_json, write_losses_csv};
 use course::common::sample::{SampleOptions, generate};
 use course::common::section;
 use course::common::tokenizer::CharTokenizer;
-use course::common::train::{LossRecord, TrainHooks, TrainSettings, human, train, train_step};
+use course::common::train::{LossRecord, TrainHooks, human, train};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -216,19 +217,6 @@ fn validate(c: &PretrainConfig) -> Result<()> {
     Ok(())
 }
 
-fn settings(c: &PretrainConfig, stop_after: Option<usize>) -> TrainSettings {
-    TrainSettings {
-        steps: c.steps,
-        batch_size: c.batch_size,
-        block_size: c.model.block_size,
-        eval_interval: c.eval_interval,
-        eval_iters: c.eval_iters,
-        seed: c.seed,
-        grad_clip: (c.grad_clip > 0.0).then_some(c.grad_clip),
-        stop_after,
-    }
-}
-
 // ANCHOR: hooks
 /// The training loop's hooks for pre-training: the schedule, checkpoints and a progress line
 /// with the learning rate and model FLOPs utilisation.
@@ -357,7 +345,7 @@ fn pretrain(a: TrainCmd) -> Result<()> {
     // ANCHOR_END: optimizer_demo
 
     if let Some(n) = a.bench {
-        return bench(&a, &cfg, model, optim, &data, n, &out);
+        return bench(&a, &cfg, model, &data, n, &out);
     }
 
     // ANCHOR: train
@@ -389,7 +377,7 @@ fn pretrain(a: TrainCmd) -> Result<()> {
         );
     }
     let started = Instant::now();
-    let run = settings(&cfg, a.stop_after);
+    let run = train_settings(&cfg, a.stop_after);
     let (_, report) = train(model, &mut optim, &data, &run, start, &mut hooks)?;
     let losses = hooks.losses.clone();
     let last = *losses.last().expect("evaluated");
@@ -561,12 +549,8 @@ fn stream_sample(
 struct Bench<'a> {
     preset: &'a str,
     backend: String,
-    steps: usize,
-    warmup_steps: usize,
-    first_step_ms: f64,
-    median_ms_per_step: f64,
-    tokens_per_s: f64,
-    gflops: f64,
+    #[serde(flatten)]
+    times: StepTimes,
     flops_per_token: f64,
     tokens_per_step: usize,
     parameters: usize,
@@ -574,88 +558,36 @@ struct Bench<'a> {
     machine: Machine,
 }
 
-#[derive(Serialize)]
-pub struct Machine {
-    cpu: String,
-    cores: usize,
-    os: String,
-}
-
-fn machine() -> Machine {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    Machine {
-        cpu,
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        os: std::env::consts::OS.to_string(),
-    }
-}
-
-/// Times `n` training steps after 3 warm-up steps (the first one, which compiles and
-/// autotunes kernels on GPU backends, is reported on its own).
+/// `--bench N`: times N training steps after 3 warm-up steps and writes bench.json.
 fn bench(
     a: &TrainCmd,
     cfg: &PretrainConfig,
-    mut model: Gpt,
-    mut optim: burn::optim::ModuleOptimizer,
+    model: Gpt,
     data: &Dataset,
     n: usize,
     out: &Path,
 ) -> Result<()> {
     section("4.4", &format!("Benchmark: {n} steps"));
-    let run = settings(cfg, None);
-    let device = model.devices()[0].clone();
-    let warmup = 3;
-    let mut times = Vec::with_capacity(n + warmup);
-    for step in 0..warmup + n {
-        let tick = Instant::now();
-        let (m, loss) = train_step(
-            model,
-            &mut optim,
-            data,
-            &run,
-            step,
-            learning_rate(cfg, step),
-            &device,
-        );
-        model = m;
-        times.push(tick.elapsed().as_secs_f64() * 1e3);
-        if !loss.is_finite() {
-            bail!("the loss became {loss} during the benchmark");
-        }
-    }
-    let mut timed = times[warmup..].to_vec();
-    timed.sort_by(|x, y| x.total_cmp(y));
-    let median = if n == 0 { f64::NAN } else { timed[n / 2] };
-    let tokens = cfg.batch_size * cfg.model.block_size;
-    let tps = tokens as f64 / (median / 1e3);
-    let gflops = cfg.model.flops_per_token() * tps / 1e9;
+    let parameters = model.num_params();
+    let times = time_steps(cfg, model, data, 3, n)?;
     println!(
-        "first step {:.1} ms; median of {n}: {median:.1} ms/step, {} tokens/s, {gflops:.1} GFLOP/s",
-        times[0],
-        human(tps)
+        "first step {:.1} ms; median of {n}: {:.1} ms/step, {} tokens/s, {:.1} GFLOP/s",
+        times.first_step_ms,
+        times.median_ms_per_step,
+        human(times.tokens_per_s),
+        times.gflops
     );
     let result = Bench {
         preset: &cfg.preset,
         backend: a.common.backend.to_string(),
-        steps: n,
-        warmup_steps: warmup,
-        first_step_ms: times[0],
-        median_ms_per_step: median,
-        tokens_per_s: tps,
-        gflops,
+        times,
         flops_per_token: cfg.model.flops_per_token(),
-        tokens_per_step: tokens,
-        parameters: model.num_params(),
+        tokens_per_step: cfg.batch_size * cfg.model.block_size,
+        parameters,
         config: cfg,
-        machine: machine(),
+        machine: Machine::detect(),
     };
+    std::fs::create_dir_all(out)?;
     write_json(&out.join("bench.json"), &result)?;
     println!("wrote {}", out.join("bench.json").display());
     Ok(())

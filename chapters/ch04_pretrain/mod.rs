@@ -4,10 +4,13 @@
 
 pub mod checkpoint;
 
-use crate::ch03_gpt::{GptConfig, Norm};
-use burn::module::ParamGroup;
+use crate::ch03_gpt::{Gpt, GptConfig, Norm};
+use crate::common::dataset::Dataset;
+use crate::common::train::{TrainSettings, train_step};
+use burn::module::{Module, ParamGroup};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use serde::{Deserialize, Serialize};
+use std::time::Instant;
 
 // ANCHOR: config
 /// Everything that defines a pre-training run (saved with every checkpoint).
@@ -141,3 +144,77 @@ pub fn decayed_group() -> ParamGroup {
 pub fn mfu(cfg: &GptConfig, tokens_per_second: f64, peak_flops: f64) -> f64 {
     cfg.flops_per_token() * tokens_per_second / peak_flops
 }
+
+/// The training settings of a config (`stop_after` ends early, as if interrupted).
+pub fn train_settings(c: &PretrainConfig, stop_after: Option<usize>) -> TrainSettings {
+    TrainSettings {
+        steps: c.steps,
+        batch_size: c.batch_size,
+        block_size: c.model.block_size,
+        eval_interval: c.eval_interval,
+        eval_iters: c.eval_iters,
+        seed: c.seed,
+        grad_clip: (c.grad_clip > 0.0).then_some(c.grad_clip),
+        stop_after,
+    }
+}
+
+// ANCHOR: time_steps
+/// Step times of a benchmark, in milliseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTimes {
+    /// The very first step: on GPU backends it compiles and autotunes every kernel.
+    pub first_step_ms: f64,
+    /// Median over the timed steps (after `warmup` untimed ones).
+    pub median_ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+    pub timed_steps: usize,
+    pub warmup_steps: usize,
+}
+
+/// Runs `warmup + n` real training steps of `model` (on an autodiff device) and times each;
+/// reading the loss back every step makes each time include all of the step's device work.
+pub fn time_steps(
+    cfg: &PretrainConfig,
+    mut model: Gpt,
+    data: &Dataset,
+    warmup: usize,
+    n: usize,
+) -> anyhow::Result<StepTimes> {
+    let mut optim = optimizer(cfg);
+    let run = train_settings(cfg, None);
+    let device = model.devices()[0].clone();
+    let mut times = Vec::with_capacity(warmup + n);
+    for step in 0..warmup + n {
+        let tick = Instant::now();
+        let (next, loss) = train_step(
+            model,
+            &mut optim,
+            data,
+            &run,
+            step,
+            learning_rate(cfg, step),
+            &device,
+        );
+        model = next;
+        times.push(tick.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            loss.is_finite(),
+            "the loss became {loss} during the benchmark"
+        );
+    }
+    let mut timed = times[warmup.min(times.len())..].to_vec();
+    timed.sort_by(|a, b| a.total_cmp(b));
+    let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
+    let tokens_per_s = (cfg.batch_size * cfg.model.block_size) as f64 / (median / 1e3);
+    Ok(StepTimes {
+        first_step_ms: times.first().copied().unwrap_or(f64::NAN),
+        median_ms_per_step: median,
+        tokens_per_s,
+        gflops: cfg.model.flops_per_token() * tokens_per_s / 1e9,
+        timed_steps: n,
+        warmup_steps: warmup,
+    })
+}
+// ANCHOR_END: time_steps

@@ -56,6 +56,7 @@ impl Backend {
         }
     }
 
+    // ANCHOR: device
     /// The inference device (no autodiff). Training code calls `.autodiff()` on it.
     pub fn device(self) -> Device {
         match self {
@@ -74,6 +75,7 @@ impl Backend {
             Backend::Metal => Device::metal(burn::tensor::DeviceKind::DefaultDevice),
         }
     }
+    // ANCHOR_END: device
 
     /// True for backends that compile a kernel per tensor shape (so fixed shapes pay off).
     pub fn compiles_kernels(self) -> bool {

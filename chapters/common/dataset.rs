@@ -20,6 +20,7 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    // ANCHOR: split
     /// Encodes `text` and splits it: the first 90% trains, the last 10% validates.
     pub fn new(text: &str) -> Result<Self> {
         let tokenizer = CharTokenizer::from_text(text);
@@ -31,6 +32,7 @@ impl Dataset {
             train: data[..n].to_vec(),
         })
     }
+    // ANCHOR_END: split
 
     pub fn split(&self, split: Split) -> &[usize] {
         match split {
@@ -58,6 +60,7 @@ impl Dataset {
         Ok(())
     }
 
+    // ANCHOR: sample_ids
     /// Token ids of a random batch: `x[b]` is a block of the split, `y[b]` the same block
     /// shifted one character to the right (the next character at every position).
     pub fn sample_ids(
@@ -77,6 +80,7 @@ impl Dataset {
         }
         (x, y)
     }
+    // ANCHOR_END: sample_ids
 
     /// A random batch as tensors on `device`: `x, y: [batch, block]`.
     pub fn batch(

@@ -160,3 +160,53 @@ pub fn write_run<H: Serialize>(
     plot_losses(&out.join("loss_curve.svg"), title, &[("", &report.losses)])?;
     Ok(())
 }
+
+/// The machine a benchmark ran on.
+#[derive(Serialize, Clone, Debug)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub os: String,
+    /// GPU adapters as wgpu reports them: "name (backend, driver driver_info)".
+    pub gpu_adapters: Vec<String>,
+}
+
+impl Machine {
+    pub fn detect() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        Self {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            os: std::env::consts::OS.to_string(),
+            gpu_adapters: gpu_adapters(),
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn gpu_adapters() -> Vec<String> {
+    let instance = wgpu::Instance::default();
+    futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .into_iter()
+        .map(|a| {
+            let i = a.get_info();
+            format!(
+                "{} ({:?}, {} {})",
+                i.name, i.backend, i.driver, i.driver_info
+            )
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn gpu_adapters() -> Vec<String> {
+    Vec::new()
+}

@@ -25,6 +25,7 @@ impl Default for SampleOptions {
     }
 }
 
+// ANCHOR: pick_token
 /// Picks a token from one row of logits (on the host: a vocabulary is small, and a seeded
 /// host generator makes samples identical on every backend).
 pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usize {
@@ -72,7 +73,9 @@ pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usiz
     // Rounding left a sliver at the end: return the last token that had any mass.
     probs.iter().rposition(|&p| p > 0.0).unwrap_or_else(argmax)
 }
+// ANCHOR_END: pick_token
 
+// ANCHOR: generate
 /// Generates `max_new_tokens` after `context`, calling `on_token` with each new token as it
 /// is made (so a binary can stream it to the terminal).
 ///
@@ -119,3 +122,4 @@ pub fn generate<M: LanguageModel>(
     }
     tokens.split_off(start)
 }
+// ANCHOR_END: generate

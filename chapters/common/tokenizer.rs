@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use std::collections::{BTreeSet, HashMap};
 
+// ANCHOR: tokenizer
 #[derive(Clone, Debug, PartialEq)]
 pub struct CharTokenizer {
     itos: Vec<char>,
@@ -63,3 +64,4 @@ impl CharTokenizer {
         ids.iter().map(|&i| self.itos[i]).collect()
     }
 }
+// ANCHOR_END: tokenizer

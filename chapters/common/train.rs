@@ -17,6 +17,7 @@ pub trait LanguageModel: Module {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3>;
 }
 
+// ANCHOR: cross_entropy
 /// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
 pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     let [b, t, v] = logits.dims();
@@ -24,6 +25,7 @@ pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
         .init(&logits.device())
         .forward(logits.reshape([b * t, v]), targets.reshape([b * t]))
 }
+// ANCHOR_END: cross_entropy
 
 /// One evaluation: the mean loss over `eval_iters` random batches of each split.
 #[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
@@ -33,6 +35,7 @@ pub struct LossRecord {
     pub val: f64,
 }
 
+// ANCHOR: estimate_loss
 /// Estimates the loss on both splits with the inference copy of `model` (no autodiff,
 /// dropout off). Batches depend only on (seed, step), so every backend sees the same ones.
 pub fn estimate_loss<M: LanguageModel>(
@@ -63,6 +66,7 @@ pub fn estimate_loss<M: LanguageModel>(
     let val = mean(Split::Val, stream::EVAL + 100);
     LossRecord { step, train, val }
 }
+// ANCHOR_END: estimate_loss
 
 /// The knobs of a training run.
 #[derive(Clone, Debug, Serialize)]

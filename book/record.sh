@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Regenerates every recorded output the book includes: runs each chapter binary at its
+# defaults (backend and seed below) and copies what it printed and wrote into
+# book/src/recorded/<chapter>/, then rebuilds the results table from the summary.json files.
+#
+#   book/record.sh                 # all chapters, ndarray, seed 1337
+#   BACKEND=wgpu book/record.sh ch01_bigram
+#   TAG=tiny ARGS="--preset tiny" BACKEND=flex book/record.sh ch04_pretrain
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BACKEND="${BACKEND:-ndarray}"
+SEED="${SEED:-1337}"
+# Extra flags for the chapter, and a tag that keeps their recording apart.
+ARGS="${ARGS:-}"
+TAG="${TAG:-}"
+CHAPTERS=("$@")
+[ ${#CHAPTERS[@]} -gt 0 ] || CHAPTERS=(ch01_bigram ch02_attention ch03_gpt ch04_pretrain compare_backends)
+TARGET="${CARGO_TARGET_DIR:-target}"
+cargo build --release --bins --quiet
+
+for ch in "${CHAPTERS[@]}"; do
+  if [ "$ch" = compare_backends ]; then
+    # Every backend in one run, whatever BACKEND says.
+    dest="book/src/recorded/compare_backends"
+    mkdir -p "$dest"
+    echo "recording compare_backends -> $dest"
+    {
+      echo "\$ compare_backends --seed $SEED"
+      "$TARGET/release/compare_backends" --seed "$SEED" --out runs/record/compare_backends
+    } > "$dest/output.txt"
+    cp runs/record/compare_backends/{results.md,results.json,chart.svg} "$dest"/
+    continue
+  fi
+  out="runs/record/$BACKEND/$ch${TAG:+-$TAG}"
+  dest="book/src/recorded/$ch${TAG:+-$TAG}"
+  [ "$BACKEND" = ndarray ] || dest="$dest-$BACKEND"
+  rm -rf "$out"
+  mkdir -p "$dest"
+  echo "recording $ch on $BACKEND -> $dest"
+  {
+    echo "\$ $ch --backend $BACKEND --seed $SEED${ARGS:+ $ARGS}"
+    # shellcheck disable=SC2086 # ARGS is a list of flags
+    "$TARGET/release/$ch" --backend "$BACKEND" --seed "$SEED" $ARGS --out "$out"
+  } > "$dest/output.txt"
+  cp "$out"/*.svg "$out"/*.csv "$out"/summary.json "$dest"/
+done
+python3 book/results.py > book/src/recorded/results.md
+echo "wrote book/src/recorded/results.md"

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Builds the book's result tables from the recorded summary.json files.
+
+Writes book/src/recorded/<chapter>/results.md (that chapter, every recorded backend) and
+prints the table of all chapters (book/record.sh saves it as book/src/recorded/results.md).
+"""
+import glob
+import json
+import os
+import platform
+
+root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "recorded")
+
+
+def cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+HEADER = ("| chapter | model | backend | steps | parameters | train loss | val loss | wall time | tokens/s |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|---:|")
+NOTE = (f"Recorded by `book/record.sh` (seed 1337) on {cpu()}, {os.cpu_count()} cores. "
+        "Wall time includes evaluations; tokens/s counts training steps only.")
+
+by_chapter = {}
+for path in sorted(glob.glob(os.path.join(root, "*", "summary.json"))):
+    with open(path) as f:
+        s = json.load(f)
+    hp = s.get("hyperparameters")
+    preset = hp.get("preset", "") if isinstance(hp, dict) else ""
+    models = s.get("variants") or [{
+        "name": f"preset {preset}" if preset else "", "parameters": s["parameters"], "final_train_loss": s["final_train_loss"],
+        "final_val_loss": s["final_val_loss"], "wall_seconds": s["wall_seconds"],
+        "tokens_per_second": s["tokens_per_second"],
+    }]
+    for m in models:
+        row = (f"| {s['chapter']} | {m['name']} | {s['backend']} | {s['steps']} | "
+               f"{m['parameters']:,} | {m['final_train_loss']:.4f} | {m['final_val_loss']:.4f} | "
+               f"{m['wall_seconds']:.1f} s | {m['tokens_per_second']:,.0f} |")
+        by_chapter.setdefault(s["chapter"], []).append(row)
+
+for chapter, rows in by_chapter.items():
+    with open(os.path.join(root, chapter, "results.md"), "w") as f:
+        f.write("\n".join([HEADER, *rows, "", NOTE, ""]))
+
+table = "\n".join([HEADER, *[r for rows in by_chapter.values() for r in rows], "", NOTE])
+print(table)
+
+# The README carries the same table between its markers.
+readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+with open(readme) as f:
+    text = f.read()
+begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    body = ("\nAt each chapter's defaults, `--backend ndarray` unless the table says otherwise "
+            "(commands: `book/record.sh`, which runs `<chapter> --backend B --seed 1337`):\n\n")
+    with open(readme, "w") as f:
+        f.write(head + begin + body + table + "\n" + end + tail)

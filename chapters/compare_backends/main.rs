@@ -1,0 +1,291 @@
+//! Runs the same models on every Burn backend compiled in, and compares speed and results.
+//!
+//! Run: `cargo run --release --bin compare_backends -- --out runs/compare_backends`
+//! (`--quick` for a reduced set in a few minutes, `--large` adds the `lecture` preset).
+
+use anyhow::{Result, bail};
+use clap::Parser;
+use course::ch04_pretrain::preset;
+use course::common::backend::Backend;
+use course::common::data::load_corpus;
+use course::common::dataset::Dataset;
+use course::common::report::{Machine, write_atomic, write_json};
+use course::common::section;
+use course::compare_backends::{
+    GenerationResult, MatmulResult, ParityResult, TrainResult, generation_speed, matmul_gflops,
+    parity, train_speed,
+};
+use plotters::prelude::*;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Compare Burn backends: matmul throughput, training steps, generation, parity.
+#[derive(Parser, Debug)]
+#[command(name = "compare_backends", version)]
+struct Args {
+    /// Backends to compare, comma-separated (default: every backend in this build).
+    #[arg(long, value_delimiter = ',', value_parser = |s: &str| s.parse::<Backend>())]
+    backends: Vec<Backend>,
+    /// A reduced set (small sizes, the tiny preset, few steps): minutes, for tests.
+    #[arg(long)]
+    quick: bool,
+    /// Also time the `lecture` preset (slow on a CPU).
+    #[arg(long)]
+    large: bool,
+    /// Timed training steps per preset (after warm-up); default 20, or 2 with --quick.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// A UTF-8 text file (default: $GPT_DATA, else the downloaded Tiny Shakespeare).
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Output folder for results.json, results.md and the chart.
+    #[arg(long, value_name = "DIR", default_value = "runs/compare_backends")]
+    out: PathBuf,
+}
+
+#[derive(Serialize)]
+struct BackendResults {
+    backend: String,
+    matmul: Vec<MatmulResult>,
+    train: Vec<TrainResult>,
+    generation: Vec<GenerationResult>,
+    parity: Vec<ParityResult>,
+    /// Largest absolute logit difference from ndarray over every chapter's model.
+    max_abs_diff: f32,
+}
+
+#[derive(Serialize)]
+struct Results {
+    machine: Machine,
+    quick: bool,
+    command: String,
+    backends: Vec<BackendResults>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let backends = if args.backends.is_empty() {
+        Backend::ALL.to_vec()
+    } else {
+        args.backends.clone()
+    };
+    let corpus = load_corpus(args.data.as_deref())?;
+    let data = Dataset::new(&corpus.text)?;
+    let v = data.tokenizer.vocab_size();
+    let mut presets = vec!["tiny"];
+    if !args.quick {
+        presets.push("baby");
+    }
+    if args.large {
+        presets.push("lecture");
+    }
+    let configs: Vec<_> = presets
+        .iter()
+        .map(|p| {
+            let mut c = preset(p, v).expect("known preset");
+            c.seed = args.seed;
+            c
+        })
+        .collect();
+    for c in &configs {
+        data.check_block_size(c.model.block_size)?;
+    }
+    let sizes: &[usize] = if args.quick {
+        &[64, 128]
+    } else {
+        &[128, 256, 512, 1024, 2048]
+    };
+    let steps = args.steps.unwrap_or(if args.quick { 2 } else { 20 });
+    let (warmup, gen_tokens) = if args.quick { (1, 10) } else { (3, 200) };
+    let machine = Machine::detect();
+    println!(
+        "Comparing backends: {} on {} ({} cores)",
+        backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        machine.cpu,
+        machine.cores
+    );
+    for a in &machine.gpu_adapters {
+        println!("  wgpu adapter: {a}");
+    }
+
+    let mut results = Vec::new();
+    for (i, &backend) in backends.iter().enumerate() {
+        section(&format!("{}", i + 1), &format!("Backend {backend}"));
+        let device = backend.device();
+        let parity = parity(&data, &device, args.seed);
+        let max_abs_diff = parity.iter().map(|p| p.max_abs_diff).fold(0.0, f32::max);
+        for p in &parity {
+            println!(
+                "parity with ndarray, {}: max |diff| {:.2e}",
+                p.model, p.max_abs_diff
+            );
+        }
+        if max_abs_diff > 1e-4 {
+            bail!("{backend} disagrees with ndarray by {max_abs_diff} (more than 1e-4)");
+        }
+        let mut matmul = Vec::new();
+        for &n in sizes {
+            let reps = (1usize << 31).div_ceil(n * n * n).clamp(2, 50);
+            let gflops = matmul_gflops(&device, n, reps);
+            println!("matmul {n}x{n}: {gflops:.1} GFLOP/s");
+            matmul.push(MatmulResult { size: n, gflops });
+        }
+        let mut train = Vec::new();
+        for c in &configs {
+            let r = train_speed(c, &data, &device, warmup, steps)?;
+            println!(
+                "train {}: first step {:.0} ms, median {:.1} ms/step, {:.0} tokens/s, {:.1} GFLOP/s",
+                r.preset,
+                r.times.first_step_ms,
+                r.times.median_ms_per_step,
+                r.times.tokens_per_s,
+                r.times.gflops
+            );
+            train.push(r);
+        }
+        let gen_cfg = configs.last().expect("a preset");
+        let generation = vec![generation_speed(gen_cfg, &device, gen_tokens)];
+        println!(
+            "generate {} tokens ({}): {:.1} tokens/s",
+            gen_tokens, gen_cfg.preset, generation[0].tokens_per_s
+        );
+        results.push(BackendResults {
+            backend: backend.to_string(),
+            matmul,
+            train,
+            generation,
+            parity,
+            max_abs_diff,
+        });
+    }
+
+    section(&format!("{}", backends.len() + 1), "Summary");
+    let table = markdown(&results, sizes);
+    println!("{table}");
+    std::fs::create_dir_all(&args.out)?;
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    write_atomic(&args.out.join("results.md"), table.as_bytes())?;
+    chart(&args.out.join("chart.svg"), &results)?;
+    write_json(
+        &args.out.join("results.json"),
+        &Results {
+            machine,
+            quick: args.quick,
+            command,
+            backends: results,
+        },
+    )?;
+    println!(
+        "wrote {}/results.json, results.md, chart.svg",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn markdown(results: &[BackendResults], sizes: &[usize]) -> String {
+    let mut s = String::from("| backend |");
+    for n in sizes {
+        s += &format!(" matmul {n} GFLOP/s |");
+    }
+    let presets: Vec<&str> = results[0].train.iter().map(|t| t.preset.as_str()).collect();
+    for p in &presets {
+        s += &format!(" {p}: first step ms | {p}: ms/step | {p}: tokens/s |");
+    }
+    s += " generation tokens/s | max abs diff vs ndarray |\n|---|";
+    s += &"---:|".repeat(sizes.len() + 3 * presets.len() + 2);
+    s.push('\n');
+    for r in results {
+        s += &format!("| {} |", r.backend);
+        for m in &r.matmul {
+            s += &format!(" {:.1} |", m.gflops);
+        }
+        for t in &r.train {
+            s += &format!(
+                " {:.0} | {:.1} | {:.0} |",
+                t.times.first_step_ms, t.times.median_ms_per_step, t.times.tokens_per_s
+            );
+        }
+        s += &format!(
+            " {:.1} | {:.1e} |\n",
+            r.generation[0].tokens_per_s, r.max_abs_diff
+        );
+    }
+    s
+}
+
+/// Training tokens/s per preset, one bar per backend (log scale).
+fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
+    let presets: Vec<String> = results[0].train.iter().map(|t| t.preset.clone()).collect();
+    let max = results
+        .iter()
+        .flat_map(|r| r.train.iter().map(|t| t.times.tokens_per_s))
+        .fold(1.0, f64::max);
+    let min = results
+        .iter()
+        .flat_map(|r| r.train.iter().map(|t| t.times.tokens_per_s))
+        .fold(max, f64::min);
+    let path_str = path.to_string_lossy().to_string();
+    let root = SVGBackend::new(&path_str, (800, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Training throughput by backend (tokens/s, log scale)",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            0f64..presets.len() as f64,
+            ((min / 2.0)..(max * 2.0)).log_scale(),
+        )?;
+    let labels = presets.clone();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(presets.len() * 2 + 1)
+        .x_label_formatter(&move |x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 && i < labels.len() {
+                labels[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("tokens/s")
+        .draw()?;
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    let width = 0.8 / results.len() as f64;
+    for (b, r) in results.iter().enumerate() {
+        let color = colors[b % colors.len()];
+        chart
+            .draw_series(r.train.iter().enumerate().map(|(p, t)| {
+                let x0 = p as f64 + 0.1 + b as f64 * width;
+                Rectangle::new(
+                    [(x0, min / 2.0), (x0 + width * 0.9, t.times.tokens_per_s)],
+                    color.filled(),
+                )
+            }))?
+            .label(r.backend.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! Comparing backends: the same models, timed and checked on every backend compiled in.
+
+use crate::ch01_bigram::BigramConfig;
+use crate::ch02_attention::AttentionLmConfig;
+use crate::ch03_gpt::{GptConfig, Norm};
+use crate::ch04_pretrain::{PretrainConfig, StepTimes, time_steps};
+use crate::common::dataset::{Dataset, Split, rng_for, stream};
+use crate::common::max_abs_diff;
+use crate::common::sample::{SampleOptions, generate};
+use crate::common::train::LanguageModel;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use serde::Serialize;
+use std::time::Instant;
+
+// ANCHOR: matmul
+/// Square matrix-multiply throughput: `reps` products of two `[n, n]` matrices, after one
+/// untimed product (which compiles the kernel on GPU backends). Reading one value back at the
+/// end waits for all of them.
+pub fn matmul_gflops(device: &Device, n: usize, reps: usize) -> f64 {
+    let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
+    let _ = a
+        .clone()
+        .matmul(b.clone())
+        .slice(s![0..1, 0..1])
+        .into_data();
+    let start = Instant::now();
+    let mut acc = a.clone().matmul(b.clone());
+    for _ in 1..reps {
+        acc = acc + a.clone().matmul(b.clone());
+    }
+    let _ = acc.slice(s![0..1, 0..1]).into_data();
+    let seconds = start.elapsed().as_secs_f64();
+    2.0 * (n * n * n * reps) as f64 / seconds / 1e9
+}
+// ANCHOR_END: matmul
+
+#[derive(Serialize, Clone, Debug)]
+pub struct MatmulResult {
+    pub size: usize,
+    pub gflops: f64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct TrainResult {
+    pub preset: String,
+    #[serde(flatten)]
+    pub times: StepTimes,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct GenerationResult {
+    pub preset: String,
+    pub new_tokens: usize,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct ParityResult {
+    pub model: String,
+    pub max_abs_diff: f32,
+}
+
+/// Trains `steps` timed steps of `cfg`'s model on `device` (autodiff added here).
+pub fn train_speed(
+    cfg: &PretrainConfig,
+    data: &Dataset,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> anyhow::Result<TrainResult> {
+    let ad = device.clone().autodiff();
+    ad.seed(cfg.seed);
+    let times = time_steps(cfg, cfg.model.init(&ad), data, warmup, steps)?;
+    Ok(TrainResult {
+        preset: cfg.preset.clone(),
+        times,
+    })
+}
+
+/// Tokens per second generating `n` tokens with a fixed window, after generating 2 untimed
+/// tokens (kernel compilation on GPU backends).
+pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> GenerationResult {
+    device.seed(cfg.seed);
+    let model = cfg.model.init(device);
+    let window = cfg.model.block_size;
+    let opts = SampleOptions {
+        temperature: 1.0,
+        top_k: None,
+    };
+    let mut rng = rng_for(cfg.seed, stream::SAMPLE, 0);
+    generate(&model, &[0], 2, window, opts, &mut rng, |_| {});
+    let start = Instant::now();
+    generate(&model, &[0], n, window, opts, &mut rng, |_| {});
+    GenerationResult {
+        preset: cfg.preset.clone(),
+        new_tokens: n,
+        tokens_per_s: n as f64 / start.elapsed().as_secs_f64(),
+    }
+}
+
+// ANCHOR: parity
+/// Every chapter's model, built once on ndarray, copied with the same weights to `device`:
+/// the largest absolute difference of their logits on one validation batch.
+pub fn parity(data: &Dataset, device: &Device, seed: u64) -> Vec<ParityResult> {
+    #[allow(deprecated)]
+    let nd = Device::ndarray();
+    nd.seed(seed);
+    let v = data.tokenizer.vocab_size();
+    let (x, _) = data.batch(Split::Val, 4, 32, &mut rng_for(seed, stream::DEMO, 0), &nd);
+    let x_dev = x.clone().to_device(device);
+    fn diff<M: LanguageModel>(
+        m: M,
+        x: &Tensor<2, Int>,
+        x_dev: &Tensor<2, Int>,
+        device: &Device,
+    ) -> f32 {
+        let reference = m.forward(x.clone());
+        max_abs_diff(&reference, &m.to_device(device).forward(x_dev.clone()))
+    }
+    vec![
+        ParityResult {
+            model: "ch01 bigram".into(),
+            max_abs_diff: diff(BigramConfig::new(v).init(&nd), &x, &x_dev, device),
+        },
+        ParityResult {
+            model: "ch02 attention (4 heads)".into(),
+            max_abs_diff: diff(
+                AttentionLmConfig::new(v, 32, 32, 4).init(&nd),
+                &x,
+                &x_dev,
+                device,
+            ),
+        },
+        ParityResult {
+            model: "ch03 GPT pre-LN".into(),
+            max_abs_diff: diff(
+                GptConfig::new(v, 32, 2, 4, 64).init(&nd),
+                &x,
+                &x_dev,
+                device,
+            ),
+        },
+        ParityResult {
+            model: "ch03 GPT post-LN".into(),
+            max_abs_diff: diff(
+                GptConfig::new(v, 32, 2, 4, 64)
+                    .with_norm(Norm::Post)
+                    .init(&nd),
+                &x,
+                &x_dev,
+                device,
+            ),
+        },
+    ]
+}
+// ANCHOR_END: parity

@@ -1,0 +1,86 @@
+//! The backend comparison binary, in its quick mode, on every backend in the build.
+
+mod support;
+
+const BIN: &str = env!("CARGO_BIN_EXE_compare_backends");
+
+#[test]
+fn quick_mode_writes_positive_finite_figures_for_every_backend() {
+    let dir = support::tempdir();
+    let out = dir.path().join("cmp");
+    let corpus = support::corpus_path();
+    let mut args = vec![
+        "--quick",
+        "--data",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let skip_wgpu = support::wgpu_device().is_none();
+    if skip_wgpu {
+        args.extend(["--backends", "ndarray,flex"]);
+    }
+    let (code, stdout, err) = support::run_bin(BIN, &args, &[]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let backends = json["backends"].as_array().unwrap();
+    let names: Vec<&str> = backends
+        .iter()
+        .map(|b| b["backend"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"ndarray") && names.contains(&"flex"),
+        "{names:?}"
+    );
+    if !skip_wgpu {
+        assert!(names.contains(&"wgpu"), "{names:?}");
+    }
+    let positive = |v: &serde_json::Value, what: &str| {
+        let x = v
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+    };
+    for b in backends {
+        let name = b["backend"].as_str().unwrap();
+        for m in b["matmul"].as_array().unwrap() {
+            positive(&m["gflops"], &format!("{name} matmul"));
+        }
+        for t in b["train"].as_array().unwrap() {
+            for key in [
+                "first_step_ms",
+                "median_ms_per_step",
+                "tokens_per_s",
+                "gflops",
+            ] {
+                positive(&t[key], &format!("{name} train {key}"));
+            }
+        }
+        positive(
+            &b["generation"][0]["tokens_per_s"],
+            &format!("{name} generation"),
+        );
+        let diff = b["max_abs_diff"].as_f64().unwrap();
+        assert!(
+            diff.is_finite() && diff <= 1e-4,
+            "{name}: max_abs_diff {diff}"
+        );
+        assert_eq!(
+            b["parity"].as_array().unwrap().len(),
+            4,
+            "one parity figure per chapter model"
+        );
+    }
+    assert!(json["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(
+        std::fs::read_to_string(out.join("chart.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    assert!(
+        std::fs::read_to_string(out.join("results.md"))
+            .unwrap()
+            .contains("| ndarray |")
+    );
+}

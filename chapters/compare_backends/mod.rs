@@ -14,24 +14,22 @@ use serde::Serialize;
 use std::time::Instant;
 
 // ANCHOR: matmul
-/// Square matrix-multiply throughput: `reps` products of two `[n, n]` matrices, after one
-/// untimed product (which compiles the kernel on GPU backends). Reading one value back at the
-/// end waits for all of them.
+/// Square matrix-multiply throughput: `reps` products of two `[n, n]` matrices. Three
+/// untimed products first, each waited for: on GPU backends they compile the kernel and let
+/// the autotuner pick its fastest variant for this shape. `device.sync()` waits for all
+/// queued work, so the timer stops when the last product is really done.
 pub fn matmul_gflops(device: &Device, n: usize, reps: usize) -> f64 {
     let a = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
     let b = Tensor::<2>::random([n, n], Distribution::Normal(0.0, 1.0), device);
-    let _ = a
-        .clone()
-        .matmul(b.clone())
-        .slice(s![0..1, 0..1])
-        .into_data();
-    let start = Instant::now();
-    let mut acc = a.clone().matmul(b.clone());
-    for _ in 1..reps {
-        acc = acc + a.clone().matmul(b.clone());
+    for _ in 0..3 {
+        let _ = a.clone().matmul(b.clone()).into_data();
     }
-    let _ = acc.slice(s![0..1, 0..1]).into_data();
+    device.sync().expect("the device runs");
+    let start = Instant::now();
+    let products: Vec<Tensor<2>> = (0..reps).map(|_| a.clone().matmul(b.clone())).collect();
+    device.sync().expect("the device runs");
     let seconds = start.elapsed().as_secs_f64();
+    drop(products);
     2.0 * (n * n * n * reps) as f64 / seconds / 1e9
 }
 // ANCHOR_END: matmul

@@ -259,6 +259,7 @@ fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
             }
         })
         .y_desc("tokens/s")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     let colors = [
         RGBColor(31, 119, 180),

@@ -29,7 +29,13 @@ NOTE = (f"Recorded by `book/record.sh` (seed 1337) on {cpu()}, {os.cpu_count()} 
         "Wall time includes evaluations; tokens/s counts training steps only.")
 
 by_chapter = {}
-for path in sorted(glob.glob(os.path.join(root, "*", "summary.json"))):
+def order(path):
+    # The chapter's default recording (ndarray) first, then the others by folder name.
+    folder = os.path.basename(os.path.dirname(path))
+    return (folder.split("-")[0], "-" in folder, folder)
+
+
+for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order):
     with open(path) as f:
         s = json.load(f)
     hp = s.get("hyperparameters")

@@ -12,10 +12,9 @@ use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Summary, write_run};
-use course::common::sample::{SampleOptions, generate};
+use course::common::sample::{SampleOptions, generate, print_sample};
 use course::common::train::{ConstantLr, LanguageModel, cross_entropy, train};
 use course::common::{fmt_ids, section};
-use std::io::Write;
 
 const CHAPTER: &str = "ch01_bigram";
 
@@ -174,20 +173,15 @@ fn main() -> Result<()> {
     // ANCHOR: sample_after
     section("1.9", "A sample after training");
     let mut sample_rng = rng_for(args.common.seed, stream::SAMPLE, 1);
-    let mut stdout = std::io::stdout();
-    generate(
+    print_sample(
         &model,
+        tok,
         &[0],
         args.sample_chars,
         window,
         SampleOptions::default(),
         &mut sample_rng,
-        |t| {
-            print!("{}", tok.decode(&[t]));
-            let _ = stdout.flush();
-        },
     );
-    println!();
     // ANCHOR_END: sample_after
 
     section("1.10", "What the run wrote");

@@ -16,10 +16,9 @@ use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, ids_tensor, rng_for, stream};
 use course::common::heatmap::{Panel, heatmap_grid, show_char};
 use course::common::report::{Summary, Variant, plot_losses, write_json, write_losses_csv};
-use course::common::sample::{SampleOptions, generate};
+use course::common::sample::{SampleOptions, print_sample};
 use course::common::train::{ConstantLr, TrainReport, train};
 use course::common::{fmt_matrix, max_abs_diff, section};
-use std::io::Write;
 
 const CHAPTER: &str = "ch02_attention";
 
@@ -51,7 +50,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
-    if args.n_head == 0 || args.n_embd % args.n_head != 0 {
+    if args.n_head == 0 || !args.n_embd.is_multiple_of(args.n_head) {
         anyhow::bail!(
             "--n-embd ({}) must be a multiple of --n-head ({})",
             args.n_embd,
@@ -176,7 +175,7 @@ fn main() -> Result<()> {
     let fit = |name: &str, cfg: AttentionLmConfig| -> Result<(AttentionLm, TrainReport)> {
         let model = cfg.init(&ad);
         println!(
-            "{name}: {} heads of size {}, {} parameters",
+            "{name}: {} head(s) of size {}, {} parameters",
             cfg.n_head,
             cfg.n_embd / cfg.n_head,
             model.num_params()
@@ -236,20 +235,15 @@ fn main() -> Result<()> {
 
     section("2.7", "A sample from model B");
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 2);
-    let mut stdout = std::io::stdout();
-    generate(
+    print_sample(
         &model_b,
+        tok,
         &[0],
         args.sample_chars,
         t,
         SampleOptions::default(),
         &mut rng,
-        |tk| {
-            print!("{}", tok.decode(&[tk]));
-            let _ = stdout.flush();
-        },
     );
-    println!();
 
     section("2.8", "What the run wrote");
     plot_losses(

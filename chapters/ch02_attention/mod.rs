@@ -173,7 +173,7 @@ pub fn linear_init(std: Option<f64>) -> Initializer {
 impl MultiHeadAttentionConfig {
     pub fn init(&self, device: &Device) -> MultiHeadAttention {
         assert!(
-            self.n_head > 0 && self.n_embd % self.n_head == 0,
+            self.n_head > 0 && self.n_embd.is_multiple_of(self.n_head),
             "n_embd ({}) must be a multiple of n_head ({})",
             self.n_embd,
             self.n_head

@@ -13,10 +13,9 @@ use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Summary, Variant, plot_losses, write_json, write_losses_csv};
-use course::common::sample::{SampleOptions, generate};
+use course::common::sample::{SampleOptions, print_sample};
 use course::common::train::{ConstantLr, LanguageModel, TrainReport, train};
 use course::common::{max_abs_diff, section};
-use std::io::Write;
 
 const CHAPTER: &str = "ch03_gpt";
 
@@ -60,7 +59,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
-    if args.n_head == 0 || args.n_embd % args.n_head != 0 {
+    if args.n_head == 0 || !args.n_embd.is_multiple_of(args.n_head) {
         anyhow::bail!(
             "--n-embd ({}) must be a multiple of --n-head ({})",
             args.n_embd,
@@ -246,20 +245,15 @@ fn main() -> Result<()> {
 
     section("3.9", "A sample");
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 3);
-    let mut stdout = std::io::stdout();
-    generate(
+    print_sample(
         &model,
+        tok,
         &[0],
         args.sample_chars,
         t,
         SampleOptions::default(),
         &mut rng,
-        |tk| {
-            print!("{}", tok.decode(&[tk]));
-            let _ = stdout.flush();
-        },
     );
-    println!();
 
     section("3.10", "What the run wrote");
     let name = |n: Norm| format!("{n:?}-LN");

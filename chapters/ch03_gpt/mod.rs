@@ -144,7 +144,7 @@ impl LanguageModel for Gpt {
 impl GptConfig {
     pub fn init(&self, device: &Device) -> Gpt {
         assert!(
-            self.n_head > 0 && self.n_embd % self.n_head == 0,
+            self.n_head > 0 && self.n_embd.is_multiple_of(self.n_head),
             "n_embd must be a multiple of n_head"
         );
         let (c, std) = (self.n_embd, 0.02);

@@ -19,12 +19,11 @@ use course::common::cli::CommonArgs;
 use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, rng_for, stream};
 use course::common::report::{Machine, Summary, plot_losses, write_json, write_losses_csv};
-use course::common::sample::{SampleOptions, generate};
+use course::common::sample::{SampleOptions, print_sample};
 use course::common::section;
 use course::common::tokenizer::CharTokenizer;
 use course::common::train::{LossRecord, TrainHooks, human, train};
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -191,7 +190,7 @@ fn validate(c: &PretrainConfig) -> Result<()> {
     if m.n_layer == 0 || m.n_head == 0 || m.n_embd == 0 || m.block_size == 0 || c.batch_size == 0 {
         bail!("layers, heads, width, block size and batch size must all be at least 1");
     }
-    if m.n_embd % m.n_head != 0 {
+    if !m.n_embd.is_multiple_of(m.n_head) {
         bail!(
             "--n-embd ({}) must be a multiple of --n-head ({})",
             m.n_embd,
@@ -201,7 +200,7 @@ fn validate(c: &PretrainConfig) -> Result<()> {
     if !(0.0..1.0).contains(&m.dropout) {
         bail!("--dropout must be in [0, 1), got {}", m.dropout);
     }
-    if !(c.lr > 0.0 && c.lr <= 1.0) || !(c.min_lr >= 0.0 && c.min_lr <= c.lr) {
+    if !(c.lr > 0.0 && c.lr <= 1.0 && c.min_lr >= 0.0 && c.min_lr <= c.lr) {
         bail!(
             "need 0 < --lr <= 1 and 0 <= --min-lr <= --lr (got {} and {})",
             c.lr,
@@ -533,13 +532,8 @@ fn stream_sample(
 ) -> Result<()> {
     let context = tok.encode(prompt)?;
     let mut rng = rng_for(seed, stream::SAMPLE, 4);
-    let mut stdout = std::io::stdout();
     print!("{prompt}");
-    generate(model, &context, n, model.block_size, opts, &mut rng, |t| {
-        print!("{}", tok.decode(&[t]));
-        let _ = stdout.flush();
-    });
-    println!();
+    print_sample(model, tok, &context, n, model.block_size, opts, &mut rng);
     Ok(())
 }
 // ANCHOR_END: sample

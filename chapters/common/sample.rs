@@ -2,10 +2,12 @@
 //! pick the next token, append it, repeat.
 
 use crate::common::dataset::ids_tensor;
+use crate::common::tokenizer::CharTokenizer;
 use crate::common::train::LanguageModel;
 use burn::prelude::*;
 use rand::RngExt;
 use rand::rngs::StdRng;
+use std::io::Write;
 
 /// How the next token is picked from the logits.
 #[derive(Clone, Copy, Debug)]
@@ -123,3 +125,22 @@ pub fn generate<M: LanguageModel>(
     tokens.split_off(start)
 }
 // ANCHOR_END: generate
+
+/// `generate`, printing each new character to stdout as soon as it exists.
+pub fn print_sample<M: LanguageModel>(
+    model: &M,
+    tok: &CharTokenizer,
+    context: &[usize],
+    max_new_tokens: usize,
+    window: usize,
+    opts: SampleOptions,
+    rng: &mut StdRng,
+) -> Vec<usize> {
+    let mut stdout = std::io::stdout();
+    let out = generate(model, context, max_new_tokens, window, opts, rng, |t| {
+        print!("{}", tok.decode(&[t]));
+        let _ = stdout.flush();
+    });
+    println!();
+    out
+}

@@ -155,7 +155,7 @@ pub fn train<M: LanguageModel>(
         .stop_after
         .map_or(settings.steps, |s| s.min(settings.steps));
     let is_eval_step = |step: usize| {
-        step % settings.eval_interval.max(1) == 0 || step == settings.steps || step == end
+        step.is_multiple_of(settings.eval_interval.max(1)) || step == settings.steps || step == end
     };
     for step in start_step..=settings.steps {
         if is_eval_step(step) && (step > start_step || start_step == 0) {

@@ -126,7 +126,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_ch01_bigram");
 
 #[test]
 fn cli_rejects_an_unknown_backend_with_the_list() {
-    let (code, _, err) = support::run_bin(BIN, &["--backend", "tpu"], &[]);
+    let (code, _, err) = support::run_bin(BIN, &["--backend", "tpu"], &[("RUST_BACKTRACE", "1")]);
     assert_ne!(code, 0);
     assert!(
         err.contains("unknown backend 'tpu'") && err.contains("ndarray"),
@@ -137,14 +137,22 @@ fn cli_rejects_an_unknown_backend_with_the_list() {
 
 #[test]
 fn cli_reports_a_missing_data_file() {
-    let (code, _, err) =
-        support::run_bin(BIN, &["--data", "/no/such/file.txt", "--steps", "1"], &[]);
+    let (code, _, err) = support::run_bin(
+        BIN,
+        &["--data", "/no/such/file.txt", "--steps", "1"],
+        &[("RUST_BACKTRACE", "1")],
+    );
     assert_ne!(code, 0);
     assert!(
-        err.contains("cannot read the data file") && err.contains("/no/such/file.txt"),
+        err.starts_with("error: cannot read the data file") && err.contains("/no/such/file.txt"),
         "{err}"
     );
-    assert!(!err.contains("panicked"), "{err}");
+    // One message, not a panic or a backtrace, even with RUST_BACKTRACE set.
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 #[test]

@@ -37,7 +37,11 @@ struct Args {
     sample_chars: usize,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
     let out = args.common.out_dir(CHAPTER);

@@ -56,7 +56,11 @@ struct Args {
     sample_chars: usize,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     args.train.check()?;
     if args.n_head == 0 || !args.n_embd.is_multiple_of(args.n_head) {

@@ -141,7 +141,11 @@ struct SampleCmd {
     backend: Backend,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(run)
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Sample(cmd)) => sample(cmd),

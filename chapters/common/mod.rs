@@ -13,6 +13,19 @@ pub mod train;
 
 use burn::prelude::*;
 
+/// Runs a binary's body and turns an error into one readable message and exit code 1
+/// (anyhow's `Debug` output, which `fn main() -> Result` would print, adds a stack backtrace
+/// whenever `RUST_BACKTRACE` is set).
+pub fn exit_on_error(body: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Prints a notebook-style section heading: `== 1.3 Batches ==`.
 pub fn section(number: &str, title: &str) {
     println!("\n== {number} {title} ==");

@@ -64,7 +64,11 @@ struct Results {
     backends: Vec<BackendResults>,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(run)
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let backends = if args.backends.is_empty() {
         Backend::ALL.to_vec()

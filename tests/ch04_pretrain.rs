@@ -23,7 +23,8 @@ fn corpus() -> String {
 fn trained() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("gpt-course-ch04-{}", std::process::id()));
+        // Under cargo's per-target temp dir, replaced on every run.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ch04-trained");
         let _ = std::fs::remove_dir_all(&dir);
         let (code, _, err) = run(&[
             "--preset",

@@ -11,3 +11,4 @@ pub mod ch02_attention;
 pub mod ch03_gpt;
 pub mod ch04_pretrain;
 pub mod compare_backends;
+pub mod exercises;

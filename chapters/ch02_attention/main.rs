@@ -174,7 +174,6 @@ fn run() -> Result<()> {
 
     // ANCHOR: train_models
     let settings = args.train.settings(args.common.seed);
-    let lr = ConstantLr(args.train.lr);
     let ad = device.clone().autodiff();
     let fit = |name: &str, cfg: AttentionLmConfig| -> Result<(AttentionLm, TrainReport)> {
         let model = cfg.init(&ad);
@@ -185,7 +184,7 @@ fn run() -> Result<()> {
             model.num_params()
         );
         let mut optim = AdamWConfig::new().init();
-        let mut hooks = ConstantLr(lr.0);
+        let mut hooks = ConstantLr(args.train.lr);
         let (model, report) = train(model, &mut optim, &data, &settings, 0, &mut hooks)?;
         let last = report.losses.last().expect("evaluated");
         println!(

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const META: &str = "meta.json";
-const FORMAT: u32 = 1;
+/// Bumped whenever the layout of a checkpoint changes.
+pub const FORMAT: u32 = 1;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Meta {
@@ -106,7 +107,7 @@ pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
 }
 
 /// Loads a checkpoint onto `device`: the model built from the saved config, its weights,
-/// and (when `with_optimizer`) the optimizer state.
+/// and, when an optimizer is passed in, its saved state.
 pub fn load(
     dir: &Path,
     device: &Device,

@@ -248,7 +248,7 @@ impl TrainHooks<Gpt> for Pretrain<'_> {
         let improved = record.val < self.best_val;
         self.best_val = self.best_val.min(record.val);
         let meta = Meta {
-            format: 1,
+            format: checkpoint::FORMAT,
             step: record.step,
             config: self.config.clone(),
             vocab: self.tokenizer.vocab_string(),

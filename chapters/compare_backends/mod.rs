@@ -102,8 +102,7 @@ pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> Gene
 /// Every chapter's model, built once on ndarray, copied with the same weights to `device`:
 /// the largest absolute difference of their logits on one validation batch.
 pub fn parity(data: &Dataset, device: &Device, seed: u64) -> Vec<ParityResult> {
-    #[allow(deprecated)]
-    let nd = Device::ndarray();
+    let nd = crate::common::backend::Backend::Ndarray.device();
     nd.seed(seed);
     let v = data.tokenizer.vocab_size();
     let (x, _) = data.batch(Split::Val, 4, 32, &mut rng_for(seed, stream::DEMO, 0), &nd);

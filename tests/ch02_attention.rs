@@ -7,7 +7,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use course::ch02_attention::{
     AttentionLmConfig, Head, MultiHeadAttentionConfig, average_loops, average_matmul,
-    average_softmax, scaled_scores,
+    average_softmax, per_token, scaled_scores,
 };
 use course::common::backend::Backend;
 use course::common::dataset::{Dataset, Split, rng_for, stream};
@@ -59,6 +59,20 @@ fn assert_causal(f: impl Fn(Tensor<3>) -> Tensor<3>, device: &Device) {
             "later positions should change"
         );
     }
+}
+
+#[test]
+fn per_token_is_the_linear_layer_applied_to_each_token() {
+    let device = support::ndarray_device();
+    device.seed(3);
+    let linear = burn::nn::LinearConfig::new(8, 5).init(&device);
+    let x = randn([3, 4, 8], &device);
+    let folded = per_token(&linear, x.clone()); // one [12, 8] @ [8, 5] product
+    assert_eq!(folded.dims(), [3, 4, 5]);
+    assert!(max_abs_diff(&folded, &linear.forward(x.clone())) < 1e-5);
+    // Token (1, 2) on its own gives row (1, 2) of the result.
+    let one = linear.forward(x.slice(s![1..2, 2..3, ..]));
+    assert!(max_abs_diff(&one, &folded.slice(s![1..2, 2..3, ..])) < 1e-5);
 }
 
 #[test]

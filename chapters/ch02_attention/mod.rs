@@ -142,7 +142,7 @@ impl MultiHeadAttention {
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
         let [b, t, c] = x.dims();
         let (nh, hs) = (self.n_head, c / self.n_head);
-        let qkv = self.c_attn.forward(x); // [b, t, 3c]
+        let qkv = per_token(&self.c_attn, x); // [b, t, 3c]
         let heads = |i: usize| {
             qkv.clone()
                 .slice(s![.., .., i * c..(i + 1) * c]) // [b, t, c]
@@ -153,7 +153,7 @@ impl MultiHeadAttention {
         let (y, wei) = causal_attention(q, k, v); // [b, nh, t, hs], [b, nh, t, t]
         let y = self.attn_dropout.forward(y);
         let y = y.swap_dims(1, 2).reshape([b, t, c]); // heads side by side again
-        (self.resid_dropout.forward(self.c_proj.forward(y)), wei)
+        (self.resid_dropout.forward(per_token(&self.c_proj, y)), wei)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -161,6 +161,18 @@ impl MultiHeadAttention {
     }
 }
 // ANCHOR_END: mha
+
+// ANCHOR: per_token
+/// Applies `linear` to every token of `x: [b, t, c_in]` as ONE matrix product over `b * t`
+/// rows, `[b*t, c_in] @ [c_in, c_out]`, rather than `b` products of `t` rows each: the same
+/// numbers, but a bigger product keeps the CPU's matrix kernels busier (forward and backward).
+pub fn per_token(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, t, c] = x.dims();
+    let y = linear.forward(x.reshape([b * t, c])); // [b*t, c_out]
+    let c_out = y.dims()[1];
+    y.reshape([b, t, c_out])
+}
+// ANCHOR_END: per_token
 
 /// Weight initialiser: N(0, std) when given, Burn's (and PyTorch's) default otherwise.
 pub fn linear_init(std: Option<f64>) -> Initializer {

@@ -1,7 +1,9 @@
 //! Chapter 3: a full GPT-1-style decoder. Attention from chapter 2, plus a feed-forward
 //! network, residual connections, LayerNorm and dropout, stacked into blocks.
 
-use crate::ch02_attention::{MultiHeadAttention, MultiHeadAttentionConfig, linear_init, positions};
+use crate::ch02_attention::{
+    MultiHeadAttention, MultiHeadAttentionConfig, linear_init, per_token, positions,
+};
 use crate::common::train::LanguageModel;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gelu, Initializer, LayerNorm,
@@ -39,8 +41,8 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.gelu.forward(self.c_fc.forward(x)); // [b, t, 4c]
-        self.dropout.forward(self.c_proj.forward(h)) // [b, t, c]
+        let h = self.gelu.forward(per_token(&self.c_fc, x)); // [b, t, 4c]
+        self.dropout.forward(per_token(&self.c_proj, h)) // [b, t, c]
     }
 }
 // ANCHOR_END: feed_forward

@@ -6,6 +6,8 @@
 #   book/record.sh                 # everything the book includes (seed 1337)
 #   BACKEND=wgpu book/record.sh ch01_bigram
 #   TAG=tiny ARGS="--preset tiny" BACKEND=flex book/record.sh ch04_pretrain
+#   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
+# The speed tables against PyTorch come from book/speed.py (it needs a Python with torch).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # Everything the book includes: each chapter at its defaults on ndarray, the backend
   # comparison, then the other backends and presets the result tables show (about an hour
   # on 2 cores, most of it wgpu on a software driver).
-  bash "$self" ch01_bigram ch02_attention ch03_gpt ch04_pretrain compare_backends
+  bash "$self" ch01_bigram ch02_attention ch03_gpt ch04_pretrain compare_backends compare_backends-ops
   BACKEND=wgpu bash "$self" ch01_bigram
   TAG=short ARGS="--steps 500 --eval-interval 250 --eval-iters 20" BACKEND=wgpu bash "$self" ch02_attention
   BACKEND=flex bash "$self" ch04_pretrain
@@ -30,6 +32,17 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 cargo build --release --bins --quiet
 
 for ch in "${CHAPTERS[@]}"; do
+  if [ "$ch" = compare_backends-ops ]; then
+    dest="book/src/recorded/compare_backends-ops"
+    mkdir -p "$dest"
+    echo "recording compare_backends --ops -> $dest"
+    {
+      echo "\$ compare_backends --ops --backends ndarray,flex"
+      "$TARGET/release/compare_backends" --ops --backends ndarray,flex --out runs/record/compare_backends-ops
+    } > "$dest/output.txt"
+    cp runs/record/compare_backends-ops/{ops.md,ops.json} "$dest"/
+    continue
+  fi
   if [ "$ch" = compare_backends ]; then
     # Every backend in one run, whatever BACKEND says.
     dest="book/src/recorded/compare_backends"

@@ -84,3 +84,36 @@ fn quick_mode_writes_positive_finite_figures_for_every_backend() {
             .contains("| ndarray |")
     );
 }
+
+#[test]
+fn ops_mode_times_every_operation_on_each_cpu_backend() {
+    let dir = support::tempdir();
+    let out = dir.path().join("ops");
+    let args = [
+        "--ops",
+        "--quick",
+        "--backends",
+        "ndarray,flex",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (code, stdout, err) = support::run_bin(BIN, &args, &[]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("ops.json")).unwrap()).unwrap();
+    let backends = json["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2);
+    for b in backends {
+        let ops = b[1].as_array().unwrap();
+        assert!(ops.len() >= 10, "{ops:?}");
+        for op in ops {
+            let ns = op["ns_per_element"].as_f64().unwrap();
+            assert!(ns.is_finite() && ns > 0.0, "{op}");
+        }
+    }
+    let table = std::fs::read_to_string(out.join("ops.md")).unwrap();
+    assert!(
+        table.contains("`gelu(x)`") && table.contains("flex: ns/element"),
+        "{table}"
+    );
+}

@@ -12,8 +12,8 @@ use course::common::dataset::Dataset;
 use course::common::report::{Machine, write_atomic, write_json};
 use course::common::section;
 use course::compare_backends::{
-    GenerationResult, MatmulResult, ParityResult, TrainResult, generation_speed, matmul_gflops,
-    parity, train_speed,
+    GenerationResult, MatmulResult, OpCost, ParityResult, TrainResult, generation_speed,
+    matmul_gflops, op_costs, parity, train_speed,
 };
 use plotters::prelude::*;
 use serde::Serialize;
@@ -32,6 +32,10 @@ struct Args {
     /// Also time the `lecture` preset (slow on a CPU).
     #[arg(long)]
     large: bool,
+    /// Instead: time the element-wise operations of a training step, one by one
+    /// (writes ops.md and ops.json).
+    #[arg(long)]
+    ops: bool,
     /// Timed training steps per preset (after warm-up); default 20, or 2 with --quick.
     #[arg(long)]
     steps: Option<usize>,
@@ -75,6 +79,9 @@ fn run() -> Result<()> {
     } else {
         args.backends.clone()
     };
+    if args.ops {
+        return ops(&args, &backends);
+    }
     let corpus = load_corpus(args.data.as_deref())?;
     let data = Dataset::new(&corpus.text)?;
     let v = data.tokenizer.vocab_size();
@@ -189,6 +196,74 @@ fn run() -> Result<()> {
         "wrote {}/results.json, results.md, chart.svg",
         args.out.display()
     );
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct OpResults {
+    machine: Machine,
+    command: String,
+    shape: [usize; 2],
+    backends: Vec<(String, Vec<OpCost>)>,
+}
+
+/// `--ops`: one table, an operation a row and a backend a column pair (µs, ns per element).
+fn ops(args: &Args, backends: &[Backend]) -> Result<()> {
+    let shape = if args.quick { [96, 64] } else { [768, 512] };
+    let reps = if args.quick { 2 } else { 10 };
+    let machine = Machine::detect();
+    println!(
+        "Element-wise operations on a {shape:?} tensor, {} on {} ({} cores)",
+        backends
+            .iter()
+            .map(|b| b.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        machine.cpu,
+        machine.cores
+    );
+    let mut results = Vec::new();
+    for (i, &backend) in backends.iter().enumerate() {
+        section(&format!("{}", i + 1), &format!("Backend {backend}"));
+        let costs = op_costs(&backend.device(), shape, reps);
+        for c in &costs {
+            println!(
+                "{:42} {:10.1} us {:8.2} ns/element",
+                c.op, c.micros, c.ns_per_element
+            );
+        }
+        results.push((backend.to_string(), costs));
+    }
+    let mut table = String::from("| operation |");
+    for (b, _) in &results {
+        table += &format!(" {b}: µs | {b}: ns/element |");
+    }
+    table += "\n|---|";
+    table += &"---:|".repeat(2 * results.len());
+    for (row, c) in results[0].1.iter().enumerate() {
+        table += &format!("\n| `{}` |", c.op);
+        for (_, costs) in &results {
+            table += &format!(
+                " {:.1} | {:.2} |",
+                costs[row].micros, costs[row].ns_per_element
+            );
+        }
+    }
+    table.push('\n');
+    section(&format!("{}", backends.len() + 1), "Summary");
+    println!("{table}");
+    std::fs::create_dir_all(&args.out)?;
+    write_atomic(&args.out.join("ops.md"), table.as_bytes())?;
+    write_json(
+        &args.out.join("ops.json"),
+        &OpResults {
+            machine,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            shape,
+            backends: results,
+        },
+    )?;
+    println!("wrote {}/ops.md, ops.json", args.out.display());
     Ok(())
 }
 

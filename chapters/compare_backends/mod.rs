@@ -153,3 +153,103 @@ pub fn parity(data: &Dataset, device: &Device, seed: u64) -> Vec<ParityResult> {
     ]
 }
 // ANCHOR_END: parity
+
+// ANCHOR: op_costs
+/// What one operation costs on one backend.
+#[derive(Serialize, Clone, Debug)]
+pub struct OpCost {
+    pub op: String,
+    /// Microseconds per call.
+    pub micros: f64,
+    /// Nanoseconds per element of the `[rows, cols]` input.
+    pub ns_per_element: f64,
+}
+
+/// Time of one call of `op`: the median over 5 rounds of `reps` calls each, after 3 untimed
+/// calls (the median shrugs off a round that another process slowed down). Each round keeps
+/// its results until the clock stops, so that a lazy backend cannot skip the work.
+fn time_op<const D: usize>(device: &Device, reps: usize, op: impl Fn() -> Tensor<D>) -> f64 {
+    for _ in 0..3 {
+        let _ = op().into_data();
+    }
+    let mut rounds: Vec<f64> = (0..5)
+        .map(|_| {
+            device.sync().expect("the device runs");
+            let start = Instant::now();
+            let results: Vec<Tensor<D>> = (0..reps).map(|_| op()).collect();
+            device.sync().expect("the device runs");
+            let seconds = start.elapsed().as_secs_f64() / reps as f64;
+            drop(results);
+            seconds
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[2]
+}
+
+/// The operations a training step is made of besides the big matrix products, timed on a
+/// `[rows, cols]` input of N(0, 1) values (`[768, 512]` is the `baby` model's MLP activation:
+/// 12 x 64 tokens, 512 wide). Training rows run forward and backward on an autodiff device.
+pub fn op_costs(device: &Device, [rows, cols]: [usize; 2], reps: usize) -> Vec<OpCost> {
+    use burn::tensor::activation::{gelu, sigmoid, softmax};
+    use burn::tensor::module::linear;
+    let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 1.0), device);
+    let y = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 1.0), device);
+    let ad = device.clone().autodiff();
+    let xa = Tensor::<2>::from_data(x.to_data(), &ad).require_grad();
+    // The first Linear of the MLP, for rows = b * t tokens of width c = cols / 4.
+    let (b, c) = (12.min(rows), cols / 4);
+    let x3 =
+        Tensor::<3>::random([b, rows / b, c], Distribution::Normal(0.0, 1.0), &ad).require_grad();
+    let w = Tensor::<2>::random([c, cols], Distribution::Normal(0.0, 0.02), &ad).require_grad();
+    let weight_grad = |out: Tensor<3>| w.grad(&out.sum().backward()).expect("w is tracked");
+    let input_grad = |out: Tensor<2>| xa.grad(&out.sum().backward()).expect("x is tracked");
+    let mut costs = Vec::new();
+    let mut time = |name: &str, seconds: f64| {
+        costs.push(OpCost {
+            op: name.to_string(),
+            micros: seconds * 1e6,
+            ns_per_element: seconds * 1e9 / (rows * cols) as f64,
+        })
+    };
+    // Untimed: the first operation would also pay for the allocator's first pages.
+    time_op(device, reps, || x.clone() + y.clone());
+    time("x + y", time_op(device, reps, || x.clone() + y.clone()));
+    time("x * 0.5", time_op(device, reps, || x.clone() * 0.5));
+    time("exp(x)", time_op(device, reps, || x.clone().exp()));
+    time("erf(x)", time_op(device, reps, || x.clone().erf()));
+    time("tanh(x)", time_op(device, reps, || x.clone().tanh()));
+    time("sigmoid(x)", time_op(device, reps, || sigmoid(x.clone())));
+    time("gelu(x)", time_op(device, reps, || gelu(x.clone())));
+    time(
+        "softmax(x) over rows",
+        time_op(device, reps, || softmax(x.clone(), 1)),
+    );
+    time(
+        "train: x + y",
+        time_op(&ad, reps, || input_grad(xa.clone() + y.clone())),
+    );
+    time(
+        "train: gelu(x)",
+        time_op(&ad, reps, || input_grad(gelu(xa.clone()))),
+    );
+    time(
+        "train: softmax(x)",
+        time_op(&ad, reps, || input_grad(softmax(xa.clone(), 1))),
+    );
+    time(
+        "train: Linear on [b, t, c] (b products)",
+        time_op(&ad, reps, || {
+            weight_grad(linear(x3.clone(), w.clone(), None))
+        }),
+    );
+    time(
+        "train: Linear on [b*t, c] (per_token)",
+        time_op(&ad, reps, || {
+            let [b, t, c] = x3.dims();
+            weight_grad(linear(x3.clone().reshape([b * t, c]), w.clone(), None).unsqueeze())
+        }),
+    );
+    costs
+}
+// ANCHOR_END: op_costs

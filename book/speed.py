@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Training speed on the CPU, side by side: PyTorch and this course's CPU backends.
+
+Runs `ch04_pretrain --bench STEPS` (flex and ndarray) for the current build and, if asked,
+for an older commit, plus the PyTorch reference (`torch_gpt.py --bench-steps STEPS`) when a
+Python with torch is given, in turns, ROUNDS times, and writes the table of each program's
+median run to book/src/recorded/speed/<preset>.md (with the raw runs in <preset>.json).
+Alternating matters: on a shared machine the same command varies by 5-10% from minute to minute.
+
+    book/speed.py [--rounds 3] [--steps 40] [--preset baby]
+                  [--torch-python /tmp/torchvenv/bin/python] [--before 25cdb31]
+
+--before REV builds REV's ch04_pretrain in a temporary git worktree (same CARGO_TARGET_DIR)
+and times it too, as the "before" rows. Needs GPT_DATA (the corpus) and /usr/bin/time.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+TORCH_SCRIPT = os.path.join(ROOT, "..", "shared", "reference", "torch_gpt.py")
+PEAK_GFLOPS = 180.0  # this CPU's practical fp32 peak (2 cores); see the backends page
+TORCH_PRESETS = {  # torch_gpt.py flags for the course's presets
+    "baby": [],
+    "lecture": ["--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--block-size", "256",
+                "--batch-size", "64", "--dropout", "0.2"],
+}
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def build(rev=None):
+    """Path of a freshly built ch04_pretrain (of `rev`, or of the working tree)."""
+    out = os.path.join(TARGET, "speed-bins")
+    os.makedirs(out, exist_ok=True)
+    if rev is None:
+        # Another checkout may have built the same crate into this target folder: touch the
+        # sources so that cargo rebuilds from these files.
+        for d, _, files in os.walk(os.path.join(ROOT, "chapters")):
+            for f in files:
+                os.utime(os.path.join(d, f))
+        sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=ROOT)
+        dest = os.path.join(out, "current")
+    else:
+        wt = tempfile.mkdtemp(prefix="speed-")
+        sh(["git", "worktree", "add", "--detach", wt, rev], cwd=ROOT)
+        try:
+            sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=wt)
+        finally:
+            dest = os.path.join(out, rev)
+            sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
+            sh(["git", "worktree", "remove", "--force", wt], cwd=ROOT)
+    if rev is None:
+        sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
+    return dest
+
+
+def run_burn(binary, backend, preset, steps):
+    with tempfile.TemporaryDirectory() as d:
+        rss = os.path.join(d, "rss")
+        sh(["/usr/bin/time", "-f", "%M", "-o", rss, binary, "--preset", preset, "--backend",
+            backend, "--bench", str(steps), "--out", d], stdout=subprocess.DEVNULL)
+        with open(os.path.join(d, "bench.json")) as f:
+            b = json.load(f)
+        with open(rss) as f:
+            rss_kb = int(f.read().split()[-1])
+    return {"ms": b["median_ms_per_step"], "tokens_per_s": b["tokens_per_s"],
+            "gflops": b["gflops"], "rss_mb": rss_kb / 1024}
+
+
+def run_torch(python, preset, steps):
+    with tempfile.TemporaryDirectory() as d:
+        rss = os.path.join(d, "rss")
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        p = sh(["/usr/bin/time", "-f", "%M", "-o", rss, python, TORCH_SCRIPT, "--data",
+                os.environ["GPT_DATA"], "--threads", "2", "--bench-steps", str(steps)]
+               + TORCH_PRESETS[preset], stdout=subprocess.PIPE, text=True, env=env)
+        b = json.loads(p.stdout.strip().splitlines()[-1])
+        with open(rss) as f:
+            rss_kb = int(f.read().split()[-1])
+    return {"ms": b["median_ms_per_step"], "tokens_per_s": b["tokens_per_s"],
+            "gflops": b["achieved_gflops"], "rss_mb": rss_kb / 1024, "torch": b["torch"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--preset", default="baby", choices=sorted(TORCH_PRESETS))
+    ap.add_argument("--torch-python", help="a Python with torch installed")
+    ap.add_argument("--before", help="also time this older commit")
+    a = ap.parse_args()
+
+    programs = []  # (label, function returning one run's figures)
+    if a.torch_python:
+        programs.append(("PyTorch, 2 threads (`torch_gpt.py`)",
+                         lambda: run_torch(a.torch_python, a.preset, a.steps)))
+    bins = []
+    if a.before:
+        bins.append((f"before (`{a.before}`)", build(a.before)))
+    bins.append(("this version", build()))
+    for backend in ["flex", "ndarray"]:
+        for label, binary in bins:
+            programs.append((f"Burn {backend}, {label}",
+                             lambda b=binary, k=backend: run_burn(b, k, a.preset, a.steps)))
+
+    runs = {label: [] for label, _ in programs}
+    for r in range(a.rounds):
+        for label, run in programs:
+            runs[label].append(run())
+            print(f"round {r + 1}: {label}: {runs[label][-1]['ms']:.1f} ms/step", file=sys.stderr)
+
+    torch_ms = None
+    rows = []
+    for label, rs in runs.items():
+        mid = sorted(rs, key=lambda x: x["ms"])[len(rs) // 2]  # the median run
+        if label.startswith("PyTorch"):
+            torch_ms = mid["ms"]
+        rows.append((label, mid, [x["ms"] for x in rs]))
+    unit, scale = ("s", 1e-3) if a.preset == "lecture" else ("ms", 1.0)
+    table = (f"| program | {unit}/step (median run) | all runs | tokens/s | GFLOP/s "
+             "| share of ~180 GFLOP/s | PyTorch time / this | peak RSS |\n"
+             "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+    for label, m, all_ms in rows:
+        ratio = f"{torch_ms / m['ms']:.2f}" if torch_ms else "-"
+        table += (f"| {label} | {m['ms'] * scale:.1f} | "
+                  f"{' / '.join(f'{x * scale:.1f}' for x in all_ms)} | "
+                  f"{m['tokens_per_s']:,.0f} | {m['gflops']:.1f} | "
+                  f"{100 * m['gflops'] / PEAK_GFLOPS:.0f}% | {ratio} | {m['rss_mb']:.0f} MB |\n")
+    cmd = f"book/speed.py --rounds {a.rounds} --steps {a.steps} --preset {a.preset}"
+    if a.before:
+        cmd += f" --before {a.before}"
+    if a.torch_python:
+        cmd += " --torch-python PY"
+    rounds = f"{a.rounds} rounds in turns" if a.rounds > 1 else "1 round"
+    table += (f"\n`{cmd}`: {rounds}, each the median of {a.steps} steps after "
+              f"3 warm-up steps; peak RSS of that whole run (`/usr/bin/time`); "
+              f"{os.cpu_count()} cores.\n")
+    out = os.path.join(ROOT, "book", "src", "recorded", "speed")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{a.preset}.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(out, f"{a.preset}.json"), "w") as f:
+        json.dump({"command": cmd, "runs": runs}, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -113,11 +113,7 @@ fn run() -> Result<()> {
     let machine = Machine::detect();
     println!(
         "Comparing backends: {} on {} ({} cores)",
-        backends
-            .iter()
-            .map(|b| b.name())
-            .collect::<Vec<_>>()
-            .join(", "),
+        names(&backends),
         machine.cpu,
         machine.cores
     );
@@ -214,11 +210,7 @@ fn ops(args: &Args, backends: &[Backend]) -> Result<()> {
     let machine = Machine::detect();
     println!(
         "Element-wise operations on a {shape:?} tensor, {} on {} ({} cores)",
-        backends
-            .iter()
-            .map(|b| b.name())
-            .collect::<Vec<_>>()
-            .join(", "),
+        names(backends),
         machine.cpu,
         machine.cores
     );
@@ -265,6 +257,15 @@ fn ops(args: &Args, backends: &[Backend]) -> Result<()> {
     )?;
     println!("wrote {}/ops.md, ops.json", args.out.display());
     Ok(())
+}
+
+/// "ndarray, flex, wgpu".
+fn names(backends: &[Backend]) -> String {
+    backends
+        .iter()
+        .map(|b| b.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn markdown(results: &[BackendResults], sizes: &[usize]) -> String {

@@ -161,7 +161,7 @@ pub struct OpCost {
     pub op: String,
     /// Microseconds per call.
     pub micros: f64,
-    /// Nanoseconds per element of the `[rows, cols]` input.
+    /// Nanoseconds per element of a `[rows, cols]` tensor.
     pub ns_per_element: f64,
 }
 
@@ -197,6 +197,7 @@ pub fn op_costs(device: &Device, [rows, cols]: [usize; 2], reps: usize) -> Vec<O
     let y = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 1.0), device);
     let ad = device.clone().autodiff();
     let xa = Tensor::<2>::from_data(x.to_data(), &ad).require_grad();
+    let ya = Tensor::<2>::from_data(y.to_data(), &ad);
     // The first Linear of the MLP, for rows = b * t tokens of width c = cols / 4.
     let (b, c) = (12.min(rows), cols / 4);
     let x3 =
@@ -227,7 +228,7 @@ pub fn op_costs(device: &Device, [rows, cols]: [usize; 2], reps: usize) -> Vec<O
     );
     time(
         "train: x + y",
-        time_op(&ad, reps, || input_grad(xa.clone() + y.clone())),
+        time_op(&ad, reps, || input_grad(xa.clone() + ya.clone())),
     );
     time(
         "train: gelu(x)",

@@ -29,6 +29,8 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   exit 0
 fi
 TARGET="${CARGO_TARGET_DIR:-target}"
+# The recordings print the corpus path: keep it relative to the checkout, not this machine's.
+if [ -n "${GPT_DATA:-}" ]; then export GPT_DATA="$(realpath --relative-to=. "$GPT_DATA")"; fi
 cargo build --release --bins --quiet
 
 for ch in "${CHAPTERS[@]}"; do

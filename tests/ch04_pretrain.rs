@@ -398,3 +398,57 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn bench_times_fresh_or_trained_weights_and_writes_bench_json() {
+    let dir = support::tempdir();
+    let corpus = corpus();
+    let bench = |out: &Path, resume: bool| {
+        let out = out.to_str().unwrap();
+        let mut args = vec![
+            "--preset",
+            "tiny",
+            "--backend",
+            "flex",
+            "--bench",
+            "2",
+            "--data",
+            &corpus,
+            "--out",
+            out,
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        run(&args)
+    };
+    let read = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap()
+    };
+
+    let fresh = dir.path().join("fresh");
+    let (code, stdout, err) = bench(&fresh, false);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("from fresh weights"), "{stdout}");
+    let json = read(&fresh);
+    assert_eq!(json["preset"], "tiny");
+    assert_eq!(json["backend"], "flex");
+    assert_eq!(json["trained_steps"], 0);
+    for key in ["median_ms_per_step", "tokens_per_s", "gflops"] {
+        let x = json[key].as_f64().unwrap();
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+
+    // --resume times the checkpoint's weights (the shared run trained 60 steps).
+    let trained_dir = dir.path().join("trained");
+    copy_dir(trained(), &trained_dir);
+    let (code, stdout, err) = bench(&trained_dir, true);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("from the weights of step 60"), "{stdout}");
+    assert_eq!(read(&trained_dir)["trained_steps"], 60);
+
+    // Without a checkpoint, --resume is a clear error.
+    let (code, _, err) = bench(&dir.path().join("empty"), true);
+    assert_ne!(code, 0);
+    assert!(err.contains("no checkpoint in"), "{err}");
+}

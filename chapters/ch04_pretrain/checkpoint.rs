@@ -169,14 +169,7 @@ pub fn check_compatible(
     config: &PretrainConfig,
     tokenizer: &CharTokenizer,
 ) -> Result<()> {
-    if meta.vocab != tokenizer.vocab_string() {
-        bail!(
-            "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
-             it was trained on another corpus",
-            meta.vocab.chars().count(),
-            tokenizer.vocab_size()
-        );
-    }
+    check_vocab(meta, tokenizer)?;
     if &meta.config != config {
         let a = serde_json::to_value(&meta.config)?;
         let b = serde_json::to_value(config)?;
@@ -185,6 +178,19 @@ pub fn check_compatible(
         bail!(
             "the checkpoint was made with another config: {}",
             diffs.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Checks only that the checkpoint was trained on text with this vocabulary.
+pub fn check_vocab(meta: &Meta, tokenizer: &CharTokenizer) -> Result<()> {
+    if meta.vocab != tokenizer.vocab_string() {
+        bail!(
+            "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
+             it was trained on another corpus",
+            meta.vocab.chars().count(),
+            tokenizer.vocab_size()
         );
     }
     Ok(())

@@ -98,7 +98,8 @@ struct TrainCmd {
     eval_interval: Option<usize>,
     #[arg(long)]
     eval_iters: Option<usize>,
-    /// Continue from the last checkpoint in the output folder.
+    /// Continue from the last checkpoint in the output folder (with --bench: time its
+    /// trained weights).
     #[arg(long)]
     resume: bool,
     /// Stop after this step (with a checkpoint), as if interrupted; `--resume` continues.
@@ -348,7 +349,16 @@ fn pretrain(a: TrainCmd) -> Result<()> {
     // ANCHOR_END: optimizer_demo
 
     if let Some(n) = a.bench {
-        return bench(&a, &cfg, model, &data, n, &out);
+        // With --resume, time the trained weights of DIR/ckpt/last (with the settings they were
+        // trained with) instead of fresh ones: on the CPU backends some operations (GELU's
+        // erf) slow down as the activations widen.
+        if a.resume {
+            let (trained, _, meta) = checkpoint::load(&ckpt.join("last"), &ad, None)?;
+            checkpoint::check_vocab(&meta, tok)?;
+            data.check_block_size(meta.config.model.block_size)?;
+            return bench(&a, &meta.config, trained, meta.step, &data, n, &out);
+        }
+        return bench(&a, &cfg, model, 0, &data, n, &out);
     }
 
     // ANCHOR: train
@@ -547,6 +557,8 @@ fn stream_sample(
 struct Bench<'a> {
     preset: &'a str,
     backend: String,
+    /// 0: fresh weights; otherwise the step of the checkpoint whose weights were timed.
+    trained_steps: usize,
     #[serde(flatten)]
     times: StepTimes,
     flops_per_token: f64,
@@ -561,11 +573,16 @@ fn bench(
     a: &TrainCmd,
     cfg: &PretrainConfig,
     model: Gpt,
+    trained_steps: usize,
     data: &Dataset,
     n: usize,
     out: &Path,
 ) -> Result<()> {
-    section("4.4", &format!("Benchmark: {n} steps"));
+    let weights = match trained_steps {
+        0 => "fresh weights".to_string(),
+        s => format!("the weights of step {s}"),
+    };
+    section("4.4", &format!("Benchmark: {n} steps from {weights}"));
     let parameters = model.num_params();
     let times = time_steps(cfg, model, data, 3, n)?;
     println!(
@@ -578,6 +595,7 @@ fn bench(
     let result = Bench {
         preset: &cfg.preset,
         backend: a.common.backend.to_string(),
+        trained_steps,
         times,
         flops_per_token: cfg.model.flops_per_token(),
         tokens_per_step: cfg.batch_size * cfg.model.block_size,

@@ -39,8 +39,6 @@ def sh(cmd, **kw):
 
 def build(rev=None):
     """Path of a freshly built ch04_pretrain (of `rev`, or of the working tree)."""
-    out = os.path.join(TARGET, "speed-bins")
-    os.makedirs(out, exist_ok=True)
     if rev is None:
         # Another checkout may have built the same crate into this target folder: touch the
         # sources so that cargo rebuilds from these files.
@@ -48,18 +46,17 @@ def build(rev=None):
             for f in files:
                 os.utime(os.path.join(d, f))
         sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=ROOT)
-        dest = os.path.join(out, "current")
     else:
         wt = tempfile.mkdtemp(prefix="speed-")
         sh(["git", "worktree", "add", "--detach", wt, rev], cwd=ROOT)
         try:
             sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=wt)
         finally:
-            dest = os.path.join(out, rev)
-            sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
             sh(["git", "worktree", "remove", "--force", wt], cwd=ROOT)
-    if rev is None:
-        sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
+    out = os.path.join(TARGET, "speed-bins")
+    os.makedirs(out, exist_ok=True)
+    dest = os.path.join(out, rev or "current")
+    sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
     return dest
 
 

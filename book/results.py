@@ -3,7 +3,10 @@
 
 Writes book/src/recorded/<chapter>/results.md (that chapter, every recorded backend) and
 prints the table of all chapters (book/record.sh saves it as book/src/recorded/results.md).
+With --readme it also puts that table into README.md, between its results markers.
+The seed it names comes from the summary.json files.
 """
+import argparse
 import glob
 import json
 import os
@@ -25,10 +28,14 @@ def cpu():
 
 HEADER = ("| chapter | model | backend | steps | parameters | train loss | val loss | wall time | tokens/s |\n"
           "|---|---|---|---:|---:|---:|---:|---:|---:|")
-NOTE = (f"Recorded by `book/record.sh` (seed 1337) on {cpu()}, {os.cpu_count()} cores. "
-        "Wall time includes evaluations; tokens/s counts training steps only.")
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--readme", action="store_true",
+                help="also update the table between README.md's results markers")
+args = ap.parse_args()
 
 by_chapter = {}
+seeds = set()
 def order(path):
     # The chapter's default recording (ndarray) first, then the others by folder name.
     folder = os.path.basename(os.path.dirname(path))
@@ -38,6 +45,7 @@ def order(path):
 for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order):
     with open(path) as f:
         s = json.load(f)
+    seeds.add(s["seed"])
     hp = s.get("hyperparameters")
     preset = hp.get("preset", "") if isinstance(hp, dict) else ""
     models = s.get("variants") or [{
@@ -51,6 +59,11 @@ for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order
                f"{m['wall_seconds']:.1f} s | {m['tokens_per_second']:,.0f} |")
         by_chapter.setdefault(s["chapter"], []).append(row)
 
+seeds = sorted(seeds)  # every recording's seed: usually just record.sh's default
+seed = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+NOTE = (f"Recorded by `book/record.sh` ({seed}) on {cpu()}, {os.cpu_count()} cores. "
+        "Wall time includes evaluations; tokens/s counts training steps only.")
+
 for chapter, rows in by_chapter.items():
     with open(os.path.join(root, chapter, "results.md"), "w") as f:
         f.write("\n".join([HEADER, *rows, "", NOTE, ""]))
@@ -58,15 +71,18 @@ for chapter, rows in by_chapter.items():
 table = "\n".join([HEADER, *[r for rows in by_chapter.values() for r in rows], "", NOTE])
 print(table)
 
-# The README carries the same table between its markers.
-readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
-with open(readme) as f:
-    text = f.read()
-begin, end = "<!-- results:begin -->", "<!-- results:end -->"
-if begin in text and end in text:
+if args.readme:
+    # The README carries the same table between its markers.
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")
+    with open(readme) as f:
+        text = f.read()
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme}: no {begin} ... {end} block to update")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     body = ("\nAt each chapter's defaults, `--backend ndarray` unless the table says otherwise "
-            "(commands: `book/record.sh`, which runs `<chapter> --backend B --seed 1337`):\n\n")
+            f"(commands: `book/record.sh`, which runs `<chapter> --backend B --seed "
+            f"{seeds[0] if len(seeds) == 1 else 'S'}`):\n\n")
     with open(readme, "w") as f:
         f.write(head + begin + body + table + "\n" + end + tail)

@@ -10,8 +10,9 @@ Alternating matters: on a shared machine the same command varies by 5-10% from m
     book/speed.py [--rounds 3] [--steps 40] [--preset baby]
                   [--torch-python /tmp/torchvenv/bin/python] [--before 25cdb31]
 
---before REV builds REV's ch04_pretrain in a temporary git worktree (same CARGO_TARGET_DIR)
-and times it too, as the "before" rows. Needs GPT_DATA (the corpus) and /usr/bin/time.
+--before REV builds REV's ch04_pretrain in a temporary git worktree, into its own target
+folder ($CARGO_TARGET_DIR/speed-before/<sha>: the first time, a full build), and times it
+too, as the "before" rows. Needs GPT_DATA (the corpus) and /usr/bin/time.
 """
 import argparse
 import json
@@ -22,7 +23,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+# As cargo sees it when run in ROOT (a relative CARGO_TARGET_DIR is relative to ROOT).
+TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 TORCH_SCRIPT = os.path.join(ROOT, "..", "shared", "reference", "torch_gpt.py")
 PEAK_GFLOPS = 180.0  # this CPU's practical fp32 peak (2 cores); see the backends page
 TORCH_PRESETS = {  # torch_gpt.py flags for the course's presets
@@ -38,25 +40,34 @@ def sh(cmd, **kw):
 
 
 def build(rev=None):
-    """Path of a freshly built ch04_pretrain (of `rev`, or of the working tree)."""
+    """Path of a freshly built ch04_pretrain (of commit `rev`, or of the working tree)."""
+    cargo = ["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"]
     if rev is None:
         # Another checkout may have built the same crate into this target folder: touch the
         # sources so that cargo rebuilds from these files.
         for d, _, files in os.walk(os.path.join(ROOT, "chapters")):
             for f in files:
                 os.utime(os.path.join(d, f))
-        sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=ROOT)
+        sh(cargo, cwd=ROOT)
+        target, name = TARGET, "current"
     else:
+        # The old commit gets a target folder of its own, so that its binary can never be the
+        # working tree's (nor the other way round).
+        sha = sh(["git", "rev-parse", "--verify", rev + "^{commit}"], cwd=ROOT,
+                 stdout=subprocess.PIPE, text=True).stdout.strip()
+        target, name = os.path.join(TARGET, "speed-before", sha), sha
+        print(f"building {rev} ({sha[:12]}) into {target}", file=sys.stderr)
         wt = tempfile.mkdtemp(prefix="speed-")
-        sh(["git", "worktree", "add", "--detach", wt, rev], cwd=ROOT)
+        sh(["git", "worktree", "add", "--detach", wt, sha], cwd=ROOT)
         try:
-            sh(["cargo", "build", "--release", "--quiet", "--bin", "ch04_pretrain"], cwd=wt)
+            sh(cargo, cwd=wt, env=dict(os.environ, CARGO_TARGET_DIR=target))
         finally:
             sh(["git", "worktree", "remove", "--force", wt], cwd=ROOT)
+    # Time a copy: a later build into the same target folder can't replace it mid-run.
     out = os.path.join(TARGET, "speed-bins")
     os.makedirs(out, exist_ok=True)
-    dest = os.path.join(out, rev or "current")
-    sh(["cp", os.path.join(TARGET, "release", "ch04_pretrain"), dest])
+    dest = os.path.join(out, name)
+    sh(["cp", os.path.join(target, "release", "ch04_pretrain"), dest])
     return dest
 
 

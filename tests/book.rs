@@ -93,3 +93,88 @@ fn summary_lists_every_page() {
         }
     }
 }
+
+/// Every `ANCHOR:` in the code is included by some page (no listing the book forgot).
+#[test]
+fn every_anchor_in_the_code_is_included_by_the_book() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut included = std::collections::HashSet::new();
+    for page in pages() {
+        let text = fs::read_to_string(&page).unwrap();
+        for (path, anchor) in includes(&text) {
+            if let Some(anchor) = anchor {
+                let file = page.parent().unwrap().join(&path);
+                included.insert((fs::canonicalize(file).unwrap(), anchor));
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    let mut stack = vec![root.join("chapters")];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let text = fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                if let Some(anchor) = line.trim().strip_prefix("// ANCHOR: ") {
+                    let key = (fs::canonicalize(&path).unwrap(), anchor.to_string());
+                    if !included.contains(&key) {
+                        missing.push(format!("{}:{anchor}", path.display()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "anchors no page includes: {missing:#?}");
+}
+
+/// "N.M Title" of every numbered section: `## N.M Title` in a page, `== N.M Title ==` in what a
+/// binary printed.
+fn numbered(text: &str, prefix: &str, suffix: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .map(|l| l.strip_suffix(suffix).unwrap_or(l).trim().to_string())
+        .filter(|l| {
+            l.split(' ').next().is_some_and(|n| {
+                n.contains('.') && n.chars().all(|c| c.is_ascii_digit() || c == '.')
+            })
+        })
+        .collect()
+}
+
+/// A chapter's page has exactly the numbered sections its binary prints, with the same titles.
+#[test]
+fn each_chapter_page_numbers_its_sections_as_the_binary_prints_them() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src");
+    let mut checked = 0;
+    for page in pages() {
+        let name = page.file_stem().unwrap().to_str().unwrap().to_string();
+        if !name.starts_with("ch0") {
+            continue;
+        }
+        let in_book = numbered(&fs::read_to_string(&page).unwrap(), "## ", "");
+        // Every recording of this chapter (other backends, presets, --bench) together.
+        let mut printed = Vec::new();
+        for entry in fs::read_dir(src.join("recorded")).unwrap() {
+            let dir = entry.unwrap().path();
+            let folder = dir.file_name().unwrap().to_str().unwrap().to_string();
+            if folder == name || folder.starts_with(&format!("{name}-")) {
+                let out = fs::read_to_string(dir.join("output.txt")).unwrap();
+                printed.extend(numbered(&out, "== ", " =="));
+            }
+        }
+        // A title may carry the run's details after a colon or parenthesis ("Training (Pre-LN)").
+        let stem = |s: &str| s.split(['(', ':']).next().unwrap().trim().to_string();
+        let printed: std::collections::BTreeSet<String> = printed.iter().map(|s| stem(s)).collect();
+        let in_book: std::collections::BTreeSet<String> = in_book.iter().map(|s| stem(s)).collect();
+        assert_eq!(
+            in_book, printed,
+            "{name}: book sections vs printed sections"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "{checked} chapter pages checked");
+}

@@ -83,7 +83,8 @@ fn the_tiny_preset_learns_on_the_real_corpus() {
     let val = summary["final_val_loss"].as_f64().unwrap();
     assert_eq!(summary["steps"], 500);
     assert!(val < 2.5, "tiny preset val loss {val}");
-    assert!(stdout.contains("== 4.5 A sample from the best checkpoint =="));
+    assert!(stdout.contains("== 4.6 Sampling from the best checkpoint =="));
+    assert!(stdout.contains("clipped (> 1) at"), "{stdout}");
     assert!(
         out.join("ckpt/best/model.bpk").exists() && out.join("ckpt/last/optimizer.bpk").exists()
     );
@@ -142,6 +143,70 @@ fn a_resumed_run_matches_one_that_never_stopped() {
             "{x:?} vs {y:?}"
         );
     }
+    // The per-step log continues too: 60 steps, the same batch losses and learning rates.
+    let steps = |dir: &Path| -> Vec<(usize, f64, f64)> {
+        let text = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| {
+                let v: Vec<&str> = l.split(',').collect();
+                (
+                    v[0].parse().unwrap(),
+                    v[1].parse().unwrap(),
+                    v[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (a, b) = (steps(&straight), steps(&resumed));
+    assert_eq!(
+        a.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (0..60).collect::<Vec<_>>()
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            x.0 == y.0 && (x.1 - y.1).abs() < 1e-4 && x.2 == y.2,
+            "{x:?} vs {y:?}"
+        );
+    }
+}
+
+#[test]
+fn out_of_range_sampling_flags_are_clear_errors() {
+    for (flags, message) in [
+        (&["--top-k", "0"][..], "--top-k must be at least 1"),
+        (
+            &["--num-samples", "0"][..],
+            "--num-samples and --max-new-tokens",
+        ),
+        (
+            &["--temperature=-1"][..],
+            "--temperature must be 0 or positive",
+        ),
+    ] {
+        let (code, out, err) = sample(flags);
+        assert_ne!(code, 0, "{flags:?} was accepted: {out}");
+        assert!(err.contains(message), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn an_unusable_output_folder_is_refused_before_training() {
+    let dir = support::tempdir();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let (code, stdout, err) = run(&[
+        "--preset",
+        "tiny",
+        "--data",
+        &corpus(),
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot write into the output folder"), "{err}");
+    assert!(!stdout.contains("== 4.5"), "it started training: {stdout}");
 }
 
 #[test]

@@ -208,3 +208,62 @@ fn greedy_picks_the_argmax_and_top_k_stays_in_the_top_k() {
     }
     assert!(all.iter().all(|&n| n > 0), "{all:?}");
 }
+
+#[test]
+fn clip_grad_norm_measures_the_global_norm_and_scales_only_above_it() {
+    use burn::module::Module;
+    use burn::optim::GradientsParams;
+    use burn::prelude::*;
+    use course::common::train::clip_grad_norm;
+    let device = support::ndarray_device().autodiff();
+    // A Linear 2 -> 1 with known weights; loss = sum(W x + b) for x = [3, 4]:
+    // dL/dW = [3, 4], dL/db = [1], so the global norm is sqrt(9 + 16 + 1) = sqrt(26).
+    let linear = burn::nn::LinearConfig::new(2, 1).init(&device);
+    let x = Tensor::<2>::from_data([[3.0f32, 4.0]], &device);
+    let grads = || GradientsParams::from_grads(linear.forward(x.clone()).sum().backward(), &linear);
+    let weight_grad = |g: &GradientsParams| {
+        let w = g.get::<2>(linear.weight.id).unwrap();
+        w.into_data().try_to_vec::<f32>().unwrap()
+    };
+    let expected = 26f64.sqrt();
+    let (g, norm) = clip_grad_norm(grads(), &linear, None);
+    assert!((norm - expected).abs() < 1e-5, "{norm} vs {expected}");
+    assert_eq!(weight_grad(&g), vec![3.0, 4.0]);
+    // Above the norm: untouched.
+    let (g, _) = clip_grad_norm(grads(), &linear, Some(10.0));
+    assert_eq!(weight_grad(&g), vec![3.0, 4.0]);
+    // Below it: every gradient scaled by max_norm / norm, so the new global norm is max_norm.
+    let (g, norm_before) = clip_grad_norm(grads(), &linear, Some(1.0));
+    assert!((norm_before - expected).abs() < 1e-5);
+    let w = weight_grad(&g);
+    let s = (1.0 / expected) as f32;
+    assert!(
+        (w[0] - 3.0 * s).abs() < 1e-5 && (w[1] - 4.0 * s).abs() < 1e-5,
+        "{w:?}"
+    );
+    let b = g.get::<1>(linear.bias.as_ref().unwrap().id).unwrap();
+    assert!((b.into_scalar::<f32>() - s).abs() < 1e-5);
+    assert_eq!(linear.num_params(), 3);
+}
+
+#[test]
+fn padded_fixed_shape_generation_gives_the_same_tokens_as_plain_generation() {
+    use course::ch03_gpt::GptConfig;
+    use course::common::sample::{generate, generate_fixed_shape};
+    let device = support::ndarray_device();
+    device.seed(11);
+    // Block 16, 40 new tokens: the context grows past the block, so both crop and the padded
+    // version pads while the context is short.
+    let model = GptConfig::new(65, 16, 2, 2, 32).init(&device);
+    // Greedy: the tokens depend on the logits alone (sampling could flip on a last-digit
+    // difference between two matrix-product shapes).
+    let greedy = SampleOptions {
+        temperature: 0.0,
+        top_k: None,
+    };
+    let mut rng = rng_for(1, stream::SAMPLE, 0);
+    let plain = generate(&model, &[5, 6, 7], 40, greedy, &mut rng, |_| {});
+    let padded = generate_fixed_shape(&model, &[5, 6, 7], 40, greedy, &mut rng, |_| {});
+    assert_eq!(plain.len(), 40);
+    assert_eq!(plain, padded);
+}

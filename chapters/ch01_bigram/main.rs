@@ -7,14 +7,14 @@ use anyhow::Result;
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use clap::Parser;
-use course::ch01_bigram::BigramConfig;
+use course::ch01_bigram::{Bigram, BigramConfig, bigram_nll, counted_bigram};
 use course::common::cli::{CommonArgs, TrainArgs};
-use course::common::data::load_corpus;
 use course::common::dataset::{Dataset, Split, rng_for, stream};
-use course::common::report::{Summary, write_run};
+use course::common::report::{Curve, Summary, write_run};
 use course::common::sample::{SampleOptions, generate, print_sample};
-use course::common::train::{ConstantLr, LanguageModel, cross_entropy, train};
-use course::common::{fmt_ids, section};
+use course::common::tokenizer::CharTokenizer;
+use course::common::train::{ConstantLr, LanguageModel, TrainReport, cross_entropy, train};
+use course::common::{Run, fmt_ids, section};
 
 const CHAPTER: &str = "ch01_bigram";
 
@@ -38,33 +38,41 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    course::common::exit_on_error(run)
+    course::common::exit_on_error(|| {
+        let args = Args::parse();
+        args.train.check()?;
+        let title = "Chapter 1: a bigram language model";
+        let run = args
+            .common
+            .start(CHAPTER, title, Some(args.train.block_size))?;
+        the_data(&run);
+        tokenizer(&run.data, &run.corpus.text)?;
+        split(&run.data);
+        let (x, y) = batches(&run, args.train.block_size);
+        let model = the_model(&run);
+        loss_before_training(&model, x, y, run.data.tokenizer.vocab_size());
+        sample_before_training(&model, &run);
+        let (model, report) = training(model, &run, &args.train)?;
+        counting(&run.data, &report);
+        sample_after_training(&model, &run, args.sample_chars);
+        what_the_run_wrote(&run, &args.train, &model, &report)
+    })
 }
 
-fn run() -> Result<()> {
-    let args = Args::parse();
-    args.train.check()?;
-    let out = args.common.out_dir(CHAPTER);
-    let device = args.common.backend.device();
-    device.seed(args.common.seed);
-    println!(
-        "Chapter 1: a bigram language model (backend: {})",
-        args.common.backend
-    );
-
-    // ANCHOR: data
+// ANCHOR: data
+fn the_data(run: &Run) {
     section("1.1", "The data");
-    let corpus = load_corpus(args.common.data.as_deref())?;
-    let text = &corpus.text;
-    println!("file: {}", corpus.path.display());
+    let text = &run.corpus.text;
+    println!("file: {}", run.corpus.path.display());
     println!("length in characters: {}", text.chars().count());
     let preview: String = text.chars().take(200).collect();
     println!("the first 200 characters:\n{preview}");
-    // ANCHOR_END: data
+}
+// ANCHOR_END: data
 
-    // ANCHOR: tokenizer
+// ANCHOR: tokenizer_demo
+fn tokenizer(data: &Dataset, text: &str) -> Result<()> {
     section("1.2", "A character tokenizer");
-    let data = Dataset::new(text)?;
     let tok = &data.tokenizer;
     println!(
         "vocabulary ({} characters): {:?}",
@@ -75,137 +83,138 @@ fn run() -> Result<()> {
     let ids = tok.encode(&probe)?;
     println!("encode({probe:?}) = {ids:?}");
     println!("decode(...) = {:?}", tok.decode(&ids));
-    // ANCHOR_END: tokenizer
+    Ok(())
+}
+// ANCHOR_END: tokenizer_demo
 
-    // ANCHOR: split
+fn split(data: &Dataset) {
     section("1.3", "Train and validation split");
-    println!(
-        "train: {} tokens (90%), val: {} tokens (10%)",
-        data.train.len(),
-        data.val.len()
-    );
-    data.check_block_size(args.train.block_size)?;
-    // ANCHOR_END: split
+    let (train, val) = (data.train.len(), data.val.len());
+    println!("train: {train} tokens (90%), val: {val} tokens (10%)");
+}
 
-    // ANCHOR: batches
+// ANCHOR: batches
+fn batches(run: &Run, block_size: usize) -> (Tensor<2, Int>, Tensor<2, Int>) {
     section("1.4", "Batches");
-    let (b, t) = (4, args.train.block_size);
-    let mut rng = rng_for(args.common.seed, stream::DEMO, 0);
-    let (x, y) = data.batch(Split::Train, b, t, &mut rng, &device);
+    let mut rng = rng_for(run.seed, stream::DEMO, 0);
+    let (x, y) = run
+        .data
+        .batch(Split::Train, 4, block_size, &mut rng, &run.device);
     println!("x: {:?} (inputs)\n{}", x.dims(), fmt_ids(&x));
     println!(
         "y: {:?} (targets: x shifted left by one)\n{}",
         y.dims(),
         fmt_ids(&y)
     );
-    let row = |t: &Tensor<2, Int>| -> Vec<usize> {
-        let v = t.clone().slice(s![0..1, ..]).into_data().convert::<i64>();
-        v.try_to_vec::<i64>()
-            .expect("ids")
-            .into_iter()
-            .map(|i| i as usize)
-            .collect()
+    let first_row = |t: &Tensor<2, Int>| -> Vec<usize> {
+        let ids = t.clone().slice(s![0..1, ..]).into_data().convert::<i64>();
+        ids.iter::<i64>().map(|i| i as usize).collect()
     };
-    let (x0, y0) = (row(&x), row(&y));
-    for i in 0..t {
-        println!(
-            "when input is {:?} the target is {:?}",
-            tok.decode(&x0[..=i]),
-            tok.decode(&y0[i..=i])
-        );
+    let (x0, y0) = (first_row(&x), first_row(&y));
+    let tok = &run.data.tokenizer;
+    for t in 0..block_size {
+        let (context, target) = (tok.decode(&x0[..=t]), tok.decode(&y0[t..=t]));
+        println!("when input is {context:?} the target is {target:?}");
     }
-    // ANCHOR_END: batches
+    (x, y)
+}
+// ANCHOR_END: batches
 
-    // ANCHOR: init_loss
+// ANCHOR: the_model
+fn the_model(run: &Run) -> Bigram {
     section("1.5", "The bigram model");
-    let model = BigramConfig::new(tok.vocab_size()).init(&device.clone().autodiff());
-    println!(
-        "parameters: {} (a {} x {} table)",
-        model.num_params(),
-        tok.vocab_size(),
-        tok.vocab_size()
-    );
-    let logits = model.forward(x.clone().autodiff());
-    println!("logits: {:?} = [batch, time, vocab]", logits.dims());
+    let v = run.data.tokenizer.vocab_size();
+    // Parameters that will be trained live on an autodiff device (Burn in five minutes).
+    let model = BigramConfig::new(v).init(&run.device.clone().autodiff());
+    println!("parameters: {} (a {v} x {v} table)", model.num_params());
+    model
+}
+// ANCHOR_END: the_model
 
+// ANCHOR: init_loss
+fn loss_before_training(model: &Bigram, x: Tensor<2, Int>, y: Tensor<2, Int>, vocab: usize) {
     section("1.6", "The loss before training");
+    let logits = model.forward(x.autodiff()); // [batch, time, vocab]
+    println!("logits: {:?} = [batch, time, vocab]", logits.dims());
     let loss = cross_entropy(logits, y.autodiff()).into_scalar::<f32>();
-    let v = tok.vocab_size() as f64;
-    println!("uniform guess: -ln(1/{v}) = {:.4}", v.ln());
+    let v = vocab as f64;
+    println!("uniform guess: -ln(1/{v}) = {:.4} (perplexity {v})", v.ln());
     println!(
         "expected for N(0, 1) logits: about ln({v}) + 1/2 = {:.4}",
         v.ln() + 0.5
     );
-    println!("measured on the batch above: {loss:.4}");
-    // ANCHOR_END: init_loss
-
-    // ANCHOR: sample_before
-    section("1.7", "A sample before training");
-    let window = args.train.block_size;
-    let mut sample_rng = rng_for(args.common.seed, stream::SAMPLE, 0);
-    let before = generate(
-        &model,
-        &[0],
-        100,
-        window,
-        SampleOptions::default(),
-        &mut sample_rng,
-        |_| {},
+    println!(
+        "measured on the batch above: {loss:.4} (perplexity {:.1})",
+        (loss as f64).exp()
     );
-    println!("{}", tok.decode(&before));
-    // ANCHOR_END: sample_before
+}
+// ANCHOR_END: init_loss
 
-    // ANCHOR: train
+// ANCHOR: sample_before
+fn sample_before_training(model: &Bigram, run: &Run) {
+    section("1.7", "Generating text, before training");
+    let mut rng = rng_for(run.seed, stream::SAMPLE, 0);
+    let opts = SampleOptions::default();
+    let tokens = generate(model, &[0], 100, opts, &mut rng, |_| {});
+    println!("{}", run.data.tokenizer.decode(&tokens));
+}
+// ANCHOR_END: sample_before
+
+// ANCHOR: train
+fn training(model: Bigram, run: &Run, args: &TrainArgs) -> Result<(Bigram, TrainReport)> {
     section("1.8", "Training");
-    let settings = args.train.settings(args.common.seed);
+    let settings = args.settings(run.seed);
     let mut optim = AdamWConfig::new().init();
-    let (model, report) = train(
-        model,
-        &mut optim,
-        &data,
-        &settings,
-        0,
-        &mut ConstantLr(args.train.lr),
-    )?;
-    let last = *report.losses.last().expect("at least one evaluation");
+    let mut lr = ConstantLr(args.lr);
+    let (model, report) = train(model, &mut optim, &run.data, &settings, 0, &mut lr)?;
+    let last = report.losses.last().expect("at least one evaluation");
     println!(
         "final: train {:.4}, val {:.4} after {} steps; {:.1} s, {:.0} tokens/s",
-        last.train, last.val, settings.steps, report.wall_seconds, report.tokens_per_second
+        last.train, last.val, last.step, report.wall_seconds, report.tokens_per_second
     );
-    // ANCHOR_END: train
+    Ok((model, report))
+}
+// ANCHOR_END: train
 
-    // ANCHOR: sample_after
-    section("1.9", "A sample after training");
-    let mut sample_rng = rng_for(args.common.seed, stream::SAMPLE, 1);
-    print_sample(
-        &model,
-        tok,
-        &[0],
-        args.sample_chars,
-        window,
-        SampleOptions::default(),
-        &mut sample_rng,
+// ANCHOR: counting
+fn counting(data: &Dataset, report: &TrainReport) {
+    section("1.9", "The best a bigram can do: counting");
+    let v = data.tokenizer.vocab_size();
+    let exact = counted_bigram(&data.train, v, 0.0);
+    let smoothed = counted_bigram(&data.train, v, 1.0);
+    let floor = bigram_nll(&exact, &data.train, v);
+    let val = bigram_nll(&smoothed, &data.val, v);
+    println!("counted table, training split: {floor:.4} (no bigram table can do better there)");
+    println!("counted table (add-one smoothing), validation split: {val:.4}");
+    let last = report.losses.last().expect("evaluated");
+    println!(
+        "trained table: train {:.4}, val {:.4}",
+        last.train, last.val
     );
-    // ANCHOR_END: sample_after
+}
+// ANCHOR_END: counting
 
-    section("1.10", "What the run wrote");
-    let summary = Summary {
-        chapter: CHAPTER,
-        backend: args.common.backend.to_string(),
-        seed: args.common.seed,
-        hyperparameters: &settings,
-        learning_rate: args.train.lr,
-        parameters: model.num_params(),
-        steps: settings.steps,
-        final_train_loss: last.train,
-        final_val_loss: last.val,
-        wall_seconds: report.wall_seconds,
-        train_seconds: report.train_seconds,
-        tokens_per_second: report.tokens_per_second,
-        data: corpus.path.display().to_string(),
-        variants: vec![],
-    };
-    write_run(&out, &summary, &report, "Chapter 1: bigram model")?;
-    println!("{}/summary.json, losses.csv, loss_curve.svg", out.display());
+// ANCHOR: sample_after
+fn sample_after_training(model: &Bigram, run: &Run, chars: usize) {
+    section("1.10", "Generating text, after training");
+    let mut rng = rng_for(run.seed, stream::SAMPLE, 1);
+    let tok: &CharTokenizer = &run.data.tokenizer;
+    print_sample(model, tok, &[0], chars, SampleOptions::default(), &mut rng);
+}
+// ANCHOR_END: sample_after
+
+fn what_the_run_wrote(
+    run: &Run,
+    args: &TrainArgs,
+    model: &Bigram,
+    report: &TrainReport,
+) -> Result<()> {
+    section("1.11", "What the run wrote");
+    let settings = args.settings(run.seed);
+    let hyper = serde_json::json!({ "training": settings, "lr": args.lr });
+    let summary = Summary::new(CHAPTER, run, hyper, model.num_params(), report);
+    let curves = [Curve::of("", report)];
+    let files = write_run(&run.out, &summary, "Chapter 1: bigram model", &curves)?;
+    println!("{}: {}", run.out.display(), files.join(", "));
     Ok(())
 }

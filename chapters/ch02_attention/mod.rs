@@ -2,9 +2,7 @@
 //! weighted average of what they find; the weights come from comparing queries with keys.
 
 use crate::common::train::LanguageModel;
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -45,24 +43,28 @@ pub fn scaled_scores<const D: usize>(q: Tensor<D>, k: Tensor<D>) -> Tensor<D> {
     q.matmul(k.swap_dims(D - 2, D - 1)) / (hs as f64).sqrt() // [..., t, t]
 }
 
-/// Scaled dot-product attention with a causal mask, for any leading dims
-/// (`[b, t, hs]` for one head, `[b, nh, t, hs]` for many). Returns the output and the
-/// attention weights `[..., t, t]` (each row a probability distribution over the past).
+/// The attention weights, for any leading dims (`[b, t, hs]` for one head, `[b, nh, t, hs]`
+/// for many): scaled scores, -inf where a query would see a later key, softmax over the keys.
+/// Each row of the result `[..., t, t]` is a probability distribution over the past.
+pub fn causal_weights<const D: usize>(q: Tensor<D>, k: Tensor<D>) -> Tensor<D> {
+    let scores = scaled_scores(q, k); // [..., t, t]
+    let shape = scores.dims();
+    let t = shape[D - 1];
+    let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &scores.device())
+        .unsqueeze::<D>()
+        .expand(shape); // true above the diagonal
+    softmax(scores.mask_fill(future, f32::NEG_INFINITY), D - 1)
+}
+
+/// Scaled dot-product attention with a causal mask: the weighted average of the values.
+/// Returns the output `[..., t, hs]` and the weights `[..., t, t]`.
 pub fn causal_attention<const D: usize>(
     q: Tensor<D>,
     k: Tensor<D>,
     v: Tensor<D>,
 ) -> (Tensor<D>, Tensor<D>) {
-    let dims = q.dims();
-    let t = dims[D - 2];
-    let scores = scaled_scores(q, k); // [..., t, t]
-    let mut shape = dims;
-    shape[D - 1] = t;
-    let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &scores.device())
-        .unsqueeze::<D>()
-        .expand(shape); // true where a query would see a later key
-    let wei = softmax(scores.mask_fill(future, f32::NEG_INFINITY), D - 1);
-    (wei.clone().matmul(v), wei) // [..., t, hs], [..., t, t]
+    let wei = causal_weights(q, k);
+    (wei.clone().matmul(v), wei)
 }
 // ANCHOR_END: causal_attention
 
@@ -104,56 +106,73 @@ impl Head {
 }
 // ANCHOR_END: head
 
-// ANCHOR: mha_config
-#[derive(Config, Debug)]
-pub struct MultiHeadAttentionConfig {
-    pub n_embd: usize,
-    pub n_head: usize,
-    #[config(default = 0.0)]
-    pub dropout: f64,
-    #[config(default = true)]
-    pub bias: bool,
-    /// N(0, std) for the weights; `None` keeps Burn's default (PyTorch's Kaiming uniform).
-    #[config(default = "None")]
-    pub init_std: Option<f64>,
-    /// A separate std for the output projection (GPT-2 scales it by 1/sqrt(2 * layers)).
-    #[config(default = "None")]
-    pub proj_init_std: Option<f64>,
+// ANCHOR: forward_rows
+/// `Linear` on `x: [b, t, c_in]` as ONE matrix product over `b * t` rows,
+/// `[b*t, c_in] @ [c_in, c_out]`, rather than the `b` products of `t` rows that Burn's
+/// `Linear::forward` runs on a 3-D input: the same numbers, but one big product keeps the CPU's
+/// matrix kernels busier (forward and backward).
+pub trait LinearRows {
+    fn forward_rows(&self, x: Tensor<3>) -> Tensor<3>;
 }
-// ANCHOR_END: mha_config
+
+impl LinearRows for Linear {
+    fn forward_rows(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let y = self.forward(x.reshape([b * t, c])); // [b*t, c_out]
+        let c_out = y.dims()[1];
+        y.reshape([b, t, c_out])
+    }
+}
+// ANCHOR_END: forward_rows
+
+// ANCHOR: heads
+/// `[b, t, 3c]` -> queries, keys and values of every head, each `[b, nh, t, hs]`.
+pub fn split_heads(qkv: Tensor<3>, n_head: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    let [b, t, c3] = qkv.dims();
+    let c = c3 / 3;
+    let part = |i: usize| {
+        qkv.clone()
+            .slice(s![.., .., i * c..(i + 1) * c]) // [b, t, c]
+            .reshape([b, t, n_head, c / n_head])
+            .swap_dims(1, 2) // [b, nh, t, hs]
+    };
+    (part(0), part(1), part(2))
+}
+
+/// `[b, nh, t, hs]` -> `[b, t, c]`: the heads' outputs side by side again.
+pub fn merge_heads(y: Tensor<4>) -> Tensor<3> {
+    let [b, nh, t, hs] = y.dims();
+    y.swap_dims(1, 2).reshape([b, t, nh * hs])
+}
+// ANCHOR_END: heads
 
 // ANCHOR: mha
 /// Several heads side by side. Rather than `n_head` separate `Head`s, one Linear makes the
 /// queries, keys and values of all heads at once and a reshape splits them apart: the same
-/// arithmetic, in three big matrix products instead of 3 x `n_head` small ones.
+/// arithmetic, in a few big matrix products instead of 3 x `n_head` small ones.
 #[derive(Module, Debug)]
 pub struct MultiHeadAttention {
     /// `[c] -> [3c]`: queries, keys and values of every head.
     pub c_attn: Linear,
     /// `[c] -> [c]`: mixes what the heads found.
     pub c_proj: Linear,
-    pub attn_dropout: Dropout,
-    pub resid_dropout: Dropout,
     pub n_head: usize,
 }
 
 impl MultiHeadAttention {
+    pub fn new(n_embd: usize, n_head: usize, device: &Device) -> Self {
+        Self {
+            c_attn: LinearConfig::new(n_embd, 3 * n_embd).init(device),
+            c_proj: LinearConfig::new(n_embd, n_embd).init(device),
+            n_head,
+        }
+    }
+
     /// `x: [b, t, c]` -> (`[b, t, c]`, attention weights `[b, n_head, t, t]`).
     pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
-        let [b, t, c] = x.dims();
-        let (nh, hs) = (self.n_head, c / self.n_head);
-        let qkv = per_token(&self.c_attn, x); // [b, t, 3c]
-        let heads = |i: usize| {
-            qkv.clone()
-                .slice(s![.., .., i * c..(i + 1) * c]) // [b, t, c]
-                .reshape([b, t, nh, hs])
-                .swap_dims(1, 2) // [b, nh, t, hs]
-        };
-        let (q, k, v) = (heads(0), heads(1), heads(2));
+        let (q, k, v) = split_heads(self.c_attn.forward_rows(x), self.n_head); // [b, nh, t, hs]
         let (y, wei) = causal_attention(q, k, v); // [b, nh, t, hs], [b, nh, t, t]
-        let y = self.attn_dropout.forward(y);
-        let y = y.swap_dims(1, 2).reshape([b, t, c]); // heads side by side again
-        (self.resid_dropout.forward(per_token(&self.c_proj, y)), wei)
+        (self.c_proj.forward_rows(merge_heads(y)), wei)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -162,57 +181,10 @@ impl MultiHeadAttention {
 }
 // ANCHOR_END: mha
 
-// ANCHOR: per_token
-/// Applies `linear` to every token of `x: [b, t, c_in]` as ONE matrix product over `b * t`
-/// rows, `[b*t, c_in] @ [c_in, c_out]`, rather than `b` products of `t` rows each: the same
-/// numbers, but a bigger product keeps the CPU's matrix kernels busier (forward and backward).
-pub fn per_token(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
-    let [b, t, c] = x.dims();
-    let y = linear.forward(x.reshape([b * t, c])); // [b*t, c_out]
-    let c_out = y.dims()[1];
-    y.reshape([b, t, c_out])
-}
-// ANCHOR_END: per_token
-
-/// Weight initialiser: N(0, std) when given, Burn's (and PyTorch's) default otherwise.
-pub fn linear_init(std: Option<f64>) -> Initializer {
-    match std {
-        Some(std) => Initializer::Normal { mean: 0.0, std },
-        None => LinearConfig::new(1, 1).initializer,
-    }
-}
-
-impl MultiHeadAttentionConfig {
-    pub fn init(&self, device: &Device) -> MultiHeadAttention {
-        assert!(
-            self.n_head > 0 && self.n_embd.is_multiple_of(self.n_head),
-            "n_embd ({}) must be a multiple of n_head ({})",
-            self.n_embd,
-            self.n_head
-        );
-        let linear = |i, o, std| {
-            LinearConfig::new(i, o)
-                .with_bias(self.bias)
-                .with_initializer(linear_init(std))
-                .init(device)
-        };
-        MultiHeadAttention {
-            c_attn: linear(self.n_embd, 3 * self.n_embd, self.init_std),
-            c_proj: linear(
-                self.n_embd,
-                self.n_embd,
-                self.proj_init_std.or(self.init_std),
-            ),
-            attn_dropout: DropoutConfig::new(self.dropout).init(),
-            resid_dropout: DropoutConfig::new(self.dropout).init(),
-            n_head: self.n_head,
-        }
-    }
-}
-
 // ANCHOR: model
-/// Token embedding + learned position embedding -> multi-head self-attention -> logits.
-/// Model A of the chapter is this with one head of size 32, model B with four heads of 8.
+/// Token embedding + learned position embedding -> self-attention -> logits. With one head
+/// the attention is the `Head` of section 2.2 (model A); with several, `MultiHeadAttention`
+/// (model B).
 #[derive(Config, Debug)]
 pub struct AttentionLmConfig {
     pub vocab_size: usize,
@@ -222,21 +194,43 @@ pub struct AttentionLmConfig {
 }
 
 #[derive(Module, Debug)]
+pub enum SelfAttention {
+    One(Head),
+    Multi(MultiHeadAttention),
+}
+
+#[derive(Module, Debug)]
 pub struct AttentionLm {
     pub wte: Embedding, // [vocab, c]: what each character is
     pub wpe: Embedding, // [block, c]: where it is
-    pub sa: MultiHeadAttention,
+    pub sa: SelfAttention,
     pub lm_head: Linear, // [c] -> [vocab]
     pub block_size: usize,
 }
 
 impl AttentionLmConfig {
+    /// Refuses sizes the model cannot have.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            anyhow::bail!(
+                "--n-embd ({}) must be a multiple of --n-head ({})",
+                self.n_embd,
+                self.n_head
+            );
+        }
+        Ok(())
+    }
+
     pub fn init(&self, device: &Device) -> AttentionLm {
+        let (c, nh) = (self.n_embd, self.n_head);
         AttentionLm {
-            wte: EmbeddingConfig::new(self.vocab_size, self.n_embd).init(device),
-            wpe: EmbeddingConfig::new(self.block_size, self.n_embd).init(device),
-            sa: MultiHeadAttentionConfig::new(self.n_embd, self.n_head).init(device),
-            lm_head: LinearConfig::new(self.n_embd, self.vocab_size).init(device),
+            wte: EmbeddingConfig::new(self.vocab_size, c).init(device),
+            wpe: EmbeddingConfig::new(self.block_size, c).init(device),
+            sa: match nh {
+                1 => SelfAttention::One(Head::new(c, c, device)),
+                _ => SelfAttention::Multi(MultiHeadAttention::new(c, nh, device)),
+            },
+            lm_head: LinearConfig::new(c, self.vocab_size).init(device),
             block_size: self.block_size,
         }
     }
@@ -257,14 +251,24 @@ impl AttentionLm {
         let [_, t] = idx.dims();
         let pos = positions(t, self.block_size, &idx.device());
         let x = self.wte.forward(idx) + self.wpe.forward(pos); // [b, t, c] + [1, t, c]
-        let (x, wei) = self.sa.forward_with_weights(x); // [b, t, c]
-        (self.lm_head.forward(x), wei) // [b, t, vocab]
+        let (x, wei) = match &self.sa {
+            SelfAttention::One(head) => {
+                let (y, wei) = head.forward_with_weights(x); // [b, t, c], [b, t, t]
+                (y, wei.unsqueeze_dim(1)) // one head: [b, 1, t, t]
+            }
+            SelfAttention::Multi(mha) => mha.forward_with_weights(x),
+        };
+        (self.lm_head.forward_rows(x), wei) // [b, t, vocab]
     }
 }
 
 impl LanguageModel for AttentionLm {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         self.forward_with_weights(idx).0
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
     }
 }
 // ANCHOR_END: model

@@ -1,9 +1,7 @@
 //! Chapter 3: a full GPT-1-style decoder. Attention from chapter 2, plus a feed-forward
 //! network, residual connections, LayerNorm and dropout, stacked into blocks.
 
-use crate::ch02_attention::{
-    MultiHeadAttention, MultiHeadAttentionConfig, linear_init, per_token, positions,
-};
+use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, positions, split_heads};
 use crate::common::train::LanguageModel;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gelu, Initializer, LayerNorm,
@@ -41,11 +39,39 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.gelu.forward(per_token(&self.c_fc, x)); // [b, t, 4c]
-        self.dropout.forward(per_token(&self.c_proj, h)) // [b, t, c]
+        let h = self.gelu.forward(self.c_fc.forward_rows(x)); // [b, t, 4c]
+        self.dropout.forward(self.c_proj.forward_rows(h)) // [b, t, c]
     }
 }
 // ANCHOR_END: feed_forward
+
+// ANCHOR: attention
+/// Chapter 2's multi-head attention with dropout where GPT-1, GPT-2 and nanoGPT put it: on
+/// the attention weights (a query randomly ignores some of the keys it chose) and on the
+/// output, before it joins the residual stream.
+#[derive(Module, Debug)]
+pub struct CausalSelfAttention {
+    pub c_attn: Linear, // [c] -> [3c]
+    pub c_proj: Linear, // [c] -> [c]
+    pub attn_dropout: Dropout,
+    pub resid_dropout: Dropout,
+    pub n_head: usize,
+}
+
+impl CausalSelfAttention {
+    /// `x: [b, t, c]` -> (`[b, t, c]`, the weights that multiplied the values `[b, nh, t, t]`).
+    pub fn forward_with_weights(&self, x: Tensor<3>) -> (Tensor<3>, Tensor<4>) {
+        let (q, k, v) = split_heads(self.c_attn.forward_rows(x), self.n_head); // [b, nh, t, hs]
+        let att = self.attn_dropout.forward(causal_weights(q, k)); // [b, nh, t, t]
+        let y = merge_heads(att.clone().matmul(v)); // [b, t, c]
+        (self.resid_dropout.forward(self.c_proj.forward_rows(y)), att)
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with_weights(x).0
+    }
+}
+// ANCHOR_END: attention
 
 // ANCHOR: norm
 /// Where LayerNorm sits in a block.
@@ -65,7 +91,7 @@ pub enum Norm {
 #[derive(Module, Debug)]
 pub struct Block {
     pub ln_1: LayerNorm,
-    pub attn: MultiHeadAttention,
+    pub attn: CausalSelfAttention,
     pub ln_2: LayerNorm,
     pub mlp: FeedForward,
     pub pre_norm: bool,
@@ -103,6 +129,10 @@ pub struct GptConfig {
     /// Share the token embedding with the output head (GPT-1 does).
     #[config(default = true)]
     pub tie_weights: bool,
+    /// GPT-2's initialisation: the layers that write into the residual stream start
+    /// 1/sqrt(2 * n_layer) smaller than the others. Off: every weight N(0, 0.02), as GPT-1.
+    #[config(default = false)]
+    pub gpt2_init: bool,
 }
 // ANCHOR_END: config
 
@@ -134,70 +164,96 @@ impl LanguageModel for Gpt {
             x = ln_f.forward(x);
         }
         match &self.lm_head {
-            Some(head) => head.forward(x), // [b, t, vocab]
+            Some(head) => head.forward_rows(x), // [b, t, vocab]
             // Tied: score each token by its embedding's dot product with x.
             None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
         }
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
     }
 }
 // ANCHOR_END: gpt
 
 // ANCHOR: init
 impl GptConfig {
+    /// Refuses shapes the model cannot have, with a message naming the setting.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let sizes = [
+            self.n_layer,
+            self.n_head,
+            self.n_embd,
+            self.block_size,
+            self.vocab_size,
+        ];
+        if sizes.contains(&0) {
+            anyhow::bail!("layers, heads, width, block size and vocabulary must all be at least 1");
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            anyhow::bail!(
+                "n_embd ({}) must be a multiple of n_head ({})",
+                self.n_embd,
+                self.n_head
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            anyhow::bail!("dropout must be in [0, 1), got {}", self.dropout);
+        }
+        Ok(())
+    }
+
+    /// Builds the model; panics on a config that `validate` refuses.
     pub fn init(&self, device: &Device) -> Gpt {
-        assert!(
-            self.n_head > 0 && self.n_embd.is_multiple_of(self.n_head),
-            "n_embd must be a multiple of n_head"
-        );
+        self.validate().expect("a valid GptConfig");
         let (c, std) = (self.n_embd, 0.02);
-        // GPT-1 initialises every weight N(0, 0.02). GPT-2 (pre-LN) also shrinks the layers that
-        // write into the residual stream by 1/sqrt(2 * n_layer), so the stream's variance does
-        // not grow with depth.
-        let proj_std = match self.norm {
-            Norm::Pre => std / (2.0 * self.n_layer as f64).sqrt(),
-            Norm::Post => std,
+        // GPT-1 initialises every weight N(0, 0.02). GPT-2 also shrinks the layers that write
+        // into the residual stream, so the stream's variance does not grow with depth.
+        let proj_std = match self.gpt2_init {
+            true => std / (2.0 * self.n_layer as f64).sqrt(),
+            false => std,
         };
-        let linear = |i, o, s| {
+        let linear = |i, o, std| {
             LinearConfig::new(i, o)
                 .with_bias(self.bias)
-                .with_initializer(linear_init(Some(s)))
+                .with_initializer(Initializer::Normal { mean: 0.0, std })
                 .init(device)
         };
         let ln = || LayerNormConfig::new(c).with_bias(self.bias).init(device);
-        let normal = Initializer::Normal { mean: 0.0, std };
-        let blocks = (0..self.n_layer)
-            .map(|_| Block {
-                ln_1: ln(),
-                attn: MultiHeadAttentionConfig::new(c, self.n_head)
-                    .with_dropout(self.dropout)
-                    .with_bias(self.bias)
-                    .with_init_std(Some(std))
-                    .with_proj_init_std(Some(proj_std))
-                    .init(device),
-                ln_2: ln(),
-                mlp: FeedForward {
-                    c_fc: linear(c, 4 * c, std),
-                    gelu: Gelu::new(),
-                    c_proj: linear(4 * c, c, proj_std),
-                    dropout: DropoutConfig::new(self.dropout).init(),
-                },
-                pre_norm: self.norm == Norm::Pre,
-            })
-            .collect();
+        let dropout = || DropoutConfig::new(self.dropout).init();
+        let embedding = |n| {
+            EmbeddingConfig::new(n, c)
+                .with_initializer(Initializer::Normal { mean: 0.0, std })
+                .init(device)
+        };
+        let block = |_| Block {
+            ln_1: ln(),
+            attn: CausalSelfAttention {
+                c_attn: linear(c, 3 * c, std),
+                c_proj: linear(c, c, proj_std),
+                attn_dropout: dropout(),
+                resid_dropout: dropout(),
+                n_head: self.n_head,
+            },
+            ln_2: ln(),
+            mlp: FeedForward {
+                c_fc: linear(c, 4 * c, std),
+                gelu: Gelu::new(),
+                c_proj: linear(4 * c, c, proj_std),
+                dropout: dropout(),
+            },
+            pre_norm: self.norm == Norm::Pre,
+        };
         Gpt {
-            wte: EmbeddingConfig::new(self.vocab_size, c)
-                .with_initializer(normal.clone())
-                .init(device),
-            wpe: EmbeddingConfig::new(self.block_size, c)
-                .with_initializer(normal)
-                .init(device),
-            drop: DropoutConfig::new(self.dropout).init(),
-            blocks,
+            wte: embedding(self.vocab_size),
+            wpe: embedding(self.block_size),
+            drop: dropout(),
+            blocks: (0..self.n_layer).map(block).collect(),
             ln_f: (self.norm == Norm::Pre).then(ln),
             lm_head: (!self.tie_weights).then(|| {
                 LinearConfig::new(c, self.vocab_size)
                     .with_bias(false)
-                    .with_initializer(linear_init(Some(std)))
+                    .with_initializer(Initializer::Normal { mean: 0.0, std })
                     .init(device)
             }),
             block_size: self.block_size,
@@ -231,8 +287,8 @@ impl GptConfig {
         6.0 * n as f64 + 12.0 * (self.n_layer * self.block_size * self.n_embd) as f64
     }
 
-    /// GPT-1 as published (Radford et al., 2018): 12 layers, 12 heads, 768 wide, 3072-wide
-    /// MLP, 512 positions, a 40,478-token BPE vocabulary, post-LN, tied head.
+    /// GPT-1's shape as published (Radford et al., 2018): 12 layers, 12 heads, 768 wide,
+    /// 3072-wide MLP, 512 positions, a 40,478-token BPE vocabulary, post-LN, tied head.
     pub fn gpt1() -> Self {
         GptConfig::new(40_478, 512, 12, 12, 768)
             .with_dropout(0.1)
@@ -240,3 +296,42 @@ impl GptConfig {
     }
 }
 // ANCHOR_END: param_count
+
+// ANCHOR: residual_stack
+/// How much gradient reaches the first layer of a stack of `depth` small MLPs
+/// (`c -> 4c -> GELU -> c`) initialised by `init`: returns the norm of its weight's gradient
+/// without residual connections (`x = f(x)`) and with them (`x = x + f(x)`), for the same
+/// weights and the same input.
+pub fn first_layer_grad_norms(depth: usize, init: &Initializer, device: &Device) -> (f32, f32) {
+    let c = 32;
+    let layer = |i, o| {
+        LinearConfig::new(i, o)
+            .with_initializer(init.clone())
+            .init(device)
+    };
+    let stack: Vec<(Linear, Linear)> = (0..depth)
+        .map(|_| (layer(c, 4 * c), layer(4 * c, c)))
+        .collect();
+    let x0 = Tensor::<2>::random(
+        [16, c],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let norm = |residual: bool| {
+        let mut x = x0.clone();
+        for (up, down) in &stack {
+            let fx = down.forward(Gelu::new().forward(up.forward(x.clone())));
+            x = if residual { x + fx } else { fx };
+        }
+        let grads = x.square().mean().backward();
+        let g = stack[0]
+            .0
+            .weight
+            .val()
+            .grad(&grads)
+            .expect("a gradient for layer 1");
+        g.square().sum().sqrt().into_scalar::<f32>()
+    };
+    (norm(false), norm(true))
+}
+// ANCHOR_END: residual_stack

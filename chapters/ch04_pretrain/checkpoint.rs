@@ -6,7 +6,7 @@ use super::PretrainConfig;
 use crate::ch03_gpt::Gpt;
 use crate::common::report::{write_atomic, write_json};
 use crate::common::tokenizer::CharTokenizer;
-use crate::common::train::LossRecord;
+use crate::common::train::{LossRecord, StepRecord};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
@@ -20,7 +20,7 @@ const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const META: &str = "meta.json";
 /// Bumped whenever the layout of a checkpoint changes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Meta {
@@ -34,6 +34,8 @@ pub struct Meta {
     pub val_loss: f64,
     pub best_val_loss: f64,
     pub losses: Vec<LossRecord>,
+    /// Every optimizer step so far (the per-step log).
+    pub steps: Vec<StepRecord>,
     pub backend: String,
 }
 

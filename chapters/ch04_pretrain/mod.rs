@@ -2,15 +2,16 @@
 //! schedule, weight decay on the right parameters, gradient clipping, checkpoints that
 //! resume exactly, and sampling from a saved model.
 
+pub mod bench;
 pub mod checkpoint;
 
-use crate::ch03_gpt::{Gpt, GptConfig, Norm};
-use crate::common::dataset::Dataset;
-use crate::common::train::{TrainSettings, train_step};
-use burn::module::{Module, ParamGroup};
+use crate::ch03_gpt::{GptConfig, Norm};
+use crate::common::train::TrainSettings;
+use anyhow::{Result, bail};
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::time::Instant;
 
 // ANCHOR: config
 /// Everything that defines a pre-training run (saved with every checkpoint).
@@ -41,8 +42,11 @@ pub struct PretrainConfig {
 pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
     let base = |n_layer, n_head, n_embd, block, batch, steps| PretrainConfig {
         preset: name.to_string(),
-        // No biases (as nanoGPT's Shakespeare config): a little faster, no worse.
-        model: GptConfig::new(vocab_size, block, n_layer, n_head, n_embd).with_bias(false),
+        // No biases (as nanoGPT's Shakespeare config): a little faster, no worse. Pre-LN with
+        // GPT-2's initialisation, as nanoGPT.
+        model: GptConfig::new(vocab_size, block, n_layer, n_head, n_embd)
+            .with_bias(false)
+            .with_gpt2_init(true),
         batch_size: batch,
         steps,
         lr: 1e-3,
@@ -65,7 +69,7 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
         },
         // The default: nanoGPT's "baby GPT" for CPUs, about 0.8M parameters.
         "baby" => base(4, 4, 128, 64, 12, 2000),
-        // The lecture's final model (about 10.8M parameters): GPU-sized.
+        // The lecture's final model (about 10.7M parameters): GPU-sized.
         "lecture" => {
             let mut c = base(6, 6, 384, 256, 64, 5000);
             c.model = c.model.with_dropout(0.2);
@@ -83,7 +87,8 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
                 .model
                 .with_dropout(0.1)
                 .with_bias(true)
-                .with_norm(Norm::Post);
+                .with_norm(Norm::Post)
+                .with_gpt2_init(false);
             c.lr = 2.5e-4;
             c.min_lr = 0.0;
             c.warmup_steps = 2000;
@@ -114,8 +119,11 @@ pub fn learning_rate(cfg: &PretrainConfig, step: usize) -> f64 {
 // ANCHOR_END: schedule
 
 // ANCHOR: optimizer
-/// The parameters that get weight decay: the weight matrices of Linear layers. Biases,
-/// LayerNorm gains and the embeddings are not shrunk towards zero.
+/// The parameters that get weight decay: the weight matrices of Linear layers (and of an
+/// untied output head). Biases and LayerNorm gains are not shrunk towards zero, and neither
+/// are the embeddings, tied or not: the rows of a rare character get few gradient updates,
+/// and decay would pull them towards zero at every step whether the character was seen or
+/// not (minGPT's choice; nanoGPT decays every 2-D tensor, the tied embedding included).
 pub const DECAYED: &str =
     r"^(blocks\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)|lm_head)\.weight$";
 
@@ -159,62 +167,148 @@ pub fn train_settings(c: &PretrainConfig, stop_after: Option<usize>) -> TrainSet
     }
 }
 
-// ANCHOR: time_steps
-/// Step times of a benchmark, in milliseconds.
-#[derive(Clone, Debug, Serialize)]
-pub struct StepTimes {
-    /// The very first step: on GPU backends it compiles and autotunes every kernel.
-    pub first_step_ms: f64,
-    /// Median over the timed steps (after `warmup` untimed ones).
-    pub median_ms_per_step: f64,
-    pub tokens_per_s: f64,
-    pub gflops: f64,
-    pub timed_steps: usize,
-    pub warmup_steps: usize,
+/// Counts (tensors, values) of the parameters in the decayed group and of the rest.
+pub fn param_groups<M: Module>(model: &M) -> ((usize, usize), (usize, usize)) {
+    let mut g = Groups {
+        group: decayed_group(),
+        path: vec![],
+        decayed: (0, 0),
+        kept: (0, 0),
+    };
+    model.visit(&mut g);
+    (g.decayed, g.kept)
 }
 
-/// Runs `warmup + n` real training steps of `model` (on an autodiff device) and times each;
-/// reading the loss back every step makes each time include all of the step's device work.
-pub fn time_steps(
-    cfg: &PretrainConfig,
-    mut model: Gpt,
-    data: &Dataset,
-    warmup: usize,
-    n: usize,
-) -> anyhow::Result<StepTimes> {
-    let mut optim = optimizer(cfg);
-    let run = train_settings(cfg, None);
-    let device = model.devices()[0].clone();
-    let mut times = Vec::with_capacity(warmup + n);
-    for step in 0..warmup + n {
-        let tick = Instant::now();
-        let (next, loss) = train_step(
-            model,
-            &mut optim,
-            data,
-            &run,
-            step,
-            learning_rate(cfg, step),
-            &device,
-        );
-        model = next;
-        times.push(tick.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(
-            loss.is_finite(),
-            "the loss became {loss} during the benchmark"
-        );
-    }
-    let mut timed = times[warmup.min(times.len())..].to_vec();
-    timed.sort_by(|a, b| a.total_cmp(b));
-    let median = timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN);
-    let tokens_per_s = (cfg.batch_size * cfg.model.block_size) as f64 / (median / 1e3);
-    Ok(StepTimes {
-        first_step_ms: times.first().copied().unwrap_or(f64::NAN),
-        median_ms_per_step: median,
-        tokens_per_s,
-        gflops: cfg.model.flops_per_token() * tokens_per_s / 1e9,
-        timed_steps: n,
-        warmup_steps: warmup,
-    })
+struct Groups {
+    group: ParamGroup,
+    path: Vec<String>,
+    decayed: (usize, usize),
+    kept: (usize, usize),
 }
-// ANCHOR_END: time_steps
+
+impl ModuleVisitor for Groups {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.shape().num_elements();
+        let path = self.path.join("."); // e.g. "blocks.0.attn.c_attn.weight"
+        let g = if self.group.matches(&param.id, Some(&path)) {
+            &mut self.decayed
+        } else {
+            &mut self.kept
+        };
+        *g = (g.0 + 1, g.1 + n);
+    }
+}
+
+// ANCHOR: overrides
+/// Flags that change a preset's settings, each named after the field it sets (`--n-layer 6`
+/// sets `model.n_layer`). A flag that is not given keeps the preset's value.
+#[derive(clap::Args, Clone, Debug, Default, Serialize)]
+pub struct Overrides {
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// LayerNorm placement: pre (GPT-2) or post (GPT-1).
+    #[arg(long, value_enum)]
+    pub norm: Option<Norm>,
+    /// Biases in Linear and LayerNorm layers.
+    #[arg(long)]
+    pub bias: Option<bool>,
+    /// Share the token embedding with the output head.
+    #[arg(long)]
+    pub tie_weights: Option<bool>,
+    /// GPT-2's smaller initialisation of the residual projections.
+    #[arg(long)]
+    pub gpt2_init: Option<bool>,
+    /// Optimizer steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Final learning rate of the cosine decay.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    #[arg(long)]
+    pub eval_interval: Option<usize>,
+    #[arg(long)]
+    pub eval_iters: Option<usize>,
+}
+
+impl PretrainConfig {
+    /// The preset `name` with every given override applied on top, checked.
+    pub fn build(name: &str, vocab_size: usize, overrides: &Overrides, seed: u64) -> Result<Self> {
+        let Some(preset) = preset(name, vocab_size) else {
+            bail!(
+                "unknown preset '{name}'; choose one of {}",
+                PRESETS.join(", ")
+            );
+        };
+        // Through JSON: each flag replaces the field of the same name, in the model's
+        // settings or in the run's.
+        let mut config = serde_json::to_value(&preset)?;
+        let serde_json::Value::Object(flags) = serde_json::to_value(overrides)? else {
+            unreachable!("a struct serialises to an object")
+        };
+        for (name, value) in flags.into_iter().filter(|(_, v)| !v.is_null()) {
+            match config["model"].get_mut(&name) {
+                Some(field) => *field = value,
+                None => config[name.as_str()] = value,
+            }
+        }
+        let built = Self {
+            seed,
+            ..serde_json::from_value(config)?
+        };
+        built.validate()?;
+        Ok(built)
+    }
+}
+// ANCHOR_END: overrides
+
+impl PretrainConfig {
+    /// Refuses settings that cannot train, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        if self.batch_size == 0 || self.eval_interval == 0 || self.eval_iters == 0 {
+            bail!("--batch-size, --eval-interval and --eval-iters must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr <= 1.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!(
+                "need 0 < --lr <= 1 and 0 <= --min-lr <= --lr (got {} and {})",
+                self.lr,
+                self.min_lr
+            );
+        }
+        if self.grad_clip < 0.0 || !self.grad_clip.is_finite() {
+            bail!("--grad-clip must be 0 (off) or positive");
+        }
+        Ok(())
+    }
+}

@@ -77,9 +77,9 @@ impl Backend {
     }
     // ANCHOR_END: device
 
-    /// True for backends that compile a kernel per tensor shape (so fixed shapes pay off).
-    pub fn compiles_kernels(self) -> bool {
-        !matches!(self, Backend::Ndarray | Backend::Flex)
+    /// True for the backends that run on the CPU itself (no GPU driver involved).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Backend::Ndarray | Backend::Flex)
     }
 
     pub fn available() -> String {

@@ -22,8 +22,47 @@ pub struct CommonArgs {
     pub out: Option<PathBuf>,
 }
 
-fn parse_backend(s: &str) -> Result<Backend, String> {
+pub fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
+}
+
+/// How to sample from a trained model (chapter 4's `sample`, and later chapters).
+#[derive(Args, Clone, Debug)]
+pub struct SampleArgs {
+    /// Softmax temperature; 0 always picks the most likely character.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the k most likely characters (k >= 1).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// How many samples to draw.
+    #[arg(long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// Characters to generate per sample.
+    #[arg(long, default_value_t = 500)]
+    pub max_new_tokens: usize,
+}
+
+impl SampleArgs {
+    /// The options, checked: out-of-range values are errors, not silent no-ops.
+    pub fn options(&self) -> anyhow::Result<crate::common::sample::SampleOptions> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!(
+                "--temperature must be 0 or positive, got {}",
+                self.temperature
+            );
+        }
+        if self.top_k == Some(0) {
+            anyhow::bail!("--top-k must be at least 1 (leave it out to sample from all)");
+        }
+        if self.num_samples == 0 || self.max_new_tokens == 0 {
+            anyhow::bail!("--num-samples and --max-new-tokens must be at least 1");
+        }
+        Ok(crate::common::sample::SampleOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+        })
+    }
 }
 
 /// The training flags; each chapter sets their defaults.
@@ -58,6 +97,7 @@ impl CommonArgs {
 }
 
 impl TrainArgs {
+    /// The loop's settings (no clipping: chapter 4 introduces it).
     pub fn settings(&self, seed: u64) -> crate::common::train::TrainSettings {
         crate::common::train::TrainSettings {
             steps: self.steps,

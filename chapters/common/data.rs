@@ -15,9 +15,8 @@ pub const TINY_SHAKESPEARE_SHA256: &str =
     "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed";
 /// Where the download goes: `data/` beside `Cargo.toml` (git-ignored).
 pub const DEFAULT_FILE: &str = "data/tinyshakespeare.txt";
-/// Environment variables: a local corpus, and (for tests) another download address.
+/// The environment variable that points at a local corpus.
 pub const ENV_DATA: &str = "GPT_DATA";
-pub const ENV_DATA_URL: &str = "GPT_DATA_URL";
 
 /// A text loaded into memory, with where it came from.
 pub struct Corpus {
@@ -34,9 +33,7 @@ pub fn load_corpus(data: Option<&Path>) -> Result<Corpus> {
             _ => {
                 let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_FILE);
                 if !path.exists() {
-                    let url = std::env::var(ENV_DATA_URL)
-                        .unwrap_or_else(|_| TINY_SHAKESPEARE_URL.to_string());
-                    download(&url, &path, TINY_SHAKESPEARE_SHA256)?;
+                    download(TINY_SHAKESPEARE_URL, &path, TINY_SHAKESPEARE_SHA256)?;
                 }
                 path
             }

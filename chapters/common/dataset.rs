@@ -118,7 +118,9 @@ pub fn rng_for(seed: u64, purpose: u64, step: usize) -> StdRng {
 /// The purposes `rng_for` separates.
 pub mod stream {
     pub const TRAIN: u64 = 1;
-    pub const EVAL: u64 = 2;
+    /// Loss estimates on the training split and on the validation split.
+    pub const EVAL_TRAIN: u64 = 2;
+    pub const EVAL_VAL: u64 = 5;
     pub const SAMPLE: u64 = 3;
     pub const DEMO: u64 = 4;
 }

@@ -11,7 +11,60 @@ pub mod sample;
 pub mod tokenizer;
 pub mod train;
 
+use crate::common::backend::Backend;
+use crate::common::cli::CommonArgs;
+use crate::common::data::{Corpus, load_corpus};
+use crate::common::dataset::Dataset;
+use anyhow::{Context, Result};
 use burn::prelude::*;
+use std::path::PathBuf;
+
+/// What every chapter binary starts from: its output folder (checked writable before any
+/// training), the device seeded with `--seed`, and the corpus, encoded and split.
+pub struct Run {
+    pub backend: Backend,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub device: Device,
+    pub corpus: Corpus,
+    pub data: Dataset,
+}
+
+impl CommonArgs {
+    /// Prints the chapter's title line and sets up its run. `block_size`, when known, is
+    /// checked against the text's length.
+    pub fn start(&self, chapter: &str, title: &str, block_size: Option<usize>) -> Result<Run> {
+        let out = self.out_dir(chapter);
+        check_writable(&out)?;
+        let device = self.backend.device();
+        // The one place a binary seeds Burn's (process-wide) generator: every weight and
+        // random tensor after this follows from `--seed`.
+        device.seed(self.seed);
+        println!("{title} (backend: {})", self.backend);
+        let corpus = load_corpus(self.data.as_deref())?;
+        let data = Dataset::new(&corpus.text)?;
+        if let Some(block_size) = block_size {
+            data.check_block_size(block_size)?;
+        }
+        Ok(Run {
+            backend: self.backend,
+            seed: self.seed,
+            out,
+            device,
+            corpus,
+            data,
+        })
+    }
+}
+
+/// Creates `dir` and checks that a file can be written into it.
+pub fn check_writable(dir: &std::path::Path) -> Result<()> {
+    let probe = dir.join(".write-test");
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(&probe, b""))
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("cannot write into the output folder {}", dir.display()))
+}
 
 /// Runs a binary's body and turns an error into one readable message and exit code 1
 /// (anyhow's `Debug` output, which `fn main() -> Result` would print, adds a stack backtrace

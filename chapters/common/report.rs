@@ -1,6 +1,7 @@
 //! What a chapter leaves in its output folder: `summary.json`, `losses.csv` and a loss curve.
 
-use crate::common::train::{LossRecord, TrainReport};
+use crate::common::Run;
+use crate::common::train::{LossRecord, StepRecord, TrainReport};
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::Serialize;
@@ -13,7 +14,6 @@ pub struct Summary<'a, H: Serialize> {
     pub backend: String,
     pub seed: u64,
     pub hyperparameters: H,
-    pub learning_rate: f64,
     pub parameters: usize,
     pub steps: usize,
     pub final_train_loss: f64,
@@ -22,10 +22,49 @@ pub struct Summary<'a, H: Serialize> {
     pub train_seconds: f64,
     pub tokens_per_second: f64,
     pub data: String,
+    /// The machine's CPU (the wall times depend on it).
+    pub cpu: String,
     /// Chapters that train more than one model list each here (the top-level numbers are
     /// the chapter's final model).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub variants: Vec<Variant>,
+}
+
+impl<'a, H: Serialize> Summary<'a, H> {
+    /// The summary of a run whose final model is `parameters` large and trained as `report` says.
+    pub fn new(
+        chapter: &'a str,
+        run: &Run,
+        hyperparameters: H,
+        parameters: usize,
+        report: &TrainReport,
+    ) -> Self {
+        let last = final_losses(report);
+        Self {
+            chapter,
+            backend: run.backend.to_string(),
+            seed: run.seed,
+            hyperparameters,
+            parameters,
+            steps: last.step,
+            final_train_loss: last.train,
+            final_val_loss: last.val,
+            wall_seconds: report.wall_seconds,
+            train_seconds: report.train_seconds,
+            tokens_per_second: report.tokens_per_second,
+            data: run.corpus.path.display().to_string(),
+            cpu: Machine::cpu(),
+            variants: vec![],
+        }
+    }
+}
+
+fn final_losses(report: &TrainReport) -> LossRecord {
+    report.losses.last().copied().unwrap_or(LossRecord {
+        step: 0,
+        train: f64::NAN,
+        val: f64::NAN,
+    })
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -40,11 +79,7 @@ pub struct Variant {
 
 impl Variant {
     pub fn new(name: &str, parameters: usize, report: &TrainReport) -> Self {
-        let last = report.losses.last().copied().unwrap_or(LossRecord {
-            step: 0,
-            train: f64::NAN,
-            val: f64::NAN,
-        });
+        let last = final_losses(report);
         Self {
             name: name.to_string(),
             parameters,
@@ -54,6 +89,48 @@ impl Variant {
             tokens_per_second: report.tokens_per_second,
         }
     }
+}
+
+/// One trained model's logs, as a run writes and plots them.
+pub struct Curve<'a> {
+    /// Empty for a chapter's only model; otherwise it names the files (`losses_<name>.csv`).
+    pub name: &'a str,
+    pub losses: &'a [LossRecord],
+    pub steps: &'a [StepRecord],
+}
+
+impl<'a> Curve<'a> {
+    pub fn of(name: &'a str, report: &'a TrainReport) -> Self {
+        Self {
+            name,
+            losses: &report.losses,
+            steps: &report.steps,
+        }
+    }
+}
+
+/// Writes summary.json, and for each curve losses*.csv (the evaluations) and steps*.csv (every
+/// step), and loss_curve.svg with all of them. Returns the names of the files written.
+pub fn write_run<H: Serialize>(
+    out: &Path,
+    summary: &Summary<'_, H>,
+    title: &str,
+    curves: &[Curve],
+) -> Result<Vec<String>> {
+    let mut files = vec!["summary.json".to_string()];
+    write_json(&out.join("summary.json"), summary)?;
+    for c in curves {
+        let suffix = match c.name {
+            "" => String::new(),
+            name => format!("_{}", name.to_lowercase().replace(' ', "_")),
+        };
+        write_losses_csv(&out.join(format!("losses{suffix}.csv")), c.losses)?;
+        write_steps_csv(&out.join(format!("steps{suffix}.csv")), c.steps)?;
+        files.extend([format!("losses{suffix}.csv"), format!("steps{suffix}.csv")]);
+    }
+    plot_losses(&out.join("loss_curve.svg"), title, curves)?;
+    files.push("loss_curve.svg".into());
+    Ok(files)
 }
 
 /// Writes a file through a temporary sibling and a rename, so readers never see half of it.
@@ -84,9 +161,35 @@ pub fn write_losses_csv(path: &Path, losses: &[LossRecord]) -> Result<()> {
     write_atomic(path, csv.as_bytes())
 }
 
-/// Train and val loss against step, one or more runs on one chart (SVG).
-pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> Result<()> {
-    let all = runs.iter().flat_map(|(_, l)| l.iter());
+pub fn write_steps_csv(path: &Path, steps: &[StepRecord]) -> Result<()> {
+    let mut csv = String::from("step,loss,lr,grad_norm,ms\n");
+    for r in steps {
+        csv.push_str(&format!(
+            "{},{:.6},{:.6e},{:.6},{:.3}\n",
+            r.step, r.loss, r.lr, r.grad_norm, r.ms
+        ));
+    }
+    write_atomic(path, csv.as_bytes())
+}
+
+/// The per-step batch losses averaged over bins of consecutive steps, so that a long run
+/// draws about 300 points: (mean step, mean loss).
+fn binned(steps: &[StepRecord]) -> Vec<(f64, f64)> {
+    let bin = steps.len().div_ceil(300).max(1);
+    steps
+        .chunks(bin)
+        .map(|c| {
+            let n = c.len() as f64;
+            let step = c.iter().map(|r| r.step as f64).sum::<f64>() / n;
+            (step + 1.0, c.iter().map(|r| r.loss).sum::<f64>() / n)
+        })
+        .collect()
+}
+
+/// Train and val loss against step, one or more runs on one chart (SVG): the estimates as
+/// lines with points, every step's batch loss (binned) as a faint line under them.
+pub fn plot_losses(path: &Path, title: &str, runs: &[Curve]) -> Result<()> {
+    let all = runs.iter().flat_map(|c| c.losses.iter());
     let max_step = all.clone().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
     let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), r| {
         (lo.min(r.train).min(r.val), hi.max(r.train).max(r.val))
@@ -114,26 +217,40 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> 
             (RGBColor(44, 160, 44), RGBColor(214, 39, 40)),
             (RGBColor(148, 103, 189), RGBColor(140, 86, 75)),
         ];
-        for (i, (name, losses)) in runs.iter().enumerate() {
+        for (i, run) in runs.iter().enumerate() {
             let (color, val_color) = palette[i % palette.len()];
+            let (losses, name) = (run.losses, run.name);
             let prefix = if name.is_empty() {
                 String::new()
             } else {
                 format!("{name} ")
             };
+            let y_range = (lo - pad)..(hi + pad);
             chart
                 .draw_series(LineSeries::new(
-                    losses.iter().map(|r| (r.step as f64, r.train)),
-                    color.stroke_width(2),
+                    binned(run.steps)
+                        .into_iter()
+                        .filter(|(_, l)| y_range.contains(l)),
+                    color.mix(0.35).stroke_width(1),
                 ))?
+                .label(format!("{prefix}train batch loss"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.mix(0.35)));
+            chart
+                .draw_series(
+                    LineSeries::new(
+                        losses.iter().map(|r| (r.step as f64, r.train)),
+                        color.stroke_width(2),
+                    )
+                    .point_size(3),
+                )?
                 .label(format!("{prefix}train"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
             let val_style = val_color.stroke_width(2);
             chart
-                .draw_series(LineSeries::new(
-                    losses.iter().map(|r| (r.step as f64, r.val)),
-                    val_style,
-                ))?
+                .draw_series(
+                    LineSeries::new(losses.iter().map(|r| (r.step as f64, r.val)), val_style)
+                        .point_size(3),
+                )?
                 .label(format!("{prefix}val"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], val_style));
         }
@@ -144,20 +261,6 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[(&str, &[LossRecord])]) -> 
             .draw()?;
         root.present()?;
     }
-    Ok(())
-}
-
-/// Writes summary.json, losses.csv and loss_curve.svg for one training run.
-pub fn write_run<H: Serialize>(
-    out: &Path,
-    summary: &Summary<'_, H>,
-    report: &TrainReport,
-    title: &str,
-) -> Result<()> {
-    fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    write_json(&out.join("summary.json"), summary)?;
-    write_losses_csv(&out.join("losses.csv"), &report.losses)?;
-    plot_losses(&out.join("loss_curve.svg"), title, &[("", &report.losses)])?;
     Ok(())
 }
 
@@ -172,8 +275,20 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn detect() -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    /// The machine, with its GPU adapters listed only when `with_gpu` (asking wgpu for
+    /// adapters starts a graphics driver, which has no business in a CPU run).
+    pub fn detect(with_gpu: bool) -> Self {
+        Self {
+            cpu: Self::cpu(),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            os: std::env::consts::OS.to_string(),
+            gpu_adapters: if with_gpu { gpu_adapters() } else { Vec::new() },
+        }
+    }
+
+    /// The CPU's model name, from /proc/cpuinfo (the architecture elsewhere).
+    pub fn cpu() -> String {
+        std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
                 s.lines()
@@ -181,13 +296,7 @@ impl Machine {
                     .and_then(|l| l.split(':').nth(1))
                     .map(|m| m.trim().to_string())
             })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-        Self {
-            cpu,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            os: std::env::consts::OS.to_string(),
-            gpu_adapters: gpu_adapters(),
-        }
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use crate::common::dataset::ids_tensor;
 use crate::common::tokenizer::CharTokenizer;
-use crate::common::train::LanguageModel;
+use crate::common::train::{LanguageModel, model_device};
 use burn::prelude::*;
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -78,53 +78,91 @@ pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usiz
 // ANCHOR_END: pick_token
 
 // ANCHOR: generate
-/// Generates `max_new_tokens` after `context`, calling `on_token` with each new token as it
-/// is made (so a binary can stream it to the terminal).
-///
-/// The model always sees a tensor of the same shape `[1, window]`: the context sits at the
-/// left, padding at the right, and the logits are read at the last real position. Causal
-/// attention never looks right, so the padding changes nothing, and a backend that compiles
-/// a kernel per shape (wgpu) compiles once instead of once per length.
+/// Generates `max_new_tokens` after `context`: run the model on the last `block_size` tokens,
+/// pick the next token from the logits of the last position, append it, repeat. `on_token`
+/// sees each new token as it is made (so a binary can stream it to the terminal).
 pub fn generate<M: LanguageModel>(
     model: &M,
     context: &[usize],
     max_new_tokens: usize,
-    window: usize,
     opts: SampleOptions,
     rng: &mut StdRng,
+    on_token: impl FnMut(usize),
+) -> Vec<usize> {
+    let model = model.valid(); // dropout off
+    let device = model_device(&model);
+    let next_logits = |tokens: &[usize]| {
+        let ctx = &tokens[tokens.len().saturating_sub(model.block_size())..];
+        let ids = ctx.iter().map(|&t| t as i64).collect();
+        let logits = model.forward(ids_tensor(ids, [1, ctx.len()], &device)); // [1, t, vocab]
+        row(logits, ctx.len() - 1)
+    };
+    sample_loop(context, max_new_tokens, opts, rng, next_logits, on_token)
+}
+
+/// The loop every generator shares: ask `next_logits` for the scores of the token after
+/// `tokens`, pick one, append it, repeat. An empty context starts from token 0.
+pub fn sample_loop(
+    context: &[usize],
+    max_new_tokens: usize,
+    opts: SampleOptions,
+    rng: &mut StdRng,
+    mut next_logits: impl FnMut(&[usize]) -> Vec<f32>,
     mut on_token: impl FnMut(usize),
 ) -> Vec<usize> {
-    let model = model.valid();
-    let device = model
-        .devices()
-        .first()
-        .cloned()
-        .expect("a model with parameters");
-    let mut tokens: Vec<usize> = if context.is_empty() {
+    let mut tokens = if context.is_empty() {
         vec![0]
     } else {
         context.to_vec()
     };
     let start = tokens.len();
     for _ in 0..max_new_tokens {
-        let from = tokens.len().saturating_sub(window);
-        let ctx = &tokens[from..];
-        let mut ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
-        ids.resize(window, 0);
-        let logits = model.forward(ids_tensor(ids, [1, window], &device)); // [1, window, vocab]
-        let [_, _, vocab] = logits.dims();
-        let last = logits
-            .slice(s![0..1, ctx.len() - 1..ctx.len(), 0..vocab])
-            .into_data()
-            .try_to_vec::<f32>()
-            .expect("f32 logits");
-        let next = pick_token(&last, opts, rng);
+        let next = pick_token(&next_logits(&tokens), opts, rng);
         on_token(next);
         tokens.push(next);
     }
     tokens.split_off(start)
 }
+
+/// Row `t` of `[1, t, vocab]` logits, on the host.
+fn row(logits: Tensor<3>, t: usize) -> Vec<f32> {
+    let [_, _, vocab] = logits.dims();
+    logits
+        .slice(s![0..1, t..t + 1, 0..vocab])
+        .into_data()
+        .try_to_vec::<f32>()
+        .expect("f32 logits")
+}
 // ANCHOR_END: generate
+
+// ANCHOR: generate_fixed_shape
+/// `generate` with a tensor of one shape for every token: the context sits at the left of a
+/// `[1, block_size]` tensor, padding at the right, and the logits are read at the last real
+/// position. Causal attention never looks right, so the padding changes nothing; a backend
+/// that compiles a kernel per shape (wgpu) compiles once instead of once per length.
+pub fn generate_fixed_shape<M: LanguageModel>(
+    model: &M,
+    context: &[usize],
+    max_new_tokens: usize,
+    opts: SampleOptions,
+    rng: &mut StdRng,
+    on_token: impl FnMut(usize),
+) -> Vec<usize> {
+    let model = model.valid();
+    let device = model_device(&model);
+    let window = model.block_size();
+    let next_logits = |tokens: &[usize]| {
+        let ctx = &tokens[tokens.len().saturating_sub(window)..];
+        let mut ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
+        ids.resize(window, 0); // padding the model never attends to
+        row(
+            model.forward(ids_tensor(ids, [1, window], &device)),
+            ctx.len() - 1,
+        )
+    };
+    sample_loop(context, max_new_tokens, opts, rng, next_logits, on_token)
+}
+// ANCHOR_END: generate_fixed_shape
 
 /// `generate`, printing each new character to stdout as soon as it exists.
 pub fn print_sample<M: LanguageModel>(
@@ -132,12 +170,11 @@ pub fn print_sample<M: LanguageModel>(
     tok: &CharTokenizer,
     context: &[usize],
     max_new_tokens: usize,
-    window: usize,
     opts: SampleOptions,
     rng: &mut StdRng,
 ) -> Vec<usize> {
     let mut stdout = std::io::stdout();
-    let out = generate(model, context, max_new_tokens, window, opts, rng, |t| {
+    let out = generate(model, context, max_new_tokens, opts, rng, |t| {
         print!("{}", tok.decode(&[t]));
         let _ = stdout.flush();
     });

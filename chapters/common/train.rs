@@ -9,12 +9,14 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What every model of the course is: token ids in, next-token logits out.
 pub trait LanguageModel: Module {
     /// `idx: [batch, time]` -> logits `[batch, time, vocab]`.
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3>;
+    /// The longest context the model can read (generation keeps only this many tokens).
+    fn block_size(&self) -> usize;
 }
 
 // ANCHOR: cross_entropy
@@ -36,34 +38,36 @@ pub struct LossRecord {
 }
 
 // ANCHOR: estimate_loss
+/// How a loss estimate is taken: `iters` random batches of each split.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EvalSettings {
+    pub batch_size: usize,
+    pub block_size: usize,
+    pub iters: usize,
+    pub seed: u64,
+}
+
 /// Estimates the loss on both splits with the inference copy of `model` (no autodiff,
 /// dropout off). Batches depend only on (seed, step), so every backend sees the same ones.
 pub fn estimate_loss<M: LanguageModel>(
     model: &M,
     data: &Dataset,
-    batch_size: usize,
-    block_size: usize,
-    eval_iters: usize,
-    seed: u64,
+    eval: &EvalSettings,
     step: usize,
 ) -> LossRecord {
     let model = model.valid();
-    let device = model
-        .devices()
-        .first()
-        .cloned()
-        .expect("a model with parameters");
+    let device = model_device(&model);
     let mean = |split: Split, purpose: u64| {
-        let mut rng = rng_for(seed, purpose, step);
+        let mut rng = rng_for(eval.seed, purpose, step);
         let mut total = 0.0;
-        for _ in 0..eval_iters {
-            let (x, y) = data.batch(split, batch_size, block_size, &mut rng, &device);
+        for _ in 0..eval.iters {
+            let (x, y) = data.batch(split, eval.batch_size, eval.block_size, &mut rng, &device);
             total += cross_entropy(model.forward(x), y).into_scalar::<f32>() as f64;
         }
-        total / eval_iters as f64
+        total / eval.iters as f64
     };
-    let train = mean(Split::Train, stream::EVAL);
-    let val = mean(Split::Val, stream::EVAL + 100);
+    let train = mean(Split::Train, stream::EVAL_TRAIN);
+    let val = mean(Split::Val, stream::EVAL_VAL);
     LossRecord { step, train, val }
 }
 // ANCHOR_END: estimate_loss
@@ -83,10 +87,36 @@ pub struct TrainSettings {
     pub stop_after: Option<usize>,
 }
 
+impl TrainSettings {
+    /// The loss estimates of this run: same batch and block size, `eval_iters` batches.
+    pub fn eval(&self) -> EvalSettings {
+        EvalSettings {
+            batch_size: self.batch_size,
+            block_size: self.block_size,
+            iters: self.eval_iters,
+            seed: self.seed,
+        }
+    }
+}
+
+/// One optimizer step, as the per-step log (`steps.csv`) records it.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: usize,
+    /// The loss of this step's training batch (noisy: one batch, not an estimate).
+    pub loss: f64,
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step, in milliseconds.
+    pub ms: f64,
+}
+
 /// What a run produced besides the trained model.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TrainReport {
     pub losses: Vec<LossRecord>,
+    pub steps: Vec<StepRecord>,
     /// Training time only (evaluations excluded), in seconds.
     pub train_seconds: f64,
     /// Wall time of the whole loop, evaluations included.
@@ -98,6 +128,8 @@ pub struct TrainReport {
 pub trait TrainHooks<M> {
     /// Learning rate for `step` (0-based).
     fn learning_rate(&self, step: usize) -> f64;
+    /// Called after each optimizer step.
+    fn on_step(&mut self, _record: &StepRecord) {}
     /// Called after each evaluation, with the model and optimizer as they are at `record.step`.
     fn on_eval(
         &mut self,
@@ -122,6 +154,16 @@ impl<M> TrainHooks<M> for ConstantLr {
     }
 }
 
+/// The device a model's parameters live on.
+pub fn model_device<M: Module>(model: &M) -> Device {
+    model
+        .devices()
+        .first()
+        .cloned()
+        .expect("a model with parameters")
+}
+
+// ANCHOR: train
 /// Trains `model` (whose parameters live on an autodiff device) from `start_step` to
 /// `settings.steps`. Losses are estimated at every multiple of `eval_interval` and after the
 /// last step. A loss that is not finite stops the run with an error.
@@ -134,33 +176,18 @@ pub fn train<M: LanguageModel>(
     hooks: &mut dyn TrainHooks<M>,
 ) -> Result<(M, TrainReport)> {
     data.check_block_size(settings.block_size)?;
-    let device = model
-        .devices()
-        .first()
-        .cloned()
-        .expect("a model with parameters");
-    let (b, t) = (settings.batch_size, settings.block_size);
-    let bar = ProgressBar::new(settings.steps as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
-            .expect("valid template"),
-    );
-    bar.set_position(start_step as u64);
-
+    let bar = progress_bar(settings.steps, start_step);
     let mut report = TrainReport::default();
     let started = Instant::now();
-    let mut train_time = Duration::ZERO;
-    let mut trained_steps = 0usize;
     let end = settings
         .stop_after
         .map_or(settings.steps, |s| s.min(settings.steps));
     let is_eval_step = |step: usize| {
         step.is_multiple_of(settings.eval_interval.max(1)) || step == settings.steps || step == end
     };
-    for step in start_step..=settings.steps {
+    for step in start_step..=end {
         if is_eval_step(step) && (step > start_step || start_step == 0) {
-            let record =
-                estimate_loss(&model, data, b, t, settings.eval_iters, settings.seed, step);
+            let record = estimate_loss(&model, data, &settings.eval(), step);
             // `suspend` rather than `bar.println`: the latter prints nothing when the bar is
             // hidden (output piped to a file), and recorded runs need these lines.
             bar.suspend(|| {
@@ -175,47 +202,68 @@ pub fn train<M: LanguageModel>(
         if step == end {
             break;
         }
+        let lr = hooks.learning_rate(step);
         let tick = Instant::now();
-        let (next, loss_value) = train_step(
-            model,
-            optim,
-            data,
-            settings,
-            step,
-            hooks.learning_rate(step),
-            &device,
-        );
+        let (next, loss, grad_norm) = train_step(model, optim, data, settings, step, lr);
         model = next;
-        if !loss_value.is_finite() {
+        if !loss.is_finite() {
             bar.abandon();
             bail!(
-                "the training loss became {loss_value} at step {step}; stopping \
+                "the training loss became {loss} at step {step}; stopping \
                  (try a lower learning rate; the last checkpoint, if any, is kept)"
             );
         }
-        train_time += tick.elapsed();
-        trained_steps += 1;
-        let tps = (trained_steps * b * t) as f64 / train_time.as_secs_f64();
+        let ms = tick.elapsed().as_secs_f64() * 1e3;
+        let record = StepRecord {
+            step,
+            loss: loss as f64,
+            lr,
+            grad_norm,
+            ms,
+        };
+        report.steps.push(record);
+        hooks.on_step(&record);
+        report.train_seconds += ms / 1e3;
+        let tps = report.tokens_per_second(settings);
         bar.set_message(format!(
-            "loss {loss_value:.4} | {} tok/s{}",
+            "loss {loss:.4} | {} tok/s{}",
             human(tps),
             hooks.progress_extra(step, tps)
         ));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    report.train_seconds = train_time.as_secs_f64();
     report.wall_seconds = started.elapsed().as_secs_f64();
-    report.tokens_per_second = if trained_steps > 0 {
-        (trained_steps * b * t) as f64 / report.train_seconds
-    } else {
-        0.0
-    };
+    report.tokens_per_second = report.tokens_per_second(settings);
     Ok((model, report))
+}
+// ANCHOR_END: train
+
+impl TrainReport {
+    /// Training tokens per second of the steps run so far (0 before the first).
+    fn tokens_per_second(&self, settings: &TrainSettings) -> f64 {
+        let tokens = self.steps.len() * settings.batch_size * settings.block_size;
+        if tokens == 0 {
+            0.0
+        } else {
+            tokens as f64 / self.train_seconds
+        }
+    }
+}
+
+fn progress_bar(steps: usize, start_step: usize) -> ProgressBar {
+    let bar = ProgressBar::new(steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(start_step as u64);
+    bar
 }
 
 // ANCHOR: train_step
-/// One optimizer step on the training batch of `step`; returns the new model and the loss.
+/// One optimizer step on the training batch of `step`. Returns the new model, the batch
+/// loss and the gradient norm before clipping.
 pub fn train_step<M: LanguageModel>(
     model: M,
     optim: &mut ModuleOptimizer,
@@ -223,26 +271,18 @@ pub fn train_step<M: LanguageModel>(
     settings: &TrainSettings,
     step: usize,
     lr: f64,
-    device: &Device,
-) -> (M, f32) {
+) -> (M, f32, f64) {
     let mut rng = rng_for(settings.seed, stream::TRAIN, step);
-    let (x, y) = data.batch(
-        Split::Train,
-        settings.batch_size,
-        settings.block_size,
-        &mut rng,
-        device,
-    );
+    let (b, t) = (settings.batch_size, settings.block_size);
+    let (x, y) = data.batch(Split::Train, b, t, &mut rng, &model_device(&model));
     let loss = cross_entropy(model.forward(x), y); // [1]
     let loss_value = loss.clone().into_scalar::<f32>();
     if !loss_value.is_finite() {
-        return (model, loss_value);
+        return (model, loss_value, f64::NAN);
     }
-    let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-    if let Some(max_norm) = settings.grad_clip {
-        grads = clip_grad_norm(grads, &model, max_norm).0;
-    }
-    (optim.step(lr, model, grads), loss_value)
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let (grads, norm) = clip_grad_norm(grads, &model, settings.grad_clip);
+    (optim.step(lr, model, grads), loss_value, norm)
 }
 // ANCHOR_END: train_step
 
@@ -260,11 +300,12 @@ pub fn human(x: f64) -> String {
 // ANCHOR: clip
 /// Gradient clipping by global norm (as PyTorch's `clip_grad_norm_`): treat every gradient
 /// of the model as one long vector; if its length exceeds `max_norm`, scale all of them down
-/// by the same factor. Returns the clipped gradients and the norm before clipping.
+/// by the same factor. Returns the gradients and their norm before clipping (measured even
+/// when `max_norm` is `None`, for the training log).
 pub fn clip_grad_norm<M: Module>(
     mut grads: GradientsParams,
     model: &M,
-    max_norm: f64,
+    max_norm: Option<f64>,
 ) -> (GradientsParams, f64) {
     let mut sum = SumOfSquares {
         grads: &grads,
@@ -275,7 +316,7 @@ pub fn clip_grad_norm<M: Module>(
         .total
         .map_or(0.0, |t| t.into_scalar::<f32>() as f64)
         .sqrt();
-    if norm > max_norm {
+    if let Some(max_norm) = max_norm.filter(|&m| norm > m) {
         let mut scale = Scale {
             grads: &mut grads,
             factor: max_norm / (norm + 1e-6),

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use course::ch04_pretrain::preset;
+use course::ch04_pretrain::{PretrainConfig, preset};
 use course::common::backend::Backend;
 use course::common::data::load_corpus;
 use course::common::dataset::Dataset;
@@ -84,33 +84,11 @@ fn run() -> Result<()> {
     }
     let corpus = load_corpus(args.data.as_deref())?;
     let data = Dataset::new(&corpus.text)?;
-    let v = data.tokenizer.vocab_size();
-    let mut presets = vec!["tiny"];
-    if !args.quick {
-        presets.push("baby");
-    }
-    if args.large {
-        presets.push("lecture");
-    }
-    let configs: Vec<_> = presets
-        .iter()
-        .map(|p| {
-            let mut c = preset(p, v).expect("known preset");
-            c.seed = args.seed;
-            c
-        })
-        .collect();
-    for c in &configs {
+    let plan = Plan::new(&args, data.tokenizer.vocab_size());
+    for c in &plan.configs {
         data.check_block_size(c.model.block_size)?;
     }
-    let sizes: &[usize] = if args.quick {
-        &[64, 128]
-    } else {
-        &[128, 256, 512, 1024, 2048]
-    };
-    let steps = args.steps.unwrap_or(if args.quick { 2 } else { 20 });
-    let (warmup, gen_tokens) = if args.quick { (1, 10) } else { (3, 200) };
-    let machine = Machine::detect();
+    let machine = Machine::detect(backends.iter().any(|b| !b.is_cpu()));
     println!(
         "Comparing backends: {} on {} ({} cores)",
         names(&backends),
@@ -120,79 +98,121 @@ fn run() -> Result<()> {
     for a in &machine.gpu_adapters {
         println!("  wgpu adapter: {a}");
     }
-
     let mut results = Vec::new();
     for (i, &backend) in backends.iter().enumerate() {
         section(&format!("{}", i + 1), &format!("Backend {backend}"));
-        let device = backend.device();
-        let parity = parity(&data, &device, args.seed);
-        let max_abs_diff = parity.iter().map(|p| p.max_abs_diff).fold(0.0, f32::max);
-        for p in &parity {
-            println!(
-                "parity with ndarray, {}: max |diff| {:.2e}",
-                p.model, p.max_abs_diff
-            );
-        }
-        if max_abs_diff > 1e-4 {
-            bail!("{backend} disagrees with ndarray by {max_abs_diff} (more than 1e-4)");
-        }
-        let mut matmul = Vec::new();
-        for &n in sizes {
-            let reps = (1usize << 31).div_ceil(n * n * n).clamp(2, 50);
-            let gflops = matmul_gflops(&device, n, reps);
-            println!("matmul {n}x{n}: {gflops:.1} GFLOP/s");
-            matmul.push(MatmulResult { size: n, gflops });
-        }
-        let mut train = Vec::new();
-        for c in &configs {
-            let r = train_speed(c, &data, &device, warmup, steps)?;
-            println!(
-                "train {}: first step {:.0} ms, median {:.1} ms/step, {:.0} tokens/s, {:.1} GFLOP/s",
-                r.preset,
-                r.times.first_step_ms,
-                r.times.median_ms_per_step,
-                r.times.tokens_per_s,
-                r.times.gflops
-            );
-            train.push(r);
-        }
-        let gen_cfg = configs.last().expect("a preset");
-        let generation = vec![generation_speed(gen_cfg, &device, gen_tokens)];
-        println!(
-            "generate {} tokens ({}): {:.1} tokens/s",
-            gen_tokens, gen_cfg.preset, generation[0].tokens_per_s
-        );
-        results.push(BackendResults {
-            backend: backend.to_string(),
-            matmul,
-            train,
-            generation,
-            parity,
-            max_abs_diff,
-        });
+        results.push(measure(backend, &plan, &data, args.seed)?);
     }
-
     section(&format!("{}", backends.len() + 1), "Summary");
-    let table = markdown(&results, sizes);
+    let table = markdown(&results, &plan.sizes);
     println!("{table}");
     std::fs::create_dir_all(&args.out)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     write_atomic(&args.out.join("results.md"), table.as_bytes())?;
     chart(&args.out.join("chart.svg"), &results)?;
-    write_json(
-        &args.out.join("results.json"),
-        &Results {
-            machine,
-            quick: args.quick,
-            command,
-            backends: results,
-        },
-    )?;
+    let quick = args.quick;
+    let all = Results {
+        machine,
+        quick,
+        command,
+        backends: results,
+    };
+    write_json(&args.out.join("results.json"), &all)?;
     println!(
         "wrote {}/results.json, results.md, chart.svg",
         args.out.display()
     );
     Ok(())
+}
+
+/// What to measure on every backend.
+struct Plan {
+    configs: Vec<PretrainConfig>,
+    /// Square matmul sizes.
+    sizes: Vec<usize>,
+    warmup: usize,
+    steps: usize,
+    gen_tokens: usize,
+}
+
+impl Plan {
+    fn new(args: &Args, vocab_size: usize) -> Self {
+        let mut presets = vec!["tiny"];
+        if !args.quick {
+            presets.push("baby");
+        }
+        if args.large {
+            presets.push("lecture");
+        }
+        let configs = presets
+            .iter()
+            .map(|p| PretrainConfig {
+                seed: args.seed,
+                ..preset(p, vocab_size).expect("known preset")
+            })
+            .collect();
+        let (sizes, warmup, gen_tokens) = match args.quick {
+            true => (vec![64, 128], 1, 10),
+            false => (vec![128, 256, 512, 1024, 2048], 3, 200),
+        };
+        let steps = args.steps.unwrap_or(if args.quick { 2 } else { 20 });
+        Plan {
+            configs,
+            sizes,
+            warmup,
+            steps,
+            gen_tokens,
+        }
+    }
+}
+
+/// Parity, matmul, training and generation on one backend.
+fn measure(backend: Backend, plan: &Plan, data: &Dataset, seed: u64) -> Result<BackendResults> {
+    let device = backend.device();
+    let parity = parity(data, &device, seed);
+    let max_abs_diff = parity.iter().map(|p| p.max_abs_diff).fold(0.0, f32::max);
+    for p in &parity {
+        println!(
+            "parity with ndarray, {}: max |diff| {:.2e}",
+            p.model, p.max_abs_diff
+        );
+    }
+    if max_abs_diff > 1e-4 {
+        bail!("{backend} disagrees with ndarray by {max_abs_diff} (more than 1e-4)");
+    }
+    let mut matmul = Vec::new();
+    for &n in &plan.sizes {
+        let reps = (1usize << 31).div_ceil(n * n * n).clamp(2, 50);
+        let gflops = matmul_gflops(&device, n, reps);
+        println!("matmul {n}x{n}: {gflops:.1} GFLOP/s");
+        matmul.push(MatmulResult { size: n, gflops });
+    }
+    let mut train = Vec::new();
+    for c in &plan.configs {
+        let r = train_speed(c, data, &device, plan.warmup, plan.steps)?;
+        let t = &r.times;
+        println!(
+            "train {}: first step {:.0} ms, median {:.1} ms/step, {:.0} tokens/s, {:.1} GFLOP/s",
+            r.preset, t.first_step_ms, t.median_ms_per_step, t.tokens_per_s, t.gflops
+        );
+        train.push(r);
+    }
+    let gen_cfg = plan.configs.last().expect("a preset");
+    let generation = vec![generation_speed(gen_cfg, &device, plan.gen_tokens)];
+    let (n, rate) = (plan.gen_tokens, generation[0].tokens_per_s);
+    println!(
+        "generate {n} tokens ({}): {rate:.1} tokens/s",
+        gen_cfg.preset
+    );
+    let backend = backend.to_string();
+    Ok(BackendResults {
+        backend,
+        matmul,
+        train,
+        generation,
+        parity,
+        max_abs_diff,
+    })
 }
 
 #[derive(Serialize)]
@@ -207,7 +227,7 @@ struct OpResults {
 fn ops(args: &Args, backends: &[Backend]) -> Result<()> {
     let shape = if args.quick { [96, 64] } else { [768, 512] };
     let reps = if args.quick { 2 } else { 10 };
-    let machine = Machine::detect();
+    let machine = Machine::detect(backends.iter().any(|b| !b.is_cpu()));
     println!(
         "Element-wise operations on a {shape:?} tensor, {} on {} ({} cores)",
         names(backends),

@@ -3,10 +3,11 @@
 use crate::ch01_bigram::BigramConfig;
 use crate::ch02_attention::AttentionLmConfig;
 use crate::ch03_gpt::{GptConfig, Norm};
-use crate::ch04_pretrain::{PretrainConfig, StepTimes, time_steps};
+use crate::ch04_pretrain::PretrainConfig;
+use crate::ch04_pretrain::bench::{StepTimes, time_steps};
 use crate::common::dataset::{Dataset, Split, rng_for, stream};
 use crate::common::max_abs_diff;
-use crate::common::sample::{SampleOptions, generate};
+use crate::common::sample::{SampleOptions, generate_fixed_shape};
 use crate::common::train::LanguageModel;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -82,15 +83,14 @@ pub fn train_speed(
 pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> GenerationResult {
     device.seed(cfg.seed);
     let model = cfg.model.init(device);
-    let window = cfg.model.block_size;
     let opts = SampleOptions {
         temperature: 1.0,
         top_k: None,
     };
     let mut rng = rng_for(cfg.seed, stream::SAMPLE, 0);
-    generate(&model, &[0], 2, window, opts, &mut rng, |_| {});
+    generate_fixed_shape(&model, &[0], 2, opts, &mut rng, |_| {});
     let start = Instant::now();
-    generate(&model, &[0], n, window, opts, &mut rng, |_| {});
+    generate_fixed_shape(&model, &[0], n, opts, &mut rng, |_| {});
     GenerationResult {
         preset: cfg.preset.clone(),
         new_tokens: n,
@@ -245,7 +245,7 @@ pub fn op_costs(device: &Device, [rows, cols]: [usize; 2], reps: usize) -> Vec<O
         }),
     );
     time(
-        "train: Linear on [b*t, c] (per_token)",
+        "train: Linear on [b*t, c] (forward_rows)",
         time_op(&ad, reps, || {
             let [b, t, c] = x3.dims();
             weight_grad(linear(x3.clone().reshape([b * t, c]), w.clone(), None).unsqueeze())

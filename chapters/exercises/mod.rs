@@ -1,6 +1,7 @@
 //! Solutions to the exercises at the end of each chapter. They are compiled with the course
 //! and checked by `tests/exercises.rs`, so a solution that stops working fails the build.
 
+use crate::ch01_bigram::{bigram_nll, counted_bigram};
 use crate::ch02_attention::{MultiHeadAttention, causal_attention};
 use crate::common::dataset::Dataset;
 use crate::common::dataset::ids_tensor;
@@ -10,25 +11,22 @@ use burn::tensor::activation::softmax;
 use rand::RngExt;
 use rand::rngs::StdRng;
 
-// ANCHOR: ch01_counts
-/// Chapter 1, exercise 2: the bigram table by counting instead of gradient descent. The
-/// maximum-likelihood estimate of p(next | current) is count(current, next) / count(current);
-/// add-one smoothing keeps unseen pairs from getting probability zero.
-pub fn count_bigram_val_loss(data: &Dataset) -> f64 {
+// ANCHOR: ch01_smoothing
+/// Chapter 1, exercise 2: how much smoothing suits the counted table? The validation loss of
+/// `counted_bigram` for each `alpha`, as (alpha, loss) pairs.
+pub fn smoothing_sweep(data: &Dataset, alphas: &[f64]) -> Vec<(f64, f64)> {
     let v = data.tokenizer.vocab_size();
-    let mut counts = vec![1.0f64; v * v]; // add-one smoothing
-    for w in data.train.windows(2) {
-        counts[w[0] * v + w[1]] += 1.0;
-    }
-    let row_sums: Vec<f64> = counts.chunks(v).map(|r| r.iter().sum()).collect();
-    let nll: f64 = data
-        .val
-        .windows(2)
-        .map(|w| -(counts[w[0] * v + w[1]] / row_sums[w[0]]).ln())
-        .sum();
-    nll / (data.val.len() - 1) as f64
+    alphas
+        .iter()
+        .map(|&alpha| {
+            (
+                alpha,
+                bigram_nll(&counted_bigram(&data.train, v, alpha), &data.val, v),
+            )
+        })
+        .collect()
 }
-// ANCHOR_END: ch01_counts
+// ANCHOR_END: ch01_smoothing
 
 // ANCHOR: ch01_temperature
 /// Chapter 1, exercise 3: the entropy (in nats) of the distribution that temperature `t`

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use burn::tensor::Device;
+use burn::prelude::*;
 use course::common::backend::Backend;
+use course::common::max_abs_diff;
+use course::common::train::LanguageModel;
 use std::path::PathBuf;
 
 /// The real corpus: `$GPT_DATA`, else the copy in `../shared/data/` beside the checkout,
@@ -40,6 +42,25 @@ pub fn wgpu_device() -> Option<Device> {
 
 pub fn ndarray_device() -> Device {
     Backend::Ndarray.device()
+}
+
+/// The fastest CPU backend, for tests that only need a trained model.
+pub fn flex_device() -> Device {
+    Backend::Flex.device()
+}
+
+/// `model` (on ndarray) copied with the same weights to flex and to wgpu gives the same
+/// logits on `x` within 1e-4.
+pub fn assert_same_logits<M: LanguageModel>(model: M, x: Tensor<2, Int>) {
+    let reference = model.forward(x.clone());
+    let mut others = vec![Backend::Flex.device()];
+    others.extend(wgpu_device());
+    for device in others {
+        let moved = model.clone().to_device(&device);
+        let logits = moved.forward(x.clone().to_device(&device));
+        let diff = max_abs_diff(&reference, &logits);
+        assert!(diff <= 1e-4, "max abs diff {diff} on {device:?}");
+    }
 }
 
 /// Runs one of the crate's binaries and returns (exit code, stdout, stderr).

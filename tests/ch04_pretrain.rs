@@ -47,20 +47,20 @@ fn trained() -> &'static Path {
     })
 }
 
-fn losses(dir: &Path) -> Vec<(usize, f64, f64)> {
-    std::fs::read_to_string(dir.join("losses.csv"))
+/// The rows of a CSV file the run wrote, as numbers (the header skipped).
+fn csv(path: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .skip(1)
-        .map(|l| {
-            let v: Vec<&str> = l.split(',').collect();
-            (
-                v[0].parse().unwrap(),
-                v[1].parse().unwrap(),
-                v[2].parse().unwrap(),
-            )
-        })
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect()
+}
+
+/// (step, train, val) of every evaluation.
+fn losses(dir: &Path) -> Vec<(usize, f64, f64)> {
+    let rows = csv(&dir.join("losses.csv"));
+    rows.iter().map(|r| (r[0] as usize, r[1], r[2])).collect()
 }
 
 #[test]
@@ -144,19 +144,10 @@ fn a_resumed_run_matches_one_that_never_stopped() {
         );
     }
     // The per-step log continues too: 60 steps, the same batch losses and learning rates.
+    // (step, batch loss, learning rate) of every step.
     let steps = |dir: &Path| -> Vec<(usize, f64, f64)> {
-        let text = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
-        text.lines()
-            .skip(1)
-            .map(|l| {
-                let v: Vec<&str> = l.split(',').collect();
-                (
-                    v[0].parse().unwrap(),
-                    v[1].parse().unwrap(),
-                    v[2].parse().unwrap(),
-                )
-            })
-            .collect()
+        let rows = csv(&dir.join("steps.csv"));
+        rows.iter().map(|r| (r[0] as usize, r[1], r[2])).collect()
     };
     let (a, b) = (steps(&straight), steps(&resumed));
     assert_eq!(

@@ -4,7 +4,6 @@
 //! Run: `cargo run --release --bin ch01_bigram -- --backend ndarray`
 
 use anyhow::Result;
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use clap::Parser;
 use course::ch01_bigram::{Bigram, BigramConfig, bigram_nll, counted_bigram};
@@ -13,7 +12,7 @@ use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Curve, Summary, write_run};
 use course::common::sample::{SampleOptions, generate, print_sample};
 use course::common::tokenizer::CharTokenizer;
-use course::common::train::{ConstantLr, LanguageModel, TrainReport, cross_entropy, train};
+use course::common::train::{LanguageModel, TrainReport, cross_entropy, fit};
 use course::common::{Run, fmt_ids, section};
 
 const CHAPTER: &str = "ch01_bigram";
@@ -163,16 +162,7 @@ fn sample_before_training(model: &Bigram, run: &Run) {
 // ANCHOR: train
 fn training(model: Bigram, run: &Run, args: &TrainArgs) -> Result<(Bigram, TrainReport)> {
     section("1.8", "Training");
-    let settings = args.settings(run.seed);
-    let mut optim = AdamWConfig::new().init();
-    let mut lr = ConstantLr(args.lr);
-    let (model, report) = train(model, &mut optim, &run.data, &settings, 0, &mut lr)?;
-    let last = report.losses.last().expect("at least one evaluation");
-    println!(
-        "final: train {:.4}, val {:.4} after {} steps; {:.1} s, {:.0} tokens/s",
-        last.train, last.val, last.step, report.wall_seconds, report.tokens_per_second
-    );
-    Ok((model, report))
+    fit("bigram", model, run, args)
 }
 // ANCHOR_END: train
 

@@ -4,7 +4,6 @@
 
 use anyhow::Result;
 use burn::nn::{Embedding, EmbeddingConfig};
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
@@ -17,7 +16,7 @@ use course::common::dataset::{Dataset, ids_tensor, rng_for, stream};
 use course::common::heatmap::{Panel, heatmap_grid, show_char};
 use course::common::report::{Curve, Summary, Variant, write_run};
 use course::common::sample::{SampleOptions, print_sample};
-use course::common::train::{ConstantLr, TrainReport, train};
+use course::common::train::{TrainReport, fit};
 use course::common::{Run, fmt_matrix, max_abs_diff, section};
 
 const CHAPTER: &str = "ch02_attention";
@@ -64,14 +63,14 @@ fn main() -> std::process::ExitCode {
         positional_embeddings(&head, &run)?;
         let v = run.data.tokenizer.vocab_size();
         section("2.4", "Model A: one head of self-attention");
-        let a = fit(
+        let a = train_model(
             "model A",
             AttentionLmConfig::new(v, t, c, 1),
             &run,
             &args.train,
         )?;
         section("2.5", "Model B: multi-head attention");
-        let b = fit(
+        let b = train_model(
             "model B",
             AttentionLmConfig::new(v, t, c, args.n_head),
             &run,
@@ -197,8 +196,8 @@ fn embedding(n: usize, device: &Device) -> Embedding {
 // ANCHOR_END: positions_demo
 
 // ANCHOR: train_models
-/// Trains one model of the chapter with the run's settings and prints how it did.
-fn fit(name: &str, cfg: AttentionLmConfig, run: &Run, args: &TrainArgs) -> Result<Trained> {
+/// Builds one model of the chapter and trains it with the run's settings.
+fn train_model(name: &str, cfg: AttentionLmConfig, run: &Run, args: &TrainArgs) -> Result<Trained> {
     let model = cfg.init(&run.device.clone().autodiff());
     let hs = cfg.n_embd / cfg.n_head;
     println!(
@@ -206,22 +205,7 @@ fn fit(name: &str, cfg: AttentionLmConfig, run: &Run, args: &TrainArgs) -> Resul
         cfg.n_head,
         model.num_params()
     );
-    let mut optim = AdamWConfig::new().init();
-    let settings = args.settings(run.seed);
-    let (model, report) = train(
-        model,
-        &mut optim,
-        &run.data,
-        &settings,
-        0,
-        &mut ConstantLr(args.lr),
-    )?;
-    let last = report.losses.last().expect("evaluated");
-    println!(
-        "{name}: final train {:.4}, val {:.4}; {:.1} s, {:.0} tokens/s",
-        last.train, last.val, report.wall_seconds, report.tokens_per_second
-    );
-    Ok((model, report))
+    fit(name, model, run, args)
 }
 // ANCHOR_END: train_models
 

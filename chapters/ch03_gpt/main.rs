@@ -4,7 +4,6 @@
 
 use anyhow::Result;
 use burn::nn::{Initializer, LayerNormConfig, LinearConfig};
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use clap::Parser;
@@ -13,7 +12,7 @@ use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::dataset::{Split, rng_for, stream};
 use course::common::report::{Curve, Summary, Variant, write_run};
 use course::common::sample::{SampleOptions, print_sample};
-use course::common::train::{ConstantLr, LanguageModel, TrainReport, train};
+use course::common::train::{LanguageModel, TrainReport, fit};
 use course::common::{Run, max_abs_diff, section};
 
 const CHAPTER: &str = "ch03_gpt";
@@ -84,11 +83,11 @@ fn main() -> std::process::ExitCode {
         the_decoder(&cfg, &run);
         counting_parameters(&cfg, &run.device);
         section("3.7", &format!("Training ({:?}-LN)", cfg.norm));
-        let mut trained = vec![fit(&cfg, &run, &args.train)?];
+        let mut trained = vec![train_model(&cfg, &run, &args.train)?];
         if !args.no_compare {
             let other = cfg.clone().with_norm(other_norm(cfg.norm)); // only the norm changes
             section("3.8", &format!("The same with {:?}-LN", other.norm));
-            trained.push(fit(&other, &run, &args.train)?);
+            trained.push(train_model(&other, &run, &args.train)?);
         }
         sample(&trained[0].1, &run, args.sample_chars);
         what_the_run_wrote(&run, &args, &cfg, &trained)
@@ -241,25 +240,10 @@ fn other_norm(norm: Norm) -> Norm {
 }
 
 // ANCHOR: train_gpt
-/// Trains a model of `cfg` with the chapter's settings (AdamW, constant learning rate).
-fn fit(cfg: &GptConfig, run: &Run, args: &TrainArgs) -> Result<Trained> {
-    let model = cfg.init(&run.device.clone().autodiff());
-    let mut optim = AdamWConfig::new().init();
-    let settings = args.settings(run.seed);
-    let (model, report) = train(
-        model,
-        &mut optim,
-        &run.data,
-        &settings,
-        0,
-        &mut ConstantLr(args.lr),
-    )?;
-    let last = report.losses.last().expect("evaluated");
+/// Builds a model of `cfg` and trains it with the chapter's settings.
+fn train_model(cfg: &GptConfig, run: &Run, args: &TrainArgs) -> Result<Trained> {
     let name = format!("{:?}-LN", cfg.norm);
-    println!(
-        "{name}: final train {:.4}, val {:.4}; {:.1} s, {:.0} tokens/s",
-        last.train, last.val, report.wall_seconds, report.tokens_per_second
-    );
+    let (model, report) = fit(&name, cfg.init(&run.device.clone().autodiff()), run, args)?;
     Ok((name, model, report))
 }
 // ANCHOR_END: train_gpt

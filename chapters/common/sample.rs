@@ -94,8 +94,7 @@ pub fn generate<M: LanguageModel>(
     let next_logits = |tokens: &[usize]| {
         let ctx = &tokens[tokens.len().saturating_sub(model.block_size())..];
         let ids = ctx.iter().map(|&t| t as i64).collect();
-        let logits = model.forward(ids_tensor(ids, [1, ctx.len()], &device)); // [1, t, vocab]
-        row(logits, ctx.len() - 1)
+        logits_at(&model, ids, ctx.len() - 1, &device)
     };
     sample_loop(context, max_new_tokens, opts, rng, next_logits, on_token)
 }
@@ -124,8 +123,11 @@ pub fn sample_loop(
     tokens.split_off(start)
 }
 
-/// Row `t` of `[1, t, vocab]` logits, on the host.
-fn row(logits: Tensor<3>, t: usize) -> Vec<f32> {
+/// Runs `model` on one sequence of token ids and returns the logits at position `t`, on the
+/// host.
+fn logits_at<M: LanguageModel>(model: &M, ids: Vec<i64>, t: usize, device: &Device) -> Vec<f32> {
+    let n = ids.len();
+    let logits = model.forward(ids_tensor(ids, [1, n], device)); // [1, n, vocab]
     let [_, _, vocab] = logits.dims();
     logits
         .slice(s![0..1, t..t + 1, 0..vocab])
@@ -155,10 +157,7 @@ pub fn generate_fixed_shape<M: LanguageModel>(
         let ctx = &tokens[tokens.len().saturating_sub(window)..];
         let mut ids: Vec<i64> = ctx.iter().map(|&t| t as i64).collect();
         ids.resize(window, 0); // padding the model never attends to
-        row(
-            model.forward(ids_tensor(ids, [1, window], &device)),
-            ctx.len() - 1,
-        )
+        logits_at(&model, ids, ctx.len() - 1, &device)
     };
     sample_loop(context, max_new_tokens, opts, rng, next_logits, on_token)
 }

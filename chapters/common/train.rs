@@ -1,11 +1,13 @@
 //! The training loop every chapter shares: sample a batch, forward, cross-entropy,
 //! backward, optimizer step; every `eval_interval` steps, estimate train and val loss.
 
+use crate::common::Run;
+use crate::common::cli::TrainArgs;
 use crate::common::dataset::{Dataset, Split, rng_for, stream};
 use anyhow::{Result, bail};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -260,6 +262,28 @@ fn progress_bar(steps: usize, start_step: usize) -> ProgressBar {
     bar.set_position(start_step as u64);
     bar
 }
+
+// ANCHOR: fit
+/// How chapters 1 to 3 train: AdamW at a constant learning rate, with the flags' settings,
+/// then one line on how it went.
+pub fn fit<M: LanguageModel>(
+    name: &str,
+    model: M,
+    run: &Run,
+    args: &TrainArgs,
+) -> Result<(M, TrainReport)> {
+    let mut optim = AdamWConfig::new().init();
+    let settings = args.settings(run.seed);
+    let mut lr = ConstantLr(args.lr);
+    let (model, report) = train(model, &mut optim, &run.data, &settings, 0, &mut lr)?;
+    let last = report.losses.last().expect("at least one evaluation");
+    println!(
+        "{name}: final train {:.4}, val {:.4} after {} steps; {:.1} s, {:.0} tokens/s",
+        last.train, last.val, last.step, report.wall_seconds, report.tokens_per_second
+    );
+    Ok((model, report))
+}
+// ANCHOR_END: fit
 
 // ANCHOR: train_step
 /// One optimizer step on the training batch of `step`. Returns the new model, the batch

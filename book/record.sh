@@ -66,6 +66,8 @@ for ch in "${CHAPTERS[@]}"; do
   dest="book/src/recorded/$ch${TAG:+-$TAG}"
   [ "$BACKEND" = ndarray ] || dest="$dest-$BACKEND"
   rm -rf "$out"
+  # A fresh folder, so that nothing an older version of the chapter wrote is left behind.
+  rm -rf "$dest"
   mkdir -p "$dest"
   echo "recording $ch on $BACKEND -> $dest"
   {

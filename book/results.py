@@ -16,6 +16,7 @@ root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "src", "recorded
 
 
 def cpu():
+    """This machine's CPU, for recordings made before summary.json named theirs."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -36,6 +37,7 @@ args = ap.parse_args()
 
 by_chapter = {}
 seeds = set()
+cpus = set()
 def order(path):
     # The chapter's default recording (ndarray) first, then the others by folder name.
     folder = os.path.basename(os.path.dirname(path))
@@ -46,22 +48,26 @@ for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order
     with open(path) as f:
         s = json.load(f)
     seeds.add(s["seed"])
+    cpus.add(s.get("cpu") or cpu())
     hp = s.get("hyperparameters")
     preset = hp.get("preset", "") if isinstance(hp, dict) else ""
+    model = hp.get("model", {}) if isinstance(hp, dict) else {}
+    # Chapter 3's variants are named by their norm; say when GPT-2's init was on too.
+    init = " + GPT-2 init" if s["chapter"] == "ch03_gpt" and model.get("gpt2_init") else ""
     models = s.get("variants") or [{
         "name": f"preset {preset}" if preset else "", "parameters": s["parameters"], "final_train_loss": s["final_train_loss"],
         "final_val_loss": s["final_val_loss"], "wall_seconds": s["wall_seconds"],
         "tokens_per_second": s["tokens_per_second"],
     }]
     for m in models:
-        row = (f"| {s['chapter']} | {m['name']} | {s['backend']} | {s['steps']} | "
+        row = (f"| {s['chapter']} | {m['name']}{init} | {s['backend']} | {s['steps']} | "
                f"{m['parameters']:,} | {m['final_train_loss']:.4f} | {m['final_val_loss']:.4f} | "
                f"{m['wall_seconds']:.1f} s | {m['tokens_per_second']:,.0f} |")
         by_chapter.setdefault(s["chapter"], []).append(row)
 
 seeds = sorted(seeds)  # every recording's seed: usually just record.sh's default
 seed = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
-NOTE = (f"Recorded by `book/record.sh` ({seed}) on {cpu()}, {os.cpu_count()} cores. "
+NOTE = (f"Recorded by `book/record.sh` ({seed}) on {' and '.join(sorted(cpus))}, {os.cpu_count()} cores. "
         "Wall time includes evaluations; tokens/s counts training steps only.")
 
 for chapter, rows in by_chapter.items():

@@ -193,6 +193,12 @@ fn window_with_distinct(tokens: &[usize], t: usize, i: usize, j: usize) -> Vec<u
 fn embedding(n: usize, device: &Device) -> Embedding {
     EmbeddingConfig::new(n, 32).init(device)
 }
+
+/// Token ids as a batch of one sequence, `[1, t]`.
+fn as_tensor(ids: &[usize], device: &Device) -> Tensor<2, Int> {
+    let n = ids.len();
+    ids_tensor(ids.iter().map(|&i| i as i64).collect(), [1, n], device)
+}
 // ANCHOR_END: positions_demo
 
 // ANCHOR: train_models
@@ -285,10 +291,4 @@ fn what_the_run_wrote(run: &Run, args: &Args, a: &Trained, b: &Trained) -> Resul
         files.join(", ")
     );
     Ok(())
-}
-
-/// Token ids as a batch of one sequence, `[1, t]`.
-fn as_tensor(ids: &[usize], device: &Device) -> Tensor<2, Int> {
-    let n = ids.len();
-    ids_tensor(ids.iter().map(|&i| i as i64).collect(), [1, n], device)
 }

@@ -2,13 +2,10 @@
 
 mod support;
 
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use course::ch01_bigram::{BigramConfig, bigram_nll, counted_bigram};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
-use course::common::train::{
-    ConstantLr, EvalSettings, LossRecord, TrainSettings, cross_entropy, estimate_loss, train,
-};
+use course::common::train::{EvalSettings, LossRecord, cross_entropy, estimate_loss};
 
 fn data() -> Dataset {
     Dataset::new(&support::corpus()).unwrap()
@@ -51,27 +48,10 @@ fn short_run(seed: u64, steps: usize) -> Vec<LossRecord> {
     let device = support::ndarray_device().autodiff();
     device.seed(seed);
     let model = BigramConfig::new(65).init(&device);
-    let settings = TrainSettings {
-        steps,
-        batch_size: 32,
-        block_size: 8,
-        eval_interval: 100,
-        eval_iters: 20,
-        seed,
-        grad_clip: None,
-        stop_after: None,
-    };
-    let mut optim = AdamWConfig::new().init();
-    let (_, report) = train(
-        model,
-        &mut optim,
-        &data,
-        &settings,
-        0,
-        &mut ConstantLr(1e-2),
-    )
-    .unwrap();
-    report.losses
+    let settings = support::settings(steps, 100, 20, seed);
+    support::train_constant(model, &data, &settings, 1e-2)
+        .1
+        .losses
 }
 
 #[test]

@@ -2,7 +2,6 @@
 
 mod support;
 
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use course::ch02_attention::{
@@ -11,7 +10,7 @@ use course::ch02_attention::{
 };
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::max_abs_diff;
-use course::common::train::{ConstantLr, LanguageModel, TrainSettings, train};
+use course::common::train::LanguageModel;
 
 fn randn<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
@@ -174,26 +173,8 @@ fn a_short_training_run_learns() {
     let device = support::flex_device().autodiff();
     device.seed(7);
     let model = AttentionLmConfig::new(65, 8, 32, 4).init(&device);
-    let settings = TrainSettings {
-        steps: 1500,
-        batch_size: 32,
-        block_size: 8,
-        eval_interval: 1500,
-        eval_iters: 50,
-        seed: 7,
-        grad_clip: None,
-        stop_after: None,
-    };
-    let mut optim = AdamWConfig::new().init();
-    let (_, report) = train(
-        model,
-        &mut optim,
-        &data,
-        &settings,
-        0,
-        &mut ConstantLr(3e-3),
-    )
-    .unwrap();
+    let settings = support::settings(1500, 1500, 50, 7);
+    let (_, report) = support::train_constant(model, &data, &settings, 3e-3);
     let last = report.losses.last().unwrap();
     assert!(last.val < 2.7, "{last:?}");
 }

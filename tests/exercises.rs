@@ -2,7 +2,6 @@
 
 mod support;
 
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use course::ch01_bigram::{Bigram, BigramConfig};
@@ -11,7 +10,7 @@ use course::ch03_gpt::{GptConfig, layer_norm};
 use course::ch04_pretrain::preset;
 use course::common::dataset::{Dataset, rng_for, stream};
 use course::common::max_abs_diff;
-use course::common::train::{ConstantLr, EvalSettings, TrainSettings, estimate_loss, train};
+use course::common::train::{EvalSettings, TrainSettings, estimate_loss};
 use course::exercises::*;
 
 fn eval(batch_size: usize, block_size: usize, iters: usize, seed: u64) -> EvalSettings {
@@ -49,26 +48,10 @@ fn trained_bigram(data: &Dataset, block: usize, steps: usize) -> Bigram {
     let device = support::flex_device().autodiff();
     device.seed(9);
     let settings = TrainSettings {
-        steps,
-        batch_size: 32,
         block_size: block,
-        eval_interval: steps,
-        eval_iters: 1,
-        seed: 9,
-        grad_clip: None,
-        stop_after: None,
+        ..support::settings(steps, steps, 1, 9)
     };
-    let mut optim = AdamWConfig::new().init();
-    train(
-        BigramConfig::new(65).init(&device),
-        &mut optim,
-        data,
-        &settings,
-        0,
-        &mut ConstantLr(1e-2),
-    )
-    .unwrap()
-    .0
+    support::train_constant(BigramConfig::new(65).init(&device), data, &settings, 1e-2).0
 }
 
 #[test]

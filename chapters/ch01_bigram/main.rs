@@ -20,12 +20,9 @@ const CHAPTER: &str = "ch01_bigram";
 /// Chapter 1: a bigram language model on Tiny Shakespeare.
 #[derive(Parser, Debug)]
 #[command(name = CHAPTER, version)]
-#[command(mut_arg("steps", |a| a.default_value("3000").required(false)))]
-#[command(mut_arg("batch_size", |a| a.default_value("32").required(false)))]
-#[command(mut_arg("block_size", |a| a.default_value("8").required(false)))]
-#[command(mut_arg("lr", |a| a.default_value("1e-2").required(false)))]
-#[command(mut_arg("eval_interval", |a| a.default_value("300").required(false)))]
-#[command(mut_arg("eval_iters", |a| a.default_value("200").required(false)))]
+#[command(mut_arg("steps", |a| a.default_value("3000")))]
+#[command(mut_arg("lr", |a| a.default_value("1e-2")))]
+#[command(mut_arg("eval_interval", |a| a.default_value("300")))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

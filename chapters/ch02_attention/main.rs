@@ -24,12 +24,6 @@ const CHAPTER: &str = "ch02_attention";
 /// Chapter 2: self-attention, from averaging to multi-head.
 #[derive(Parser, Debug)]
 #[command(name = CHAPTER, version)]
-#[command(mut_arg("steps", |a| a.default_value("5000").required(false)))]
-#[command(mut_arg("batch_size", |a| a.default_value("32").required(false)))]
-#[command(mut_arg("block_size", |a| a.default_value("8").required(false)))]
-#[command(mut_arg("lr", |a| a.default_value("1e-3").required(false)))]
-#[command(mut_arg("eval_interval", |a| a.default_value("500").required(false)))]
-#[command(mut_arg("eval_iters", |a| a.default_value("200").required(false)))]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,

@@ -65,26 +65,27 @@ impl SampleArgs {
     }
 }
 
-/// The training flags; each chapter sets their defaults.
+/// The training flags of chapters 1 to 3. The defaults are the lecture's small setup; a
+/// chapter changes them with clap's `mut_arg`.
 #[derive(Args, Clone, Debug)]
 pub struct TrainArgs {
     /// Optimizer steps.
-    #[arg(long)]
+    #[arg(long, default_value_t = 5000)]
     pub steps: usize,
     /// Sequences per batch.
-    #[arg(long)]
+    #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
     /// Context length: characters the model sees at once.
-    #[arg(long)]
+    #[arg(long, default_value_t = 8)]
     pub block_size: usize,
     /// Learning rate (AdamW).
-    #[arg(long)]
+    #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
     /// Estimate train and val loss every this many steps.
-    #[arg(long)]
+    #[arg(long, default_value_t = 500)]
     pub eval_interval: usize,
     /// Batches per loss estimate.
-    #[arg(long)]
+    #[arg(long, default_value_t = 200)]
     pub eval_iters: usize,
 }
 

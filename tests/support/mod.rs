@@ -3,8 +3,9 @@
 
 use burn::prelude::*;
 use course::common::backend::Backend;
+use course::common::dataset::Dataset;
 use course::common::max_abs_diff;
-use course::common::train::LanguageModel;
+use course::common::train::{ConstantLr, LanguageModel, TrainReport, TrainSettings, train};
 use std::path::PathBuf;
 
 /// The real corpus: `$GPT_DATA`, else the copy in `../shared/data/` beside the checkout,
@@ -42,6 +43,31 @@ pub fn wgpu_device() -> Option<Device> {
 
 pub fn ndarray_device() -> Device {
     Backend::Ndarray.device()
+}
+
+/// A short run of the chapters' small setup (batch 32, block 8, no clipping).
+pub fn settings(steps: usize, eval_interval: usize, eval_iters: usize, seed: u64) -> TrainSettings {
+    TrainSettings {
+        steps,
+        batch_size: 32,
+        block_size: 8,
+        eval_interval,
+        eval_iters,
+        seed,
+        grad_clip: None,
+        stop_after: None,
+    }
+}
+
+/// Trains `model` with AdamW at a constant learning rate.
+pub fn train_constant<M: LanguageModel>(
+    model: M,
+    data: &Dataset,
+    settings: &TrainSettings,
+    lr: f64,
+) -> (M, TrainReport) {
+    let mut optim = burn::optim::AdamWConfig::new().init();
+    train(model, &mut optim, data, settings, 0, &mut ConstantLr(lr)).expect("training runs")
 }
 
 /// The fastest CPU backend, for tests that only need a trained model.

@@ -9,6 +9,7 @@
 #   BACKEND=wgpu book/record.sh ch01_bigram
 #   TAG=tiny ARGS="--preset tiny" BACKEND=flex book/record.sh ch04_pretrain
 #   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
+#   book/record.sh ch04_pretrain-samples   # samples of the recorded baby checkpoint (run it after ch04_pretrain)
 # The speed tables against PyTorch come from book/speed.py (it needs a Python with torch).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -23,7 +24,7 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # Everything the book includes: each chapter at its defaults on ndarray, the backend
   # comparison, then the other backends and presets the result tables show (about an hour
   # on 2 cores, most of it wgpu on a software driver).
-  bash "$self" ch01_bigram ch02_attention ch03_gpt ch04_pretrain compare_backends compare_backends-ops
+  bash "$self" ch01_bigram ch02_attention ch03_gpt ch04_pretrain ch04_pretrain-samples compare_backends compare_backends-ops
   BACKEND=wgpu bash "$self" ch01_bigram
   TAG=short ARGS="--steps 500 --eval-interval 250 --eval-iters 20" BACKEND=wgpu bash "$self" ch02_attention
   BACKEND=flex bash "$self" ch04_pretrain
@@ -34,6 +35,17 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   exit 0
 fi
 TARGET="${CARGO_TARGET_DIR:-target}"
+
+# Cuts DIR/output.txt into DIR/sections/N.M.txt, one file per numbered section the binary
+# printed ("== N.M Title ==" up to the next one), and DIR/sections/start.txt for what comes
+# before the first: the book shows each part next to the section that explains it.
+split_sections() {
+  rm -rf "$1/sections"
+  mkdir -p "$1/sections"
+  awk -v dir="$1/sections" 'BEGIN { f = dir "/start.txt" }
+    /^== [0-9]+\.[0-9]+ / { close(f); f = dir "/" $2 ".txt" }
+    { print > f }' "$1/output.txt"
+}
 # The recordings print the corpus path: keep it relative to the checkout, not this machine's.
 if [ -n "${GPT_DATA:-}" ]; then export GPT_DATA="$(realpath --relative-to=. "$GPT_DATA")"; fi
 cargo build --release --bins --quiet
@@ -48,6 +60,23 @@ for ch in "${CHAPTERS[@]}"; do
       "$TARGET/release/compare_backends" --ops --backends ndarray,flex --out runs/record/compare_backends-ops
     } > "$dest/output.txt"
     cp runs/record/compare_backends-ops/{ops.md,ops.json} "$dest"/
+    continue
+  fi
+  if [ "$ch" = ch04_pretrain-samples ]; then
+    # The recorded baby run's best checkpoint, sampled at several temperatures and with top-k.
+    dest="book/src/recorded/ch04_pretrain-samples"
+    ckpt="runs/record/ndarray/ch04_pretrain/ckpt/best"
+    mkdir -p "$dest"
+    echo "recording samples from $ckpt -> $dest"
+    for opts in "--temperature 0.5" "--temperature 0.8" "--temperature 1.5" "--temperature 1.0 --top-k 5"; do
+      name=$(echo "$opts" | tr -d -- '-' | tr ' ' '_')
+      {
+        echo "\$ ch04_pretrain sample --prompt ROMEO: --max-new-tokens 300 --seed $SEED $opts"
+        # shellcheck disable=SC2086 # opts is a list of flags
+        "$TARGET/release/ch04_pretrain" sample --checkpoint "$ckpt" --prompt "ROMEO:" \
+          --max-new-tokens 300 --seed "$SEED" $opts 2>/dev/null
+      } > "$dest/$name.txt"
+    done
     continue
   fi
   if [ "$ch" = compare_backends ]; then
@@ -78,6 +107,7 @@ for ch in "${CHAPTERS[@]}"; do
   for f in "$out"/*.svg "$out"/*.csv "$out"/*.json; do
     if [ -e "$f" ]; then cp "$f" "$dest"/; fi
   done
+  split_sections "$dest"
 done
 python3 book/results.py --readme > book/src/recorded/results.md
 echo "wrote book/src/recorded/results.md and the README table"

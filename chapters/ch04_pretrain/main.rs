@@ -18,7 +18,7 @@ use course::ch04_pretrain::{
 use course::common::backend::Backend;
 use course::common::cli::{CommonArgs, SampleArgs, parse_backend};
 use course::common::dataset::{rng_for, stream};
-use course::common::report::{Curve, Summary, write_json, write_run};
+use course::common::report::{Curve, Summary, plot_schedule, write_json, write_run};
 use course::common::sample::{SampleOptions, generate_fixed_shape};
 use course::common::tokenizer::CharTokenizer;
 use course::common::train::{
@@ -340,8 +340,11 @@ fn what_the_run_wrote(
     let summary = Summary::new(CHAPTER, run, cfg, best.num_params(), &history);
     let title = format!("Chapter 4: pre-training ({} preset)", cfg.preset);
     let files = write_run(&run.out, &summary, &title, &[Curve::of("", &history)])?;
+    let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
+    let title = "Chapter 4: learning rate and gradient norm, every step";
+    plot_schedule(&run.out.join("schedule.svg"), title, &history.steps, clip)?;
     println!(
-        "{}: {}, ckpt/last, ckpt/best",
+        "{}: {}, schedule.svg, ckpt/last, ckpt/best",
         run.out.display(),
         files.join(", ")
     );

@@ -264,6 +264,76 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[Curve]) -> Result<()> {
     Ok(())
 }
 
+/// The per-step log as two charts, one above the other: the learning rate, and the gradient
+/// norm before clipping (every step, with the clipping threshold as a dashed line).
+pub fn plot_schedule(
+    path: &Path,
+    title: &str,
+    steps: &[StepRecord],
+    clip: Option<f64>,
+) -> Result<()> {
+    let max_step = steps.last().map_or(1, |r| r.step + 1) as f64;
+    let lr_max = steps.iter().map(|r| r.lr).fold(0.0, f64::max) * 1.05;
+    let norm_max = steps
+        .iter()
+        .map(|r| r.grad_norm)
+        .fold(clip.unwrap_or(0.0), f64::max)
+        * 1.05;
+    let path_str = path.to_string_lossy().to_string();
+    let root = SVGBackend::new(&path_str, (800, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, ("sans-serif", 22))?;
+    let (top, bottom) = root.split_vertically(250);
+    let blue = RGBColor(31, 119, 180);
+    let mut lr = ChartBuilder::on(&top)
+        .margin(12)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_step, 0f64..lr_max.max(1e-12))?;
+    lr.configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("learning rate")
+        .y_label_formatter(&|y| format!("{y:.1e}"))
+        .draw()?;
+    lr.draw_series(LineSeries::new(
+        steps.iter().map(|r| (r.step as f64, r.lr)),
+        blue.stroke_width(2),
+    ))?;
+    let mut norm = ChartBuilder::on(&bottom)
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_step, 0f64..norm_max.max(1e-12))?;
+    norm.configure_mesh()
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc("step")
+        .y_desc("gradient norm before clipping")
+        .draw()?;
+    let points = steps
+        .iter()
+        .map(|r| Circle::new((r.step as f64, r.grad_norm), 1, blue.mix(0.7).filled()));
+    norm.draw_series(points)?;
+    if let Some(clip) = clip {
+        let red = RGBColor(214, 39, 40);
+        let dashes = (0..40).map(|i| {
+            let x = max_step * i as f64 / 40.0;
+            PathElement::new(
+                vec![(x, clip), (x + max_step / 80.0, clip)],
+                red.stroke_width(2),
+            )
+        });
+        norm.draw_series(dashes)?
+            .label(format!("clip at {clip}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
+        norm.configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
 /// The machine a benchmark ran on.
 #[derive(Serialize, Clone, Debug)]
 pub struct Machine {

@@ -508,3 +508,36 @@ fn bench_times_fresh_or_trained_weights_and_writes_bench_json() {
     assert_ne!(code, 0);
     assert!(err.contains("no checkpoint in"), "{err}");
 }
+
+#[test]
+fn impossible_overrides_are_clear_errors_before_training() {
+    let dir = support::tempdir();
+    let out = dir.path().join("o");
+    for (flags, message) in [
+        (
+            &["--n-head", "3"][..],
+            "n_embd (64) must be a multiple of n_head (3)",
+        ),
+        (&["--dropout", "1"][..], "dropout must be in [0, 1)"),
+        (&["--lr", "0"][..], "need 0 < --lr <= 1"),
+        (&["--n-layer", "0"][..], "must all be at least 1"),
+    ] {
+        let corpus = corpus();
+        let mut args = vec![
+            "--preset",
+            "tiny",
+            "--data",
+            &corpus,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        let (code, stdout, err) = run(&args);
+        assert_ne!(code, 0, "{flags:?} was accepted");
+        assert!(err.contains(message), "{flags:?}: {err}");
+        assert!(
+            !stdout.contains("== 4.2"),
+            "{flags:?} got past the config: {stdout}"
+        );
+    }
+}

@@ -540,4 +540,12 @@ fn impossible_overrides_are_clear_errors_before_training() {
             "{flags:?} got past the config: {stdout}"
         );
     }
+    let corpus = corpus();
+    let out = out.to_str().unwrap();
+    let (code, _, err) = run(&["--preset", "huge", "--data", &corpus, "--out", out]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown preset 'huge'; choose one of tiny, baby"),
+        "{err}"
+    );
 }

@@ -5,12 +5,12 @@
 use anyhow::Result;
 use burn::nn::{Initializer, LayerNormConfig, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::Distribution;
+use burn::tensor::{Distribution, activation};
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig, Norm, first_layer_grad_norms, layer_norm};
 use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::dataset::{Split, rng_for, stream};
-use course::common::report::{Curve, Summary, Variant, write_run};
+use course::common::report::{Curve, Summary, Variant, plot_curves, write_run};
 use course::common::sample::{SampleOptions, print_sample};
 use course::common::train::{LanguageModel, TrainReport, fit};
 use course::common::{Run, max_abs_diff, section};
@@ -71,6 +71,7 @@ fn main() -> std::process::ExitCode {
         let run = args.common.start(CHAPTER, title, Some(t))?;
         let cfg = config(run.data.tokenizer.vocab_size());
         the_block(&cfg, &run.device);
+        gelu_picture(&run)?;
         residual_connections(&run.device);
         layer_norm_demo(&cfg, &run.device);
         dropout_demo(&cfg, &run);
@@ -111,6 +112,46 @@ fn the_block(cfg: &GptConfig, device: &Device) {
     );
 }
 // ANCHOR_END: block_demo
+
+// ANCHOR: gelu_demo
+/// GELU against ReLU, computed by Burn's own activations on 161 points from -4 to 4.
+fn gelu_picture(run: &Run) -> Result<()> {
+    let x = Tensor::<1>::from_floats(
+        (0..161)
+            .map(|i| -4.0 + i as f32 / 20.0)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &run.device,
+    );
+    let curve = |y: Tensor<1>| -> Vec<(f64, f64)> {
+        let xs = x.to_data().iter::<f32>().collect::<Vec<_>>();
+        xs.into_iter()
+            .zip(y.to_data().iter::<f32>())
+            .map(|(a, b)| (a as f64, b as f64))
+            .collect()
+    };
+    let (gelu, relu) = (
+        curve(activation::gelu(x.clone())),
+        curve(activation::relu(x.clone())),
+    );
+    let at = |c: &[(f64, f64)], i: usize| c[i].1;
+    println!(
+        "GELU(-1) = {:.4}, GELU(0) = {:.4}, GELU(1) = {:.4}; ReLU(-1) = {:.1}",
+        at(&gelu, 60),
+        at(&gelu, 80),
+        at(&gelu, 100),
+        at(&relu, 60)
+    );
+    let path = run.out.join("gelu.svg");
+    plot_curves(
+        &path,
+        "GELU and ReLU",
+        &[("GELU(x) = x Φ(x)", gelu), ("ReLU(x) = max(0, x)", relu)],
+    )?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+// ANCHOR_END: gelu_demo
 
 // ANCHOR: residual_demo
 fn residual_connections(device: &Device) {

@@ -334,6 +334,47 @@ pub fn plot_schedule(
     Ok(())
 }
 
+/// Named curves `(x, y)` on one chart (SVG), e.g. activation functions.
+pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+    let points = || curves.iter().flat_map(|(_, c)| c.iter());
+    let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pad = (y1 - y0) * 0.05;
+    let path_str = path.to_string_lossy().to_string();
+    let root = SVGBackend::new(&path_str, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+    chart.configure_mesh().x_desc("x").draw()?;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+    ];
+    for (i, (name, curve)) in curves.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        chart
+            .draw_series(LineSeries::new(
+                curve.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// The machine a benchmark ran on.
 #[derive(Serialize, Clone, Debug)]
 pub struct Machine {

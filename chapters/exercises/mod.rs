@@ -5,7 +5,7 @@ use crate::ch01_bigram::{bigram_nll, counted_bigram};
 use crate::ch02_attention::{MultiHeadAttention, causal_attention};
 use crate::common::dataset::Dataset;
 use crate::common::dataset::ids_tensor;
-use crate::common::train::{LanguageModel, cross_entropy};
+use crate::common::train::{LanguageModel, cross_entropy, model_device};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use rand::RngExt;
@@ -128,7 +128,7 @@ pub fn full_val_loss<M: LanguageModel>(
     batch_size: usize,
 ) -> f64 {
     let model = model.valid();
-    let device = model.devices()[0].clone();
+    let device = model_device(&model);
     let starts: Vec<usize> = (0..data.val.len() - block_size)
         .step_by(block_size)
         .collect();

@@ -178,3 +178,25 @@ fn a_short_training_run_learns() {
     let last = report.losses.last().unwrap();
     assert!(last.val < 2.7, "{last:?}");
 }
+
+#[test]
+fn sequences_in_a_batch_never_talk_to_each_other() {
+    let device = support::ndarray_device();
+    device.seed(6);
+    let mha = MultiHeadAttention::new(16, 4, &device);
+    let x = randn([3, 8, 16], &device);
+    let y = mha.forward(x.clone());
+    // Replace sequence 1 entirely: sequences 0 and 2 must not notice.
+    let other = randn([1, 8, 16], &device);
+    let x2 = x.slice_assign(s![1..2, .., ..], other);
+    let y2 = mha.forward(x2);
+    for b in [0, 2] {
+        let row = |t: &Tensor<3>| t.clone().slice(s![b..b + 1, .., ..]);
+        assert!(
+            max_abs_diff(&row(&y), &row(&y2)) < 1e-6,
+            "sequence {b} changed"
+        );
+    }
+    let one = |t: &Tensor<3>| t.clone().slice(s![1..2, .., ..]);
+    assert!(max_abs_diff(&one(&y), &one(&y2)) > 1e-3);
+}

@@ -9,10 +9,12 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use clap::Parser;
 use course::ch02_attention::{
-    AttentionLm, AttentionLmConfig, Head, average_loops, average_matmul, average_softmax, positions,
+    AttentionLm, AttentionLmConfig, Head, LinearRows, SelfAttention, average_loops, average_matmul,
+    average_softmax, causal_attention, merge_heads, positions, split_heads,
 };
 use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::dataset::{Dataset, ids_tensor, rng_for, stream};
+use course::common::diagram::{Column, Node, flow, shape};
 use course::common::heatmap::{Panel, heatmap_grid, show_char};
 use course::common::report::{Curve, Summary, Variant, write_run};
 use course::common::sample::{SampleOptions, print_sample};
@@ -53,7 +55,7 @@ fn main() -> std::process::ExitCode {
         let title = "Chapter 2: self-attention";
         let run = args.common.start(CHAPTER, title, Some(t))?;
         averaging_trick(&run.device);
-        let head = one_head(&run.device);
+        let head = one_head(&run)?;
         positional_embeddings(&head, &run)?;
         let v = run.data.tokenizer.vocab_size();
         section("2.4", "Model A: one head of self-attention");
@@ -70,6 +72,7 @@ fn main() -> std::process::ExitCode {
             &run,
             &args.train,
         )?;
+        heads_diagram(&b.0, &run, args.train.batch_size)?;
         attention_maps(&b.0, &run)?;
         sample(&b.0, &run, args.sample_chars);
         what_the_run_wrote(&run, &args, &a, &b)
@@ -100,12 +103,14 @@ fn averaging_trick(device: &Device) {
 // ANCHOR_END: averaging_demo
 
 // ANCHOR: one_head_demo
-fn one_head(device: &Device) -> Head {
+fn one_head(run: &Run) -> Result<Head> {
     section("2.2", "Self-attention, one head");
-    let (c, head_size) = (32, 16);
+    let (c, head_size, device) = (32, 16, &run.device);
     let x = Tensor::<3>::random([4, 8, c], Distribution::Normal(0.0, 1.0), device); // [B, T, C]
     let head = Head::new(c, head_size, device);
-    let (y, wei) = head.forward_with_weights(x);
+    let q = head.query.forward(x.clone()); // [B, T, head_size], for its shape
+    let (y, wei) = head.forward_with_weights(x.clone());
+    attention_diagram(run, &x.dims(), &q.dims(), &wei.dims(), &y.dims())?;
     println!(
         "x: [4, 8, {c}] -> keys, queries, values: [4, 8, {head_size}] -> out {:?}",
         y.dims()
@@ -118,7 +123,47 @@ fn one_head(device: &Device) -> Head {
         fmt_matrix(&wei.slice(s![0..1, .., ..]).squeeze_dim(0), 3)
     );
     why_scale(head_size, device);
-    head
+    Ok(head)
+}
+
+/// Draws the steps of one head with the shapes of the tensors above.
+fn attention_diagram(
+    run: &Run,
+    x: &[usize],
+    q: &[usize],
+    wei: &[usize],
+    y: &[usize],
+) -> Result<()> {
+    let [xs, qs, ws, ys] = [
+        shape(&["b", "t", "c"], x),
+        shape(&["b", "t", "hs"], q),
+        shape(&["b", "t", "t"], wei),
+        shape(&["b", "t", "hs"], y),
+    ];
+    let nodes = vec![
+        Node::new("x (token + position embeddings)", xs),
+        Node::new("queries q = x Wq", qs.clone()),
+        Node::new("scores q kᵀ", ws.clone()).with_side("k = x Wk"),
+        Node::new(&format!("scale: ÷ √{}", q[2]), ws.clone()),
+        Node::new("mask: −∞ where key > query", ws.clone()),
+        Node::new("softmax over the keys", ws),
+        Node::new("weights · v", ys).with_side("v = x Wv"),
+    ];
+    let col = Column {
+        title: "one head of self-attention".into(),
+        nodes,
+    };
+    let path = run.out.join("attention_flow.svg");
+    flow(
+        &path,
+        "Scaled dot-product attention, with this run's shapes",
+        &[col],
+    )?;
+    println!(
+        "keys and values have the shape of the queries, {qs}; wrote {}",
+        path.display()
+    );
+    Ok(())
 }
 
 /// The variance of `q . k` with and without the 1/sqrt(head_size), and what softmax makes of
@@ -194,6 +239,64 @@ fn as_tensor(ids: &[usize], device: &Device) -> Tensor<2, Int> {
     ids_tensor(ids.iter().map(|&i| i as i64).collect(), [1, n], device)
 }
 // ANCHOR_END: positions_demo
+
+// ANCHOR: heads_diagram
+/// Runs model B's attention on a batch of the training shape and draws how `[b, t, 3c]`
+/// becomes `n_head` heads and back, with the shapes it met.
+fn heads_diagram(model: &AttentionLm, run: &Run, b: usize) -> Result<()> {
+    let SelfAttention::Multi(mha) = &model.sa else {
+        anyhow::bail!("model B has several heads");
+    };
+    let (t, c, nh) = (
+        model.block_size,
+        mha.c_proj.weight.val().dims()[0],
+        mha.n_head,
+    );
+    let x = Tensor::<3>::zeros([b, t, c], &run.device); // [b, t, c]: only the shapes matter here
+    let qkv = mha.c_attn.forward_rows(x.clone()); // [b, t, 3c]
+    let (q, k, v) = split_heads(qkv.clone(), nh); // [b, nh, t, hs] each
+    let [_, _, _, hs] = q.dims();
+    let (y, _) = causal_attention(q.clone(), k, v); // [b, nh, t, hs]
+    let merged = merge_heads(y.clone()); // [b, t, c]
+    let out = mha.c_proj.forward_rows(merged.clone()); // [b, t, c]
+    let btc = |d: [usize; 3]| shape(&["b", "t", "c"], &d);
+    let heads = |d: [usize; 4]| shape(&["b", "nh", "t", "hs"], &d);
+    let nodes = vec![
+        Node::new("x", btc(x.dims())),
+        Node::new(
+            "c_attn: q, k, v of every head",
+            shape(&["b", "t", "3c"], &qkv.dims()),
+        ),
+        Node::new("slice q (k, v: the next c)", btc([b, t, c])),
+        Node::new(
+            "reshape: c = nh × hs",
+            shape(&["b", "t", "nh", "hs"], &[b, t, nh, hs]),
+        ),
+        Node::new("swap_dims(1, 2)", heads(q.dims())),
+        Node::new("attention in every head", heads(y.dims())).with_side("k, v alike"),
+        Node::new("merge_heads: swap, reshape", btc(merged.dims())),
+        Node::new("c_proj: mix the heads", btc(out.dims())),
+    ];
+    let col = Column {
+        title: format!("{nh} heads of {hs}"),
+        nodes,
+    };
+    let path = run.out.join("heads_flow.svg");
+    flow(
+        &path,
+        "Multi-head attention: one Linear, then a reshape",
+        &[col],
+    )?;
+    println!(
+        "[b, t, 3c] = {:?} -> q, k, v {:?} each -> merged {:?}; wrote {}",
+        qkv.dims(),
+        q.dims(),
+        merged.dims(),
+        path.display()
+    );
+    Ok(())
+}
+// ANCHOR_END: heads_diagram
 
 // ANCHOR: train_models
 /// Builds one model of the chapter and trains it with the run's settings.
@@ -280,7 +383,7 @@ fn what_the_run_wrote(run: &Run, args: &Args, a: &Trained, b: &Trained) -> Resul
     let title = "Chapter 2: one head (A) vs four heads (B)";
     let files = write_run(&run.out, &summary, title, &curves)?;
     println!(
-        "{}: {}, attention_heads.svg",
+        "{}: {}, attention_flow.svg, heads_flow.svg, attention_heads.svg",
         run.out.display(),
         files.join(", ")
     );

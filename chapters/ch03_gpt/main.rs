@@ -7,9 +7,10 @@ use burn::nn::{Initializer, LayerNormConfig, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{Distribution, activation};
 use clap::Parser;
-use course::ch03_gpt::{Gpt, GptConfig, Norm, first_layer_grad_norms, layer_norm};
+use course::ch03_gpt::{Block, Gpt, GptConfig, Norm, first_layer_grad_norms, layer_norm};
 use course::common::cli::{CommonArgs, TrainArgs};
 use course::common::dataset::{Split, rng_for, stream};
+use course::common::diagram::{Column, Node, flow, shape};
 use course::common::report::{Curve, Summary, Variant, plot_curves, write_run};
 use course::common::sample::{SampleOptions, print_sample};
 use course::common::train::{LanguageModel, TrainReport, fit};
@@ -75,7 +76,7 @@ fn main() -> std::process::ExitCode {
         residual_connections(&run.device);
         layer_norm_demo(&cfg, &run.device);
         dropout_demo(&cfg, &run);
-        the_decoder(&cfg, &run);
+        the_decoder(&cfg, &run)?;
         counting_parameters(&cfg, &run.device);
         section("3.7", &format!("Training ({:?}-LN)", cfg.norm));
         let mut trained = vec![train_model(&cfg, &run, &args.train)?];
@@ -146,6 +147,7 @@ fn gelu_picture(run: &Run) -> Result<()> {
     plot_curves(
         &path,
         "GELU and ReLU",
+        "x",
         &[("GELU(x) = x Φ(x)", gelu), ("ReLU(x) = max(0, x)", relu)],
     )?;
     println!("wrote {}", path.display());
@@ -225,7 +227,7 @@ fn dropout_demo(cfg: &GptConfig, run: &Run) {
 // ANCHOR_END: dropout_demo
 
 // ANCHOR: gpt_demo
-fn the_decoder(cfg: &GptConfig, run: &Run) {
+fn the_decoder(cfg: &GptConfig, run: &Run) -> Result<()> {
     section("3.5", "The GPT-1 decoder");
     let (l, nh, c, t) = (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size);
     println!(
@@ -236,10 +238,69 @@ fn the_decoder(cfg: &GptConfig, run: &Run) {
     println!("pre-LN  (GPT-2): x = x + attn(LN(x)); x = x + mlp(LN(x)); final LN before the head");
     let mut rng = rng_for(run.seed, stream::DEMO, 5);
     let (x, _) = run.data.batch(Split::Val, 2, t, &mut rng, &run.device);
-    let logits = cfg.init(&run.device).forward(x);
+    let model = cfg.init(&run.device);
+    let logits = model.forward(x);
     println!("logits: {:?} = [batch, time, vocab]", logits.dims());
+    block_diagram(cfg, &model.blocks[0], run)
 }
 // ANCHOR_END: gpt_demo
+
+// ANCHOR: block_diagram
+/// Both placements of LayerNorm side by side, with the shapes one block really produces
+/// (the MLP's hidden layer read from `c_fc`). Yellow boxes add the residual stream back.
+fn block_diagram(cfg: &GptConfig, block: &Block, run: &Run) -> Result<()> {
+    let x = Tensor::<3>::zeros([2, cfg.block_size, cfg.n_embd], &run.device); // [b, t, c]
+    let (btc, hidden) = (
+        shape(&["b", "t", "c"], &block.attn.forward(x.clone()).dims()),
+        shape(&["b", "t", "4c"], &block.mlp.c_fc.forward(x).dims()),
+    );
+    let (ln, plus) = (
+        || Node::new("LayerNorm", btc.clone()),
+        || Node::new("+", btc.clone()),
+    );
+    let attn = || Node::new("attention (dropout on weights, output)", btc.clone());
+    let mlp = || Node::new("MLP (its 4x hidden layer shown)", hidden.clone());
+    let post = vec![
+        Node::new("x: the residual stream", btc.clone()),
+        attn(),
+        plus().adding(0),
+        ln(),
+        mlp(),
+        plus().adding(3),
+        ln(),
+    ];
+    let pre = vec![
+        Node::new("x: the residual stream", btc.clone()),
+        ln(),
+        attn(),
+        plus().adding(0),
+        ln(),
+        mlp(),
+        plus().adding(3),
+    ];
+    let columns = [
+        Column {
+            title: "post-LN (GPT-1): x = LN(x + f(x))".into(),
+            nodes: post,
+        },
+        Column {
+            title: "pre-LN (GPT-2): x = x + f(LN(x))".into(),
+            nodes: pre,
+        },
+    ];
+    let path = run.out.join("block.svg");
+    flow(
+        &path,
+        "One transformer block, two places for LayerNorm",
+        &columns,
+    )?;
+    println!(
+        "one block: x {btc} -> MLP hidden {hidden} -> out {btc}; wrote {}",
+        path.display()
+    );
+    Ok(())
+}
+// ANCHOR_END: block_diagram
 
 // ANCHOR: params_demo
 fn counting_parameters(cfg: &GptConfig, device: &Device) {

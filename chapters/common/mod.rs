@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod dataset;
+pub mod diagram;
 pub mod heatmap;
 pub mod report;
 pub mod sample;

@@ -8,7 +8,12 @@ median run to book/src/recorded/speed/<preset>.md (with the raw runs in <preset>
 Alternating matters: on a shared machine the same command varies by 5-10% from minute to minute.
 
     book/speed.py [--rounds 3] [--steps 40] [--preset baby]
-                  [--torch-python /tmp/torchvenv/bin/python] [--before 25cdb31]
+                  [--torch-python /tmp/torchvenv/bin/python] [--before REV]
+    book/speed.py --preset lecture --rounds 1 --steps 2 --warmup 1 \
+                  --backends ndarray,flex,wgpu --name lecture-backends
+
+--backends picks the Burn backends (default flex,ndarray); --warmup the untimed steps before
+the timed ones (default 3); --name the file name (default: the preset).
 
 --before REV builds REV's ch04_pretrain in a temporary git worktree, into its own target
 folder ($CARGO_TARGET_DIR/speed-before/<sha>: the first time, a full build), and times it
@@ -29,9 +34,20 @@ TORCH_SCRIPT = os.path.join(ROOT, "..", "shared", "reference", "torch_gpt.py")
 PEAK_GFLOPS = 180.0  # this CPU's practical fp32 peak (2 cores); see the backends page
 TORCH_PRESETS = {  # torch_gpt.py flags for the course's presets
     "baby": [],
+    "medium": ["--n-layer", "6", "--n-head", "6", "--n-embd", "192", "--block-size", "128",
+               "--batch-size", "32", "--dropout", "0.1"],
     "lecture": ["--n-layer", "6", "--n-head", "6", "--n-embd", "384", "--block-size", "256",
                 "--batch-size", "64", "--dropout", "0.2"],
 }
+
+
+def cpu_model():
+    """The CPU's name as lscpu gives it (speed depends on it: AVX2 against AVX-512)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def sh(cmd, **kw):
@@ -71,17 +87,18 @@ def build(rev=None):
     return dest
 
 
-def run_burn(binary, backend, preset, steps):
+def run_burn(binary, backend, preset, steps, warmup):
     with tempfile.TemporaryDirectory() as d:
         rss = os.path.join(d, "rss")
         sh(["/usr/bin/time", "-f", "%M", "-o", rss, binary, "--preset", preset, "--backend",
-            backend, "--bench", str(steps), "--out", d], stdout=subprocess.DEVNULL)
+            backend, "--bench", str(steps), "--bench-warmup", str(warmup), "--out", d],
+           stdout=subprocess.DEVNULL)
         with open(os.path.join(d, "bench.json")) as f:
             b = json.load(f)
         with open(rss) as f:
             rss_kb = int(f.read().split()[-1])
     return {"ms": b["median_ms_per_step"], "tokens_per_s": b["tokens_per_s"],
-            "gflops": b["gflops"], "rss_mb": rss_kb / 1024}
+            "gflops": b["gflops"], "rss_mb": rss_kb / 1024, "first_ms": b["first_step_ms"]}
 
 
 def run_torch(python, preset, steps):
@@ -105,7 +122,11 @@ def main():
     ap.add_argument("--preset", default="baby", choices=sorted(TORCH_PRESETS))
     ap.add_argument("--torch-python", help="a Python with torch installed")
     ap.add_argument("--before", help="also time this older commit")
+    ap.add_argument("--backends", default="flex,ndarray")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--name", help="file name of the table (default: the preset)")
     a = ap.parse_args()
+    name = a.name or a.preset
 
     programs = []  # (label, function returning one run's figures)
     if a.torch_python:
@@ -114,11 +135,12 @@ def main():
     bins = []
     if a.before:
         bins.append((f"before (`{a.before}`)", build(a.before)))
-    bins.append(("this version", build()))
-    for backend in ["flex", "ndarray"]:
+    bins.append(("this version" if a.before else "", build()))
+    for backend in a.backends.split(","):
         for label, binary in bins:
-            programs.append((f"Burn {backend}, {label}",
-                             lambda b=binary, k=backend: run_burn(b, k, a.preset, a.steps)))
+            programs.append((f"Burn {backend}" + (f", {label}" if label else ""),
+                             lambda b=binary, k=backend: run_burn(b, k, a.preset, a.steps,
+                                                                  a.warmup)))
 
     runs = {label: [] for label, _ in programs}
     for r in range(a.rounds):
@@ -134,29 +156,36 @@ def main():
             torch_ms = mid["ms"]
         rows.append((label, mid, [x["ms"] for x in rs]))
     unit, scale = ("s", 1e-3) if a.preset == "lecture" else ("ms", 1.0)
-    table = (f"| program | {unit}/step (median run) | all runs | tokens/s | GFLOP/s "
+    table = (f"| program | first step, s | {unit}/step (median run) | all runs | tokens/s | GFLOP/s "
              "| share of ~180 GFLOP/s | PyTorch time / this | peak RSS |\n"
-             "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for label, m, all_ms in rows:
         ratio = f"{torch_ms / m['ms']:.2f}" if torch_ms else "-"
-        table += (f"| {label} | {m['ms'] * scale:.1f} | "
+        first = f"{m['first_ms'] / 1e3:.1f}" if "first_ms" in m else "-"
+        table += (f"| {label} | {first} | {m['ms'] * scale:.1f} | "
                   f"{' / '.join(f'{x * scale:.1f}' for x in all_ms)} | "
                   f"{m['tokens_per_s']:,.0f} | {m['gflops']:.1f} | "
                   f"{100 * m['gflops'] / PEAK_GFLOPS:.0f}% | {ratio} | {m['rss_mb']:.0f} MB |\n")
     cmd = f"book/speed.py --rounds {a.rounds} --steps {a.steps} --preset {a.preset}"
+    if a.backends != "flex,ndarray":
+        cmd += f" --backends {a.backends}"
+    if a.warmup != 3:
+        cmd += f" --warmup {a.warmup}"
+    if a.name:
+        cmd += f" --name {a.name}"
     if a.before:
         cmd += f" --before {a.before}"
     if a.torch_python:
         cmd += " --torch-python PY"
     rounds = f"{a.rounds} rounds in turns" if a.rounds > 1 else "1 round"
     table += (f"\n`{cmd}`: {rounds}, each the median of {a.steps} steps after "
-              f"3 warm-up steps; peak RSS of that whole run (`/usr/bin/time`); "
-              f"{os.cpu_count()} cores.\n")
+              f"{a.warmup} warm-up steps; peak RSS of that whole run (`/usr/bin/time`); "
+              f"{os.cpu_count()} cores of an {cpu_model()}.\n")
     out = os.path.join(ROOT, "book", "src", "recorded", "speed")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{a.preset}.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(out, f"{a.preset}.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump({"command": cmd, "runs": runs}, f, indent=1)
     print(table)
 

@@ -468,6 +468,8 @@ fn bench_times_fresh_or_trained_weights_and_writes_bench_json() {
             "flex",
             "--bench",
             "2",
+            "--bench-warmup",
+            "1",
             "--data",
             &corpus,
             "--out",
@@ -490,6 +492,10 @@ fn bench_times_fresh_or_trained_weights_and_writes_bench_json() {
     assert_eq!(json["preset"], "tiny");
     assert_eq!(json["backend"], "flex");
     assert_eq!(json["trained_steps"], 0);
+    assert_eq!(
+        (json["warmup_steps"].as_u64(), json["timed_steps"].as_u64()),
+        (Some(1), Some(2))
+    );
     for key in ["median_ms_per_step", "tokens_per_s", "gflops"] {
         let x = json[key].as_f64().unwrap();
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
@@ -502,6 +508,11 @@ fn bench_times_fresh_or_trained_weights_and_writes_bench_json() {
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("from the weights of step 60"), "{stdout}");
     assert_eq!(read(&trained_dir)["trained_steps"], 60);
+
+    // Nothing to time is a clear error.
+    let (code, _, err) = run(&["--bench", "0", "--out", dir.path().to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--bench"), "{err}");
 
     // Without a checkpoint, --resume is a clear error.
     let (code, _, err) = bench(&dir.path().join("empty"), true);

@@ -50,7 +50,7 @@ enum Command {
 struct TrainCmd {
     #[command(flatten)]
     common: CommonArgs,
-    /// Starting point for every setting below: tiny, baby, lecture or gpt1.
+    /// Starting point for every setting below: tiny, baby, medium, lecture or gpt1.
     #[arg(long, default_value = "baby")]
     preset: String,
     #[command(flatten)]
@@ -62,10 +62,13 @@ struct TrainCmd {
     /// Stop after this step (with a checkpoint), as if interrupted; `--resume` continues.
     #[arg(long)]
     stop_after: Option<usize>,
-    /// Benchmark instead of training: time this many steps after 3 warm-up steps, write
+    /// Benchmark instead of training: time this many steps after the warm-up steps, write
     /// bench.json.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     bench: Option<usize>,
+    /// Untimed steps before a benchmark's timed ones (the first compiles a GPU's kernels).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    bench_warmup: usize,
     /// Peak GFLOP/s of your hardware, for the model-FLOPs-utilisation estimate (default:
     /// about the fp32 peak of the 2-core AVX-512 CPU the course was measured on).
     #[arg(long, default_value_t = 180.0)]
@@ -318,6 +321,7 @@ fn sample_from_best(run: &Run, chars: usize) -> Result<Gpt> {
     let opts = SampleOptions {
         temperature: 0.8,
         top_k: None,
+        top_p: None,
     };
     stream_sample(&best, &run.data.tokenizer, "\n", chars, opts, run.seed)?;
     Ok(best)
@@ -415,7 +419,8 @@ fn stream_sample(
 // ANCHOR_END: sample
 
 // ANCHOR: bench
-/// `--bench N`: times N training steps after 3 warm-up steps and writes bench.json. With
+/// `--bench N`: times N training steps after `--bench-warmup` (3) untimed ones and writes
+/// bench.json. With
 /// `--resume`, the trained weights of DIR/ckpt/last (with the settings they were trained with):
 /// on the CPU backends some operations (GELU's erf) slow down as the activations widen.
 fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize) -> Result<()> {
@@ -434,7 +439,7 @@ fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize)
     };
     section("4.8", &format!("Benchmark: {n} steps from {weights}"));
     let parameters = model.num_params();
-    let times = time_steps(&cfg, model, &run.data, 3, n)?;
+    let times = time_steps(&cfg, model, &run.data, a.bench_warmup, n)?;
     println!(
         "first step {:.1} ms; median of {n}: {:.1} ms/step, {} tokens/s, {:.1} GFLOP/s",
         times.first_step_ms,

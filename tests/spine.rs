@@ -181,11 +181,13 @@ fn greedy_picks_the_argmax_and_top_k_stays_in_the_top_k() {
     let greedy = SampleOptions {
         temperature: 0.0,
         top_k: None,
+        top_p: None,
     };
     assert_eq!(pick_token(&logits, greedy, &mut rng), 1);
     let top3 = SampleOptions {
         temperature: 5.0,
         top_k: Some(3),
+        top_p: None,
     };
     let mut seen = [0usize; 6];
     for _ in 0..2000 {
@@ -201,6 +203,7 @@ fn greedy_picks_the_argmax_and_top_k_stays_in_the_top_k() {
     let hot = SampleOptions {
         temperature: 5.0,
         top_k: None,
+        top_p: None,
     };
     let mut all = [0usize; 6];
     for _ in 0..2000 {
@@ -260,10 +263,50 @@ fn padded_fixed_shape_generation_gives_the_same_tokens_as_plain_generation() {
     let greedy = SampleOptions {
         temperature: 0.0,
         top_k: None,
+        top_p: None,
     };
     let mut rng = rng_for(1, stream::SAMPLE, 0);
     let plain = generate(&model, &[5, 6, 7], 40, greedy, &mut rng, |_| {});
     let padded = generate_fixed_shape(&model, &[5, 6, 7], 40, greedy, &mut rng, |_| {});
     assert_eq!(plain.len(), 40);
     assert_eq!(plain, padded);
+}
+
+#[test]
+fn top_p_keeps_the_smallest_set_that_reaches_p() {
+    // Probabilities about 0.64, 0.24, 0.09, 0.03: the first two hold 0.87 of the mass.
+    let logits = [3.0f32, 2.0, 1.0, 0.0];
+    let mut rng = rng_for(0, stream::SAMPLE, 0);
+    let opts = |p| SampleOptions {
+        temperature: 1.0,
+        top_k: None,
+        top_p: Some(p),
+    };
+    let count = |p: f64, rng: &mut rand::rngs::StdRng| {
+        let mut seen = [0usize; 4];
+        for _ in 0..3000 {
+            seen[pick_token(&logits, opts(p), rng)] += 1;
+        }
+        seen
+    };
+    let seen = count(0.8, &mut rng);
+    assert!(seen[0] > 0 && seen[1] > 0, "{seen:?}");
+    assert_eq!(
+        seen[2] + seen[3],
+        0,
+        "0.8 needs only the two likeliest: {seen:?}"
+    );
+    // Renormalised: 0.64 / 0.87 of the draws go to token 0.
+    let share = seen[0] as f64 / 3000.0;
+    assert!((share - 0.731).abs() < 0.03, "share of token 0: {share}");
+    let seen = count(0.5, &mut rng);
+    assert_eq!(
+        seen[0], 3000,
+        "0.5 is reached by the first token alone: {seen:?}"
+    );
+    let seen = count(1.0, &mut rng);
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "1.0 keeps everything: {seen:?}"
+    );
 }

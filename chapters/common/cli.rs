@@ -35,6 +35,10 @@ pub struct SampleArgs {
     /// Sample only among the k most likely characters (k >= 1).
     #[arg(long)]
     pub top_k: Option<usize>,
+    /// Nucleus sampling: only the most likely characters whose probabilities add up to p,
+    /// in (0, 1].
+    #[arg(long)]
+    pub top_p: Option<f64>,
     /// How many samples to draw.
     #[arg(long, default_value_t = 1)]
     pub num_samples: usize,
@@ -55,12 +59,16 @@ impl SampleArgs {
         if self.top_k == Some(0) {
             anyhow::bail!("--top-k must be at least 1 (leave it out to sample from all)");
         }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            anyhow::bail!("--top-p must be in (0, 1], got {p}");
+        }
         if self.num_samples == 0 || self.max_new_tokens == 0 {
             anyhow::bail!("--num-samples and --max-new-tokens must be at least 1");
         }
         Ok(crate::common::sample::SampleOptions {
             temperature: self.temperature,
             top_k: self.top_k,
+            top_p: self.top_p,
         })
     }
 }

@@ -16,6 +16,9 @@ pub struct SampleOptions {
     pub temperature: f64,
     /// Keep only the `k` most likely tokens before sampling.
     pub top_k: Option<usize>,
+    /// Nucleus sampling: keep only the most likely tokens whose probabilities first add up
+    /// to `p` (in (0, 1]; 1 keeps everything).
+    pub top_p: Option<f64>,
 }
 
 impl Default for SampleOptions {
@@ -23,6 +26,7 @@ impl Default for SampleOptions {
         Self {
             temperature: 1.0,
             top_k: None,
+            top_p: None,
         }
     }
 }
@@ -63,7 +67,10 @@ pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usiz
     }
     // Softmax, then inverse-CDF sampling.
     let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let probs: Vec<f64> = scaled.iter().map(|&l| (l - max).exp()).collect();
+    let mut probs: Vec<f64> = scaled.iter().map(|&l| (l - max).exp()).collect();
+    if let Some(p) = opts.top_p.filter(|&p| p < 1.0) {
+        keep_nucleus(&mut probs, p);
+    }
     let total: f64 = probs.iter().sum();
     let mut u = rng.random::<f64>() * total;
     for (i, &p) in probs.iter().enumerate() {
@@ -74,6 +81,26 @@ pub fn pick_token(logits: &[f32], opts: SampleOptions, rng: &mut StdRng) -> usiz
     }
     // Rounding left a sliver at the end: return the last token that had any mass.
     probs.iter().rposition(|&p| p > 0.0).unwrap_or_else(argmax)
+}
+
+/// Top-p: zeroes every probability outside the nucleus, the smallest set of most likely
+/// tokens whose share of the mass reaches `p`. Unlike top-k, the set is small where the
+/// model is sure and large where it is not.
+fn keep_nucleus(probs: &mut [f64], p: f64) {
+    let total: f64 = probs.iter().sum();
+    let mut order: Vec<usize> = (0..probs.len()).collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    let (mut mass, mut kept) = (0.0, order.len());
+    for (n, &i) in order.iter().enumerate() {
+        mass += probs[i] / total;
+        if mass >= p {
+            kept = n + 1;
+            break;
+        }
+    }
+    for &i in &order[kept..] {
+        probs[i] = 0.0;
+    }
 }
 // ANCHOR_END: pick_token
 

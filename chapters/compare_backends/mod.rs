@@ -86,6 +86,7 @@ pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> Gene
     let opts = SampleOptions {
         temperature: 1.0,
         top_k: None,
+        top_p: None,
     };
     let mut rng = rng_for(cfg.seed, stream::SAMPLE, 0);
     generate_fixed_shape(&model, &[0], 2, opts, &mut rng, |_| {});

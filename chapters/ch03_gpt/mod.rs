@@ -99,11 +99,21 @@ pub struct Block {
 
 impl Block {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_with(x, |attn, x| attn.forward(x))
+    }
+
+    /// The block with `attend` standing in for its attention (chapter 6 passes one that
+    /// reads and writes a cache of keys and values).
+    pub fn forward_with(
+        &self,
+        x: Tensor<3>,
+        attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>,
+    ) -> Tensor<3> {
         if self.pre_norm {
-            let x = x.clone() + self.attn.forward(self.ln_1.forward(x)); // [b, t, c]
+            let x = x.clone() + attend(&self.attn, self.ln_1.forward(x)); // [b, t, c]
             x.clone() + self.mlp.forward(self.ln_2.forward(x))
         } else {
-            let x = self.ln_1.forward(x.clone() + self.attn.forward(x));
+            let x = self.ln_1.forward(x.clone() + attend(&self.attn, x));
             self.ln_2.forward(x.clone() + self.mlp.forward(x))
         }
     }
@@ -160,6 +170,17 @@ impl LanguageModel for Gpt {
         for block in &self.blocks {
             x = block.forward(x);
         }
+        self.logits(x)
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+}
+
+impl Gpt {
+    /// The final LayerNorm (pre-LN) and the output head: `[b, t, c]` -> `[b, t, vocab]`.
+    pub fn logits(&self, mut x: Tensor<3>) -> Tensor<3> {
         if let Some(ln_f) = &self.ln_f {
             x = ln_f.forward(x);
         }
@@ -168,10 +189,6 @@ impl LanguageModel for Gpt {
             // Tied: score each token by its embedding's dot product with x.
             None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
         }
-    }
-
-    fn block_size(&self) -> usize {
-        self.block_size
     }
 }
 // ANCHOR_END: gpt

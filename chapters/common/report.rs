@@ -335,7 +335,12 @@ pub fn plot_schedule(
 }
 
 /// Named curves `(x, y)` on one chart (SVG), e.g. activation functions.
-pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)]) -> Result<()> {
+pub fn plot_curves(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    curves: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
     let points = || curves.iter().flat_map(|(_, c)| c.iter());
     let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (y0, y1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
@@ -349,7 +354,7 @@ pub fn plot_curves(path: &Path, title: &str, curves: &[(&str, Vec<(f64, f64)>)])
         .x_label_area_size(35)
         .y_label_area_size(45)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
-    chart.configure_mesh().x_desc("x").draw()?;
+    chart.configure_mesh().x_desc(x_desc).draw()?;
     let palette = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),

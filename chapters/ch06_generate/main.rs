@@ -1,0 +1,493 @@
+//! Chapter 6 as a notebook: generation with a cache of keys and values, from the FLOP count
+//! to a checked, streaming, batched generator.
+//!
+//! Run (after chapter 4 has saved a checkpoint):
+//! `cargo run --release --bin ch06_generate -- --backend flex`
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use clap::Parser;
+use course::ch03_gpt::{Gpt, GptConfig};
+use course::ch04_pretrain::{PRESETS, checkpoint, preset};
+use course::ch06_generate::{
+    Generation, KvCache, Window, config_of, forward_cached, generate, macs_per_token,
+};
+use course::common::backend::Backend;
+use course::common::cli::{SampleArgs, parse_backend};
+use course::common::dataset::{rng_for, stream};
+use course::common::report::{plot_curves, write_json};
+use course::common::sample::SampleOptions;
+use course::common::section;
+use course::common::tokenizer::CharTokenizer;
+use course::common::train::{LanguageModel, human};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+const CHAPTER: &str = "ch06_generate";
+
+/// Chapter 6: generation with a KV cache.
+#[derive(Parser, Debug)]
+#[command(name = CHAPTER, version)]
+struct Args {
+    /// Which Burn backend runs the model.
+    #[arg(long, default_value = "flex", value_parser = parse_backend)]
+    backend: Backend,
+    /// A chapter 4 checkpoint folder.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "runs/ch04_pretrain/ckpt/best"
+    )]
+    checkpoint: PathBuf,
+    /// Seed for the samples.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Folder for summary.json and pictures.
+    #[arg(long, value_name = "DIR", default_value = "runs/ch06_generate")]
+    out: PathBuf,
+    /// Text to continue (empty: start from a newline).
+    #[arg(long, default_value = "ROMEO:")]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SampleArgs,
+    /// Past the block size: `slide` (the last block_size tokens, exact but rebuilt at every
+    /// token) or `restart` (start again from the last --keep tokens when full).
+    #[arg(long, default_value = "restart")]
+    window: String,
+    /// Tokens a restart keeps (default: half the block).
+    #[arg(long)]
+    keep: Option<usize>,
+    /// Recompute the whole context for every token, as chapter 4 does.
+    #[arg(long)]
+    no_cache: bool,
+    /// Read prompts from stdin, one per line, and continue each; end with EOF (Ctrl-D).
+    #[arg(long)]
+    interactive: bool,
+    /// Tokens per timing in section 6.5.
+    #[arg(long, default_value_t = 500)]
+    bench_tokens: usize,
+    /// Also time a preset's shape with fresh weights (e.g. `lecture`).
+    #[arg(long)]
+    bench_preset: Option<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(|| {
+        let args = Args::parse();
+        let opts = args.sampling.options()?;
+        let device = args.backend.device();
+        device.seed(args.seed);
+        let (model, tok) = load(&args, &device)?;
+        let how = generation(&args, &model, opts)?;
+        if args.interactive {
+            return interactive(&model, &tok, how, &args);
+        }
+        let prompt = encode_prompt(&tok, &args.prompt, model.block_size)?;
+        println!(
+            "Chapter 6: generation with a KV cache (backend: {})",
+            args.backend
+        );
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("cannot create {}", args.out.display()))?;
+        let cfg = config_of(&model);
+        the_cost_of_recomputing(&cfg, &args)?;
+        the_cache(&cfg);
+        let checks = checking_the_cache(&model, &prompt)?;
+        past_the_block(&model, &prompt, how);
+        let tokens_per_s = sampling(&model, &tok, &prompt, how, &args);
+        let speed = speed(&model, &prompt, &args)?;
+        what_the_run_wrote(&args, &cfg, checks, tokens_per_s, speed)
+    })
+}
+
+/// The checkpoint's model and tokenizer; with no checkpoint, how to make one.
+fn load(args: &Args, device: &Device) -> Result<(Gpt, CharTokenizer)> {
+    if !args.checkpoint.exists() {
+        bail!(
+            "no checkpoint at {}: train one with `cargo run --release --bin ch04_pretrain` \
+             (or pass --checkpoint DIR)",
+            args.checkpoint.display()
+        );
+    }
+    let (model, _, meta) = checkpoint::load(&args.checkpoint, device, None)?;
+    eprintln!(
+        "checkpoint {} (preset {}, step {}, val {:.4})",
+        args.checkpoint.display(),
+        meta.config.preset,
+        meta.step,
+        meta.val_loss
+    );
+    Ok((
+        model,
+        CharTokenizer::from_chars(meta.vocab.chars().collect()),
+    ))
+}
+
+/// The window and cache settings the flags ask for, checked against the model.
+fn generation(args: &Args, model: &Gpt, opts: SampleOptions) -> Result<Generation> {
+    let block = model.block_size;
+    let window = match args.window.as_str() {
+        "slide" => Window::Slide,
+        "restart" => Window::Restart {
+            keep: args.keep.unwrap_or(block / 2).max(1),
+        },
+        other => bail!("unknown --window '{other}': choose slide or restart"),
+    };
+    window.check(block)?;
+    Ok(Generation {
+        opts,
+        window,
+        cached: !args.no_cache,
+        // Every token one shape on the GPU backends, which compile a kernel per shape.
+        fixed_shape: !args.backend.is_cpu(),
+    })
+}
+
+/// The prompt's tokens: an empty prompt starts from a newline; one the model cannot read is
+/// an error.
+fn encode_prompt(tok: &CharTokenizer, prompt: &str, block: usize) -> Result<Vec<usize>> {
+    let text = if prompt.is_empty() { "\n" } else { prompt };
+    let ids = tok
+        .encode(text)
+        .map_err(|e| anyhow::anyhow!("the prompt cannot be encoded: {e}"))?;
+    if ids.len() > block {
+        bail!(
+            "the prompt has {} characters, more than the model's block size of {block}",
+            ids.len()
+        );
+    }
+    Ok(ids)
+}
+
+// ANCHOR: cost
+fn the_cost_of_recomputing(cfg: &GptConfig, args: &Args) -> Result<()> {
+    section("6.1", "The cost of recomputing the context");
+    let lecture = preset("lecture", cfg.vocab_size).expect("a preset").model;
+    for (name, c) in [("this checkpoint", cfg), ("lecture", &lecture)] {
+        println!(
+            "{name}: {} layers, {} wide, block {}",
+            c.n_layer, c.n_embd, c.block_size
+        );
+        for ctx in [1, c.block_size / 4, c.block_size / 2, c.block_size] {
+            let (full, cached) = (macs_per_token(c, ctx, false), macs_per_token(c, ctx, true));
+            println!(
+                "  context {ctx:>4}: {:>8} multiply-adds per new token recomputing, {:>7} cached ({:.0}x)",
+                human(full),
+                human(cached),
+                full / cached
+            );
+        }
+    }
+    let path = args.out.join("work_per_token.svg");
+    let curve = |w: Window, cached: bool| -> Vec<(f64, f64)> {
+        (1..=2 * lecture.block_size + 100)
+            .map(|n| {
+                let ctx = w.context_len(n, lecture.block_size);
+                // The window moved: the cache is rebuilt, which costs a full forward pass.
+                let moved = n > 1 && ctx != w.context_len(n - 1, lecture.block_size) + 1;
+                let macs = macs_per_token(&lecture, ctx, cached && !moved);
+                (n as f64, macs / 1e6)
+            })
+            .collect()
+    };
+    let half = Window::Restart {
+        keep: lecture.block_size / 2,
+    };
+    plot_curves(
+        &path,
+        "Lecture preset: million multiply-adds for each new token",
+        "tokens so far",
+        &[
+            ("recomputing, sliding window", curve(Window::Slide, false)),
+            (
+                "cache, sliding window (rebuilt every token)",
+                curve(Window::Slide, true),
+            ),
+            ("cache, restart from the last half", curve(half, true)),
+        ],
+    )?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+// ANCHOR_END: cost
+
+fn the_cache(cfg: &GptConfig) {
+    section("6.2", "The cache: keys and values of every layer");
+    let hs = cfg.n_embd / cfg.n_head;
+    println!(
+        "per layer: keys and values [batch, {} heads, {} positions, {hs}]; {} layers",
+        cfg.n_head, cfg.block_size, cfg.n_layer
+    );
+    println!("memory = 2 x layers x block x n_embd x 4 bytes per sequence:");
+    for name in PRESETS {
+        let c = preset(name, cfg.vocab_size).expect("a preset").model;
+        let bytes = KvCache::bytes(&c, 1);
+        println!(
+            "  {name:>8}: 2 x {} x {} x {} x 4 = {} bytes ({:.2} MiB)",
+            c.n_layer,
+            c.block_size,
+            c.n_embd,
+            bytes,
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+/// What section 6.3 measured.
+#[derive(serde::Serialize)]
+struct Checks {
+    max_logit_diff: f32,
+    greedy_identical: bool,
+}
+
+// ANCHOR: check
+fn checking_the_cache(model: &Gpt, prompt: &[usize]) -> Result<Checks> {
+    section("6.3", "Checking the cache against the full forward pass");
+    let model = model.valid();
+    let device = course::common::train::model_device(&model);
+    let mut cache = KvCache::new(&config_of(&model), 1, false, &device);
+    let ids = |t: &[usize]| {
+        let v = t.iter().map(|&x| x as i64).collect();
+        course::common::dataset::ids_tensor(v, [1, t.len()], &device)
+    };
+    let mut worst = 0f32;
+    for t in 1..=prompt.len() {
+        let step = forward_cached(&model, ids(&prompt[t - 1..t]), &mut cache); // [1, 1, vocab]
+        let full = model.forward(ids(&prompt[..t])).slice(s![.., t - 1..t, ..]);
+        worst = worst.max((step - full).abs().max().into_scalar::<f32>());
+    }
+    println!(
+        "{} cached steps: logits differ from the full forward by at most {worst:.1e}",
+        prompt.len()
+    );
+    let greedy = |cached| Generation {
+        opts: SampleOptions {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        },
+        window: Window::Slide,
+        cached,
+        fixed_shape: false,
+    };
+    let n = model.block_size + 20;
+    let mut rng = rng_for(0, stream::SAMPLE, 6);
+    let a = generate(&model, prompt, 1, n, greedy(true), &mut rng, |_, _| {});
+    let b = generate(&model, prompt, 1, n, greedy(false), &mut rng, |_, _| {});
+    let same = a == b;
+    println!(
+        "greedy, {n} tokens (past the block of {}): cached and recomputed {}",
+        model.block_size,
+        if same { "identical" } else { "DIFFER" }
+    );
+    Ok(Checks {
+        max_logit_diff: worst,
+        greedy_identical: same,
+    })
+}
+// ANCHOR_END: check
+
+// ANCHOR: past_the_block
+fn past_the_block(model: &Gpt, prompt: &[usize], how: Generation) {
+    section("6.4", "Past the block size");
+    let block = model.block_size;
+    let Window::Restart { keep } = how.window else {
+        return println!("(--window slide: rebuilt at every token past the block)");
+    };
+    let restart = Window::Restart { keep };
+    for n in [
+        block,
+        block + 1,
+        block + 2,
+        2 * block - keep,
+        2 * block - keep + 1,
+        2 * block - keep + 2,
+    ] {
+        println!(
+            "  with {n:>4} tokens the model sees the last {:>4} (slide) or {:>4} (restart, keep {keep})",
+            Window::Slide.context_len(n, block),
+            restart.context_len(n, block)
+        );
+    }
+    let greedy = |cached| Generation {
+        opts: SampleOptions {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        },
+        window: restart,
+        cached,
+        fixed_shape: false,
+    };
+    let n = 3 * block;
+    let mut rng = rng_for(0, stream::SAMPLE, 6);
+    let a = generate(model, prompt, 1, n, greedy(true), &mut rng, |_, _| {});
+    let b = generate(model, prompt, 1, n, greedy(false), &mut rng, |_, _| {});
+    let verdict = if a == b { "identical" } else { "DIFFER" };
+    println!("restart window, greedy, {n} tokens: cached and recomputed {verdict}");
+}
+// ANCHOR_END: past_the_block
+
+// ANCHOR: sampling
+/// Streams one sample (or prints a batch of them) and returns the tokens per second.
+fn sampling(
+    model: &Gpt,
+    tok: &CharTokenizer,
+    prompt: &[usize],
+    how: Generation,
+    args: &Args,
+) -> f64 {
+    section("6.5", "Sampling: streaming, batched");
+    let (batch, n) = (args.sampling.num_samples, args.sampling.max_new_tokens);
+    let mut rng = rng_for(args.seed, stream::SAMPLE, 6);
+    let mut stdout = std::io::stdout();
+    print!("{}", tok.decode(prompt));
+    let start = Instant::now();
+    let rows = generate(model, prompt, batch, n, how, &mut rng, |row, t| {
+        if row == 0 {
+            print!("{}", tok.decode(&[t])); // as soon as it exists
+            let _ = stdout.flush();
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!();
+    for (r, row) in rows.iter().enumerate().skip(1) {
+        println!(
+            "--- sample {} ---\n{}{}",
+            r + 1,
+            tok.decode(prompt),
+            tok.decode(row)
+        );
+    }
+    let rate = (batch * n) as f64 / secs;
+    println!("{batch} x {n} tokens in {secs:.2} s: {rate:.0} tokens/s");
+    rate
+}
+// ANCHOR_END: sampling
+
+/// Tokens per second with and without the cache, both windows, batch 1.
+#[derive(serde::Serialize)]
+struct Speed {
+    model: String,
+    tokens: usize,
+    slide_recompute: f64,
+    slide_cached: f64,
+    restart_recompute: f64,
+    restart_cached: f64,
+    cache_speedup: f64,
+}
+
+// ANCHOR: speed
+fn speed(model: &Gpt, prompt: &[usize], args: &Args) -> Result<Vec<Speed>> {
+    section("6.6", "Speed: tokens per second with and without the cache");
+    let mut results = vec![time_all("this checkpoint", model, prompt, args)];
+    if let Some(name) = &args.bench_preset {
+        let cfg = preset(name, model.wte.weight.val().dims()[0]).with_context(|| {
+            format!(
+                "unknown preset '{name}'; choose one of {}",
+                PRESETS.join(", ")
+            )
+        })?;
+        let fresh = cfg.model.init(&args.backend.device());
+        results.push(time_all(
+            &format!("{name} (fresh weights)"),
+            &fresh,
+            prompt,
+            args,
+        ));
+    }
+    Ok(results)
+}
+
+fn time_all(name: &str, model: &Gpt, prompt: &[usize], args: &Args) -> Speed {
+    let n = args.bench_tokens;
+    let keep = Window::Restart {
+        keep: model.block_size / 2,
+    };
+    let rate = |window, cached| {
+        let how = Generation {
+            opts: SampleOptions::default(),
+            window,
+            cached,
+            fixed_shape: !args.backend.is_cpu(),
+        };
+        let mut rng = rng_for(args.seed, stream::SAMPLE, 7);
+        generate(model, prompt, 1, 2, how, &mut rng, |_, _| {}); // warm-up (GPU kernels)
+        let start = Instant::now();
+        generate(model, prompt, 1, n, how, &mut rng, |_, _| {});
+        n as f64 / start.elapsed().as_secs_f64()
+    };
+    let s = Speed {
+        model: name.to_string(),
+        tokens: n,
+        slide_recompute: rate(Window::Slide, false),
+        slide_cached: rate(Window::Slide, true),
+        restart_recompute: rate(keep, false),
+        restart_cached: rate(keep, true),
+        cache_speedup: 0.0,
+    };
+    let s = Speed {
+        cache_speedup: s.restart_cached / s.slide_recompute,
+        ..s
+    };
+    println!(
+        "{name}, {n} new tokens: recomputing {:.0} tokens/s (slide) / {:.0} (restart); cached {:.0} (slide) / {:.0} (restart): {:.1}x",
+        s.slide_recompute, s.restart_recompute, s.slide_cached, s.restart_cached, s.cache_speedup
+    );
+    s
+}
+// ANCHOR_END: speed
+
+fn what_the_run_wrote(
+    args: &Args,
+    cfg: &GptConfig,
+    checks: Checks,
+    rate: f64,
+    speed: Vec<Speed>,
+) -> Result<()> {
+    section("6.7", "What the run wrote");
+    let summary = serde_json::json!({
+        "chapter": CHAPTER, "backend": args.backend.to_string(), "seed": args.seed,
+        "model": cfg, "checks": checks, "sample_tokens_per_s": rate, "speed": speed,
+        "machine": course::common::report::Machine::detect(!args.backend.is_cpu()),
+    });
+    write_json(&args.out.join("summary.json"), &summary)?;
+    println!("{}: summary.json, work_per_token.svg", args.out.display());
+    Ok(())
+}
+
+// ANCHOR: interactive
+/// Reads a prompt per line and continues it; a line the model cannot read is reported and
+/// skipped. EOF ends.
+fn interactive(model: &Gpt, tok: &CharTokenizer, how: Generation, args: &Args) -> Result<()> {
+    let mut rng = rng_for(args.seed, stream::SAMPLE, 6);
+    let mut stdout = std::io::stdout();
+    eprintln!("type a prompt and press Enter; Ctrl-D ends");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("cannot read stdin")?;
+        let prompt = match encode_prompt(tok, &line, model.block_size) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        print!("{}", tok.decode(&prompt));
+        generate(
+            model,
+            &prompt,
+            1,
+            args.sampling.max_new_tokens,
+            how,
+            &mut rng,
+            |_, t| {
+                print!("{}", tok.decode(&[t]));
+                let _ = stdout.flush();
+            },
+        );
+        println!();
+    }
+    Ok(())
+}
+// ANCHOR_END: interactive

@@ -57,9 +57,18 @@ fn quick_mode_writes_positive_finite_figures_for_every_backend() {
                 positive(&t[key], &format!("{name} train {key}"));
             }
         }
-        positive(
-            &b["generation"][0]["tokens_per_s"],
-            &format!("{name} generation"),
+        for g in b["generation"].as_array().unwrap() {
+            for key in ["tokens_per_s", "cached_tokens_per_s", "cache_speedup"] {
+                positive(&g[key], &format!("{name} generation {key}"));
+            }
+            let ratio =
+                g["cached_tokens_per_s"].as_f64().unwrap() / g["tokens_per_s"].as_f64().unwrap();
+            assert!((g["cache_speedup"].as_f64().unwrap() - ratio).abs() < 1e-9);
+        }
+        assert_eq!(
+            b["generation"].as_array().unwrap().len(),
+            b["train"].as_array().unwrap().len(),
+            "one per preset"
         );
         let diff = b["max_abs_diff"].as_f64().unwrap();
         assert!(

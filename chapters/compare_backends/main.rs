@@ -197,13 +197,15 @@ fn measure(backend: Backend, plan: &Plan, data: &Dataset, seed: u64) -> Result<B
         );
         train.push(r);
     }
-    let gen_cfg = plan.configs.last().expect("a preset");
-    let generation = vec![generation_speed(gen_cfg, &device, plan.gen_tokens)];
-    let (n, rate) = (plan.gen_tokens, generation[0].tokens_per_s);
-    println!(
-        "generate {n} tokens ({}): {rate:.1} tokens/s",
-        gen_cfg.preset
-    );
+    let mut generation = Vec::new();
+    for c in &plan.configs {
+        let g = generation_speed(c, &device, plan.gen_tokens, !backend.is_cpu());
+        println!(
+            "generate {} tokens ({}): {:.1} tokens/s recomputing, {:.1} with the KV cache ({:.1}x)",
+            g.new_tokens, g.preset, g.tokens_per_s, g.cached_tokens_per_s, g.cache_speedup
+        );
+        generation.push(g);
+    }
     let backend = backend.to_string();
     Ok(BackendResults {
         backend,
@@ -297,8 +299,11 @@ fn markdown(results: &[BackendResults], sizes: &[usize]) -> String {
     for p in &presets {
         s += &format!(" {p}: first step ms | {p}: ms/step | {p}: tokens/s |");
     }
-    s += " generation tokens/s | max abs diff vs ndarray |\n|---|";
-    s += &"---:|".repeat(sizes.len() + 3 * presets.len() + 2);
+    for p in &presets {
+        s += &format!(" {p}: generation tokens/s, cache off / on |");
+    }
+    s += " max abs diff vs ndarray |\n|---|";
+    s += &"---:|".repeat(sizes.len() + 4 * presets.len() + 1);
     s.push('\n');
     for r in results {
         s += &format!("| {} |", r.backend);
@@ -311,10 +316,10 @@ fn markdown(results: &[BackendResults], sizes: &[usize]) -> String {
                 t.times.first_step_ms, t.times.median_ms_per_step, t.times.tokens_per_s
             );
         }
-        s += &format!(
-            " {:.1} | {:.1e} |\n",
-            r.generation[0].tokens_per_s, r.max_abs_diff
-        );
+        for g in &r.generation {
+            s += &format!(" {:.0} / {:.0} |", g.tokens_per_s, g.cached_tokens_per_s);
+        }
+        s += &format!(" {:.1e} |\n", r.max_abs_diff);
     }
     s
 }

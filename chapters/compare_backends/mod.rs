@@ -5,12 +5,14 @@ use crate::ch02_attention::AttentionLmConfig;
 use crate::ch03_gpt::{GptConfig, Norm};
 use crate::ch04_pretrain::PretrainConfig;
 use crate::ch04_pretrain::bench::{StepTimes, time_steps};
+use crate::ch06_generate::{Generation, Window, generate};
 use crate::common::dataset::{Dataset, Split, rng_for, stream};
 use crate::common::max_abs_diff;
 use crate::common::sample::{SampleOptions, generate_fixed_shape};
 use crate::common::train::LanguageModel;
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use rand::rngs::StdRng;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -52,7 +54,12 @@ pub struct TrainResult {
 pub struct GenerationResult {
     pub preset: String,
     pub new_tokens: usize,
+    /// Recomputing the whole context for every token.
     pub tokens_per_s: f64,
+    /// With chapter 6's KV cache.
+    pub cached_tokens_per_s: f64,
+    /// `cached_tokens_per_s / tokens_per_s`.
+    pub cache_speedup: f64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -78,9 +85,16 @@ pub fn train_speed(
     })
 }
 
-/// Tokens per second generating `n` tokens with a fixed window, after generating 2 untimed
-/// tokens (kernel compilation on GPU backends).
-pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> GenerationResult {
+/// Tokens per second generating `n` tokens (after 2 untimed ones: kernel compilation on GPU
+/// backends), recomputing the context for every token as chapter 4 does (a fixed window),
+/// and with chapter 6's cache of keys and values (restarting from the last half of the
+/// block when it is full). `fixed_shape` for backends that compile a kernel per shape.
+pub fn generation_speed(
+    cfg: &PretrainConfig,
+    device: &Device,
+    n: usize,
+    fixed_shape: bool,
+) -> GenerationResult {
     device.seed(cfg.seed);
     let model = cfg.model.init(device);
     let opts = SampleOptions {
@@ -88,14 +102,33 @@ pub fn generation_speed(cfg: &PretrainConfig, device: &Device, n: usize) -> Gene
         top_k: None,
         top_p: None,
     };
-    let mut rng = rng_for(cfg.seed, stream::SAMPLE, 0);
-    generate_fixed_shape(&model, &[0], 2, opts, &mut rng, |_| {});
-    let start = Instant::now();
-    generate_fixed_shape(&model, &[0], n, opts, &mut rng, |_| {});
+    let rate = |run: &mut dyn FnMut(usize, &mut StdRng)| {
+        let mut rng = rng_for(cfg.seed, stream::SAMPLE, 0);
+        run(2, &mut rng);
+        let start = Instant::now();
+        run(n, &mut rng);
+        n as f64 / start.elapsed().as_secs_f64()
+    };
+    let uncached = rate(&mut |k, rng| {
+        generate_fixed_shape(&model, &[0], k, opts, rng, |_| {});
+    });
+    let how = Generation {
+        opts,
+        window: Window::Restart {
+            keep: cfg.model.block_size / 2,
+        },
+        cached: true,
+        fixed_shape,
+    };
+    let cached = rate(&mut |k, rng| {
+        generate(&model, &[0], 1, k, how, rng, |_, _| {});
+    });
     GenerationResult {
         preset: cfg.preset.clone(),
         new_tokens: n,
-        tokens_per_s: n as f64 / start.elapsed().as_secs_f64(),
+        tokens_per_s: uncached,
+        cached_tokens_per_s: cached,
+        cache_speedup: cached / uncached,
     }
 }
 

@@ -10,6 +10,7 @@
 #   TAG=tiny ARGS="--preset tiny" BACKEND=flex book/record.sh ch04_pretrain
 #   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
 #   book/record.sh ch04_pretrain-samples   # samples of the recorded baby checkpoint (run it after ch04_pretrain)
+#   ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best" BACKEND=flex book/record.sh ch06_generate
 # The speed tables against PyTorch come from book/speed.py (it needs a Python with torch).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -22,12 +23,17 @@ TAG="${TAG:-}"
 CHAPTERS=("$@")
 if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # Everything the book includes: each chapter at its defaults on ndarray, the backend
-  # comparison, then the other backends and presets the result tables show (about an hour
-  # on 2 cores, most of it wgpu on a software driver).
+  # comparison, then the other backends and presets the result tables show (about two and a
+  # half hours on 2 cores: the medium preset, and wgpu on a software driver).
   bash "$self" ch01_bigram ch02_attention ch03_gpt ch04_pretrain ch04_pretrain-samples compare_backends compare_backends-ops
   BACKEND=wgpu bash "$self" ch01_bigram
   TAG=short ARGS="--steps 500 --eval-interval 250 --eval-iters 20" BACKEND=wgpu bash "$self" ch02_attention
   BACKEND=flex bash "$self" ch04_pretrain
+  # The medium preset: the smallest model that writes passable Shakespeare (over an hour).
+  TAG=medium ARGS="--preset medium" BACKEND=flex bash "$self" ch04_pretrain
+  # Chapter 6 on the recorded baby checkpoint, timing the lecture shape too.
+  ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best --bench-preset lecture" \
+    BACKEND=flex bash "$self" ch06_generate
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain
@@ -104,7 +110,7 @@ for ch in "${CHAPTERS[@]}"; do
     # shellcheck disable=SC2086 # ARGS is a list of flags
     "$TARGET/release/$ch" --backend "$BACKEND" --seed "$SEED" $ARGS --out "$out"
   } > "$dest/output.txt"
-  for f in "$out"/*.svg "$out"/*.csv "$out"/*.json; do
+  for f in "$out"/*.svg "$out"/*.csv "$out"/*.json "$out"/*.md; do
     if [ -e "$f" ]; then cp "$f" "$dest"/; fi
   done
   split_sections "$dest"

@@ -47,6 +47,8 @@ def order(path):
 for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order):
     with open(path) as f:
         s = json.load(f)
+    if "final_val_loss" not in s:
+        continue  # a chapter that trains nothing (generation)
     seeds.add(s["seed"])
     cpus.add(s.get("cpu") or cpu())
     hp = s.get("hyperparameters")

@@ -14,12 +14,13 @@ use course::ch06_generate::{
 };
 use course::common::backend::Backend;
 use course::common::cli::{SampleArgs, parse_backend};
+use course::common::dataset::ids_tensor;
 use course::common::dataset::{rng_for, stream};
-use course::common::report::{plot_curves, write_json};
+use course::common::report::{plot_curves, write_atomic, write_json};
 use course::common::sample::SampleOptions;
 use course::common::section;
 use course::common::tokenizer::CharTokenizer;
-use course::common::train::{LanguageModel, human};
+use course::common::train::{LanguageModel, human, model_device};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -245,22 +246,6 @@ struct Checks {
 fn checking_the_cache(model: &Gpt, prompt: &[usize]) -> Result<Checks> {
     section("6.3", "Checking the cache against the full forward pass");
     let model = model.valid();
-    let device = course::common::train::model_device(&model);
-    let mut cache = KvCache::new(&config_of(&model), 1, false, &device);
-    let ids = |t: &[usize]| {
-        let v = t.iter().map(|&x| x as i64).collect();
-        course::common::dataset::ids_tensor(v, [1, t.len()], &device)
-    };
-    let mut worst = 0f32;
-    for t in 1..=prompt.len() {
-        let step = forward_cached(&model, ids(&prompt[t - 1..t]), &mut cache); // [1, 1, vocab]
-        let full = model.forward(ids(&prompt[..t])).slice(s![.., t - 1..t, ..]);
-        worst = worst.max((step - full).abs().max().into_scalar::<f32>());
-    }
-    println!(
-        "{} cached steps: logits differ from the full forward by at most {worst:.1e}",
-        prompt.len()
-    );
     let greedy = |cached| Generation {
         opts: SampleOptions {
             temperature: 0.0,
@@ -271,20 +256,38 @@ fn checking_the_cache(model: &Gpt, prompt: &[usize]) -> Result<Checks> {
         cached,
         fixed_shape: false,
     };
-    let n = model.block_size + 20;
+    let (n, block) = (model.block_size + 20, model.block_size);
     let mut rng = rng_for(0, stream::SAMPLE, 6);
     let a = generate(&model, prompt, 1, n, greedy(true), &mut rng, |_, _| {});
     let b = generate(&model, prompt, 1, n, greedy(false), &mut rng, |_, _| {});
     let same = a == b;
-    println!(
-        "greedy, {n} tokens (past the block of {}): cached and recomputed {}",
-        model.block_size,
-        if same { "identical" } else { "DIFFER" }
-    );
+    let verdict = if same { "identical" } else { "DIFFER" };
+    println!("greedy, {n} tokens (past the block of {block}): cached and recomputed {verdict}");
+    // The logits of every position of a full block, one cached step at a time.
+    let tokens: Vec<usize> = prompt.iter().chain(&a[0]).take(block).copied().collect();
+    let worst = worst_logit_diff(&model, &tokens);
+    println!("{block} cached steps: logits differ from the full forward by at most {worst:.1e}");
     Ok(Checks {
         max_logit_diff: worst,
         greedy_identical: same,
     })
+}
+
+/// Feeds `tokens` one at a time through a cache and compares each step's logits with the
+/// full forward pass's at the same position.
+fn worst_logit_diff(model: &Gpt, tokens: &[usize]) -> f32 {
+    let device = model_device(model);
+    let ids =
+        |t: &[usize]| ids_tensor(t.iter().map(|&x| x as i64).collect(), [1, t.len()], &device);
+    let full = model.forward(ids(tokens)); // [1, t, vocab]
+    let mut cache = KvCache::new(&config_of(model), 1, false, &device);
+    let mut worst = 0f32;
+    for t in 0..tokens.len() {
+        let step = forward_cached(model, ids(&tokens[t..t + 1]), &mut cache); // [1, 1, vocab]
+        let want = full.clone().slice(s![.., t..t + 1, ..]);
+        worst = worst.max((step - want).abs().max().into_scalar::<f32>());
+    }
+    worst
 }
 // ANCHOR_END: check
 
@@ -447,13 +450,36 @@ fn what_the_run_wrote(
     speed: Vec<Speed>,
 ) -> Result<()> {
     section("6.7", "What the run wrote");
+    let machine = course::common::report::Machine::detect(!args.backend.is_cpu());
     let summary = serde_json::json!({
         "chapter": CHAPTER, "backend": args.backend.to_string(), "seed": args.seed,
         "model": cfg, "checks": checks, "sample_tokens_per_s": rate, "speed": speed,
-        "machine": course::common::report::Machine::detect(!args.backend.is_cpu()),
+        "machine": &machine,
     });
     write_json(&args.out.join("summary.json"), &summary)?;
-    println!("{}: summary.json, work_per_token.svg", args.out.display());
+    let mut table = String::from(
+        "| model | recomputing, slide | recomputing, restart | cached, slide | cached, restart | cache_speedup |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for s in &speed {
+        table += &format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1}x |\n",
+            s.model,
+            s.slide_recompute,
+            s.restart_recompute,
+            s.slide_cached,
+            s.restart_cached,
+            s.cache_speedup
+        );
+    }
+    table += &format!(
+        "\nTokens per second, {} new tokens, batch 1, `--backend {}`, on {}.\n",
+        args.bench_tokens, args.backend, machine.cpu
+    );
+    write_atomic(&args.out.join("speed.md"), table.as_bytes())?;
+    println!(
+        "{}: summary.json, speed.md, work_per_token.svg",
+        args.out.display()
+    );
     Ok(())
 }
 

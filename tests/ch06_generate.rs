@@ -208,16 +208,21 @@ fn cached_generation_matches_on_wgpu() {
     };
     let model = trained(&device);
     // Fixed shapes, as the binary uses on wgpu; past the block of 32.
-    let (cached, full) = both(&model, Window::Restart { keep: 16 }, true, 60);
+    let (cached, full) = both(&model, Window::Restart { keep: 16 }, true, 300);
     assert_eq!(cached, full);
     let cpu = both(
         &trained(&support::flex_device()),
         Window::Restart { keep: 16 },
         true,
-        60,
+        300,
     )
     .0;
-    assert_eq!(cached, cpu, "wgpu and flex pick the same greedy tokens");
+    // Across backends the logits differ in the last bits, so compare a shorter stretch.
+    assert_eq!(
+        cached[..60],
+        cpu[..60],
+        "wgpu and flex pick the same greedy tokens"
+    );
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -275,6 +280,17 @@ fn bad_input_is_a_clear_error() {
         assert!(err.contains(message), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+    // An empty prompt is not an error: the model starts from a newline.
+    let (code, stdout, err) = run(&[
+        "--prompt",
+        "",
+        "--max-new-tokens",
+        "5",
+        "--bench-tokens",
+        "5",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("== 6.5"), "{stdout}");
     let missing = support::run_bin(BIN, &["--checkpoint", "/nonexistent/ckpt"], &[]);
     assert_ne!(missing.0, 0);
     assert!(missing.2.contains("train one with"), "{}", missing.2);

@@ -64,35 +64,16 @@ fn how(opts: SampleOptions, window: Window, cached: bool, fixed_shape: bool) -> 
     }
 }
 
-const GREEDY: SampleOptions = SampleOptions {
-    temperature: 0.0,
-    top_k: None,
-    top_p: None,
-};
 const PROMPT: [usize; 3] = [20, 43, 50];
 
 /// Greedy tokens with and without the cache, `n` of them.
 fn both(model: &Gpt, window: Window, fixed: bool, n: usize) -> (Vec<usize>, Vec<usize>) {
-    let mut rng = rng_for(0, stream::SAMPLE, 0);
-    let a = generate(
-        model,
-        &PROMPT,
-        1,
-        n,
-        how(GREEDY, window, true, fixed),
-        &mut rng,
-        |_, _| {},
-    );
-    let b = generate(
-        model,
-        &PROMPT,
-        1,
-        n,
-        how(GREEDY, window, false, fixed),
-        &mut rng,
-        |_, _| {},
-    );
-    (a.concat(), b.concat())
+    let run = |cached| {
+        let mut rng = rng_for(0, stream::SAMPLE, 0);
+        let settings = how(SampleOptions::GREEDY, window, cached, fixed);
+        generate(model, &PROMPT, 1, n, settings, &mut rng, |_, _| {}).concat()
+    };
+    (run(true), run(false))
 }
 
 #[test]
@@ -273,10 +254,18 @@ fn bad_input_is_a_clear_error() {
             vec!["--keep", "32"],
             "the restart window must keep 1 to 31 tokens",
         ),
+        (
+            vec!["--keep", "0"],
+            "the restart window must keep 1 to 31 tokens",
+        ),
         (vec!["--bench-preset", "huge"], "unknown preset 'huge'"),
     ] {
-        let (code, _, err) = run(&args);
+        let (code, stdout, err) = run(&args);
         assert_ne!(code, 0, "{args:?} was accepted");
+        assert!(
+            !stdout.contains("== 6.1"),
+            "{args:?} got past the checks: {stdout}"
+        );
         assert!(err.contains(message), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }

@@ -108,9 +108,8 @@ fn one_head(run: &Run) -> Result<Head> {
     let (c, head_size, device) = (32, 16, &run.device);
     let x = Tensor::<3>::random([4, 8, c], Distribution::Normal(0.0, 1.0), device); // [B, T, C]
     let head = Head::new(c, head_size, device);
-    let q = head.query.forward(x.clone()); // [B, T, head_size], for its shape
     let (y, wei) = head.forward_with_weights(x.clone());
-    attention_diagram(run, &x.dims(), &q.dims(), &wei.dims(), &y.dims())?;
+    attention_diagram(run, &x.dims(), &wei.dims(), &y.dims())?;
     println!(
         "x: [4, 8, {c}] -> keys, queries, values: [4, 8, {head_size}] -> out {:?}",
         y.dims()
@@ -126,25 +125,20 @@ fn one_head(run: &Run) -> Result<Head> {
     Ok(head)
 }
 
-/// Draws the steps of one head with the shapes of the tensors above.
-fn attention_diagram(
-    run: &Run,
-    x: &[usize],
-    q: &[usize],
-    wei: &[usize],
-    y: &[usize],
-) -> Result<()> {
-    let [xs, qs, ws, ys] = [
+/// Draws the steps of one head with the shapes of the tensors above (queries, keys and
+/// values have the output's shape, `[b, t, hs]`).
+fn attention_diagram(run: &Run, x: &[usize], wei: &[usize], y: &[usize]) -> Result<()> {
+    let [xs, ws, ys] = [
         shape(&["b", "t", "c"], x),
-        shape(&["b", "t", "hs"], q),
         shape(&["b", "t", "t"], wei),
         shape(&["b", "t", "hs"], y),
     ];
+    let qs = ys.clone();
     let nodes = vec![
         Node::new("x (token + position embeddings)", xs),
         Node::new("queries q = x Wq", qs.clone()),
         Node::new("scores q kᵀ", ws.clone()).with_side("k = x Wk"),
-        Node::new(&format!("scale: ÷ √{}", q[2]), ws.clone()),
+        Node::new(&format!("scale: ÷ √{}", y[2]), ws.clone()),
         Node::new("mask: −∞ where key > query", ws.clone()),
         Node::new("softmax over the keys", ws),
         Node::new("weights · v", ys).with_side("v = x Wv"),

@@ -81,6 +81,7 @@ fn main() -> std::process::ExitCode {
         device.seed(args.seed);
         let (model, tok) = load(&args, &device)?;
         let how = generation(&args, &model, opts)?;
+        let bench = bench_preset(&args, &model)?;
         if args.interactive {
             return interactive(&model, &tok, how, &args);
         }
@@ -97,7 +98,7 @@ fn main() -> std::process::ExitCode {
         let checks = checking_the_cache(&model, &prompt)?;
         past_the_block(&model, &prompt, how);
         let tokens_per_s = sampling(&model, &tok, &prompt, how, &args);
-        let speed = speed(&model, &prompt, &args)?;
+        let speed = speed(&model, bench, &prompt, &args);
         what_the_run_wrote(&args, &cfg, checks, tokens_per_s, speed)
     })
 }
@@ -131,7 +132,7 @@ fn generation(args: &Args, model: &Gpt, opts: SampleOptions) -> Result<Generatio
     let window = match args.window.as_str() {
         "slide" => Window::Slide,
         "restart" => Window::Restart {
-            keep: args.keep.unwrap_or(block / 2).max(1),
+            keep: args.keep.unwrap_or(block / 2),
         },
         other => bail!("unknown --window '{other}': choose slide or restart"),
     };
@@ -143,6 +144,22 @@ fn generation(args: &Args, model: &Gpt, opts: SampleOptions) -> Result<Generatio
         // Every token one shape on the GPU backends, which compile a kernel per shape.
         fixed_shape: !args.backend.is_cpu(),
     })
+}
+
+/// `--bench-preset`'s model with fresh weights, checked before anything runs.
+fn bench_preset(args: &Args, model: &Gpt) -> Result<Option<(String, Gpt)>> {
+    let Some(name) = &args.bench_preset else {
+        return Ok(None);
+    };
+    let vocab = model.wte.weight.val().dims()[0];
+    let cfg = preset(name, vocab).with_context(|| {
+        format!(
+            "unknown preset '{name}'; choose one of {}",
+            PRESETS.join(", ")
+        )
+    })?;
+    let fresh = cfg.model.init(&model_device(model));
+    Ok(Some((format!("{name} (fresh weights)"), fresh)))
 }
 
 /// The prompt's tokens: an empty prompt starts from a newline; one the model cannot read is
@@ -246,31 +263,35 @@ struct Checks {
 fn checking_the_cache(model: &Gpt, prompt: &[usize]) -> Result<Checks> {
     section("6.3", "Checking the cache against the full forward pass");
     let model = model.valid();
-    let greedy = |cached| Generation {
-        opts: SampleOptions {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-        },
-        window: Window::Slide,
-        cached,
-        fixed_shape: false,
-    };
     let (n, block) = (model.block_size + 20, model.block_size);
-    let mut rng = rng_for(0, stream::SAMPLE, 6);
-    let a = generate(&model, prompt, 1, n, greedy(true), &mut rng, |_, _| {});
-    let b = generate(&model, prompt, 1, n, greedy(false), &mut rng, |_, _| {});
-    let same = a == b;
+    let (tokens, same) = greedy_both_ways(&model, prompt, n, Window::Slide);
     let verdict = if same { "identical" } else { "DIFFER" };
     println!("greedy, {n} tokens (past the block of {block}): cached and recomputed {verdict}");
     // The logits of every position of a full block, one cached step at a time.
-    let tokens: Vec<usize> = prompt.iter().chain(&a[0]).take(block).copied().collect();
+    let tokens: Vec<usize> = prompt.iter().chain(&tokens).take(block).copied().collect();
     let worst = worst_logit_diff(&model, &tokens);
     println!("{block} cached steps: logits differ from the full forward by at most {worst:.1e}");
     Ok(Checks {
         max_logit_diff: worst,
         greedy_identical: same,
     })
+}
+
+/// `n` greedy tokens with the cache, and whether recomputing gives the same ones.
+fn greedy_both_ways(model: &Gpt, prompt: &[usize], n: usize, window: Window) -> (Vec<usize>, bool) {
+    let run = |cached| {
+        let how = Generation {
+            opts: SampleOptions::GREEDY,
+            window,
+            cached,
+            fixed_shape: false,
+        };
+        let mut rng = rng_for(0, stream::SAMPLE, 6); // unused: greedy draws nothing
+        generate(model, prompt, 1, n, how, &mut rng, |_, _| {}).concat()
+    };
+    let cached = run(true);
+    let same = cached == run(false);
+    (cached, same)
 }
 
 /// Feeds `tokens` one at a time through a cache and compares each step's logits with the
@@ -313,21 +334,11 @@ fn past_the_block(model: &Gpt, prompt: &[usize], how: Generation) {
             restart.context_len(n, block)
         );
     }
-    let greedy = |cached| Generation {
-        opts: SampleOptions {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-        },
-        window: restart,
-        cached,
-        fixed_shape: false,
-    };
     let n = 3 * block;
-    let mut rng = rng_for(0, stream::SAMPLE, 6);
-    let a = generate(model, prompt, 1, n, greedy(true), &mut rng, |_, _| {});
-    let b = generate(model, prompt, 1, n, greedy(false), &mut rng, |_, _| {});
-    let verdict = if a == b { "identical" } else { "DIFFER" };
+    let verdict = match greedy_both_ways(model, prompt, n, restart).1 {
+        true => "identical",
+        false => "DIFFER",
+    };
     println!("restart window, greedy, {n} tokens: cached and recomputed {verdict}");
 }
 // ANCHOR_END: past_the_block
@@ -384,25 +395,13 @@ struct Speed {
 }
 
 // ANCHOR: speed
-fn speed(model: &Gpt, prompt: &[usize], args: &Args) -> Result<Vec<Speed>> {
+fn speed(model: &Gpt, bench: Option<(String, Gpt)>, prompt: &[usize], args: &Args) -> Vec<Speed> {
     section("6.6", "Speed: tokens per second with and without the cache");
     let mut results = vec![time_all("this checkpoint", model, prompt, args)];
-    if let Some(name) = &args.bench_preset {
-        let cfg = preset(name, model.wte.weight.val().dims()[0]).with_context(|| {
-            format!(
-                "unknown preset '{name}'; choose one of {}",
-                PRESETS.join(", ")
-            )
-        })?;
-        let fresh = cfg.model.init(&args.backend.device());
-        results.push(time_all(
-            &format!("{name} (fresh weights)"),
-            &fresh,
-            prompt,
-            args,
-        ));
+    if let Some((name, fresh)) = bench {
+        results.push(time_all(&name, &fresh, prompt, args));
     }
-    Ok(results)
+    results
 }
 
 fn time_all(name: &str, model: &Gpt, prompt: &[usize], args: &Args) -> Speed {

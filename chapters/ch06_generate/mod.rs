@@ -1,7 +1,7 @@
 //! Chapter 6: generation with a cache of keys and values. Each new token runs through the
 //! model once; its query attends over the keys and values every earlier token left behind.
 
-use crate::ch02_attention::{LinearRows, merge_heads, split_heads};
+use crate::ch02_attention::{LinearRows, merge_heads, scaled_scores, split_heads};
 use crate::ch03_gpt::{CausalSelfAttention, Gpt, GptConfig};
 use crate::common::dataset::ids_tensor;
 use crate::common::sample::{SampleOptions, pick_token};
@@ -84,34 +84,27 @@ impl KvCache {
 
 // ANCHOR: cached_attention
 /// Attention for `t` new tokens at positions `start..start + t`: their keys and values go into
-/// the layer's cache, and their queries attend over every cached position up to their own.
+/// the layer's cache, and their queries attend over the first `width` cached positions, with
+/// `later` (`[1, 1, t, width]`) hiding the keys after each query's own position.
 fn attend_cached(
     attn: &CausalSelfAttention,
     x: Tensor<3>, // [b, t, c]: the new tokens only
-    keys: &mut Tensor<4>,
-    values: &mut Tensor<4>,
+    (keys, values): (&mut Tensor<4>, &mut Tensor<4>),
     start: usize,
-    fixed_shape: bool,
+    later: Tensor<4, Bool>,
 ) -> Tensor<3> {
     let (q, k, v) = split_heads(attn.c_attn.forward_rows(x), attn.n_head); // [b, nh, t, hs]
-    let [_, _, t, hs] = q.dims();
-    let end = start + t;
-    *keys = keys.clone().slice_assign(s![.., .., start..end, ..], k);
-    *values = values.clone().slice_assign(s![.., .., start..end, ..], v);
-    // Keys 0..width: the whole block (fixed shape) or just the filled part.
-    let width = if fixed_shape { keys.dims()[2] } else { end };
-    let (k, v) = (
-        keys.clone().slice(s![.., .., 0..width, ..]),
-        values.clone().slice(s![.., .., 0..width, ..]),
-    ); // [b, nh, width, hs]
-    let scores = q.matmul(k.swap_dims(2, 3)) / (hs as f64).sqrt(); // [b, nh, t, width]
-    let att = softmax(
-        scores.mask_fill(
-            later_keys(start, t, width, &keys.device()),
-            f32::NEG_INFINITY,
-        ),
-        3,
-    );
+    let [.., t, width] = later.dims();
+    *keys = keys
+        .clone()
+        .slice_assign(s![.., .., start..start + t, ..], k);
+    *values = values
+        .clone()
+        .slice_assign(s![.., .., start..start + t, ..], v);
+    let k = keys.clone().slice(s![.., .., 0..width, ..]); // [b, nh, width, hs]
+    let v = values.clone().slice(s![.., .., 0..width, ..]);
+    let scores = scaled_scores(q, k).mask_fill(later, f32::NEG_INFINITY); // [b, nh, t, width]
+    let att = attn.attn_dropout.forward(softmax(scores, 3));
     let y = merge_heads(att.matmul(v)); // [b, t, c]
     attn.resid_dropout.forward(attn.c_proj.forward_rows(y))
 }
@@ -139,11 +132,16 @@ pub fn forward_cached(model: &Gpt, idx: Tensor<2, Int>, cache: &mut KvCache) -> 
     let mut x = model
         .drop
         .forward(model.wte.forward(idx) + model.wpe.forward(pos)); // [b, t, c]
-    let fixed = cache.fixed_shape;
+    // Keys 0..width: the whole block (one shape for every step) or just the filled part.
+    let width = match cache.fixed_shape {
+        true => model.block_size,
+        false => start + t,
+    };
+    let later = later_keys(start, t, width, &device); // the same for every layer
     for (l, block) in model.blocks.iter().enumerate() {
-        let (keys, values) = (&mut cache.keys[l], &mut cache.values[l]);
+        let kv = (&mut cache.keys[l], &mut cache.values[l]);
         x = block.forward_with(x, |attn, x| {
-            attend_cached(attn, x, keys, values, start, fixed)
+            attend_cached(attn, x, kv, start, later.clone())
         });
     }
     cache.len = start + t;
@@ -291,10 +289,11 @@ pub fn config_of(model: &Gpt) -> GptConfig {
 pub fn macs_per_token(cfg: &GptConfig, ctx: usize, cached: bool) -> f64 {
     let (c, l) = (cfg.n_embd as f64, cfg.n_layer as f64);
     let head = c * cfg.vocab_size as f64;
-    let attention = |pos: f64| 2.0 * c * pos; // a query at position pos sees pos + 1 keys
+    let attention = |keys: f64| 2.0 * c * keys; // scores and weighted sum of one query
     if cached {
         l * (12.0 * c * c + attention(ctx as f64)) + head
     } else {
+        // The query at position p sees p + 1 keys.
         let all_queries: f64 = (0..ctx).map(|p| attention(p as f64 + 1.0)).sum();
         l * (12.0 * c * c * ctx as f64 + all_queries) + head
     }

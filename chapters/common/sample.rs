@@ -21,6 +21,15 @@ pub struct SampleOptions {
     pub top_p: Option<f64>,
 }
 
+impl SampleOptions {
+    /// Always the most likely token.
+    pub const GREEDY: SampleOptions = SampleOptions {
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+    };
+}
+
 impl Default for SampleOptions {
     fn default() -> Self {
         Self {

@@ -10,6 +10,7 @@ pub mod ch01_bigram;
 pub mod ch02_attention;
 pub mod ch03_gpt;
 pub mod ch04_pretrain;
+pub mod ch05_fast;
 pub mod ch06_generate;
 pub mod compare_backends;
 pub mod exercises;

@@ -2,6 +2,7 @@
 //! network, residual connections, LayerNorm and dropout, stacked into blocks.
 
 use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, positions, split_heads};
+use crate::ch05_fast::{Kernels, fused_attention};
 use crate::common::train::LanguageModel;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gelu, Initializer, LayerNorm,
@@ -35,11 +36,17 @@ pub struct FeedForward {
     pub gelu: Gelu,
     pub c_proj: Linear, // [4c] -> [c]
     pub dropout: Dropout,
+    /// Chapter 5 swaps in its own kernels here; until then, Burn's.
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.gelu.forward(self.c_fc.forward_rows(x)); // [b, t, 4c]
+        let h = match self.kernels {
+            Kernels::Burn => self.gelu.forward(self.c_fc.forward_rows(x)), // [b, t, 4c]
+            fused => fused.gelu(self.c_fc.forward_rows(x)),
+        };
         self.dropout.forward(self.c_proj.forward_rows(h)) // [b, t, c]
     }
 }
@@ -56,6 +63,8 @@ pub struct CausalSelfAttention {
     pub attn_dropout: Dropout,
     pub resid_dropout: Dropout,
     pub n_head: usize,
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl CausalSelfAttention {
@@ -68,7 +77,12 @@ impl CausalSelfAttention {
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with_weights(x).0
+        if !self.kernels.fused_on(&x.device()) {
+            return self.forward_with_weights(x).0;
+        }
+        // Chapter 5: the same computation as one operation, from [b, t, 3c] to [b, t, c].
+        let y = fused_attention(self.c_attn.forward_rows(x), self.n_head, &self.attn_dropout);
+        self.resid_dropout.forward(self.c_proj.forward_rows(y))
     }
 }
 // ANCHOR_END: attention
@@ -95,6 +109,8 @@ pub struct Block {
     pub ln_2: LayerNorm,
     pub mlp: FeedForward,
     pub pre_norm: bool,
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl Block {
@@ -109,12 +125,13 @@ impl Block {
         x: Tensor<3>,
         attend: impl FnOnce(&CausalSelfAttention, Tensor<3>) -> Tensor<3>,
     ) -> Tensor<3> {
+        let ln = |ln, x| self.kernels.layer_norm(ln, x); // ln.forward(x) until chapter 5
         if self.pre_norm {
-            let x = x.clone() + attend(&self.attn, self.ln_1.forward(x)); // [b, t, c]
-            x.clone() + self.mlp.forward(self.ln_2.forward(x))
+            let x = x.clone() + attend(&self.attn, ln(&self.ln_1, x)); // [b, t, c]
+            x.clone() + self.mlp.forward(ln(&self.ln_2, x))
         } else {
-            let x = self.ln_1.forward(x.clone() + attend(&self.attn, x));
-            self.ln_2.forward(x.clone() + self.mlp.forward(x))
+            let x = ln(&self.ln_1, x.clone() + attend(&self.attn, x));
+            ln(&self.ln_2, x.clone() + self.mlp.forward(x))
         }
     }
 }
@@ -158,6 +175,8 @@ pub struct Gpt {
     /// Untied only: otherwise the head reuses `wte`.
     pub lm_head: Option<Linear>,
     pub block_size: usize,
+    #[module(skip)]
+    pub kernels: Kernels,
 }
 
 impl LanguageModel for Gpt {
@@ -176,13 +195,17 @@ impl LanguageModel for Gpt {
     fn block_size(&self) -> usize {
         self.block_size
     }
+
+    fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        self.kernels.cross_entropy(self.forward(idx), targets)
+    }
 }
 
 impl Gpt {
     /// The final LayerNorm (pre-LN) and the output head: `[b, t, c]` -> `[b, t, vocab]`.
     pub fn logits(&self, mut x: Tensor<3>) -> Tensor<3> {
         if let Some(ln_f) = &self.ln_f {
-            x = ln_f.forward(x);
+            x = self.kernels.layer_norm(ln_f, x);
         }
         match &self.lm_head {
             Some(head) => head.forward_rows(x), // [b, t, vocab]
@@ -251,6 +274,7 @@ impl GptConfig {
                 attn_dropout: dropout(),
                 resid_dropout: dropout(),
                 n_head: self.n_head,
+                kernels: Kernels::Burn,
             },
             ln_2: ln(),
             mlp: FeedForward {
@@ -258,8 +282,10 @@ impl GptConfig {
                 gelu: Gelu::new(),
                 c_proj: linear(4 * c, c, proj_std),
                 dropout: dropout(),
+                kernels: Kernels::Burn,
             },
             pre_norm: self.norm == Norm::Pre,
+            kernels: Kernels::Burn,
         };
         Gpt {
             wte: embedding(self.vocab_size),
@@ -274,10 +300,26 @@ impl GptConfig {
                     .init(device)
             }),
             block_size: self.block_size,
+            kernels: Kernels::Burn,
         }
     }
 }
 // ANCHOR_END: init
+
+// ANCHOR: with_kernels
+impl Gpt {
+    /// The same model and weights, running `kernels` in every layer (chapter 5).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Gpt {
+        self.kernels = kernels;
+        for block in &mut self.blocks {
+            block.kernels = kernels;
+            block.attn.kernels = kernels;
+            block.mlp.kernels = kernels;
+        }
+        self
+    }
+}
+// ANCHOR_END: with_kernels
 
 // ANCHOR: param_count
 impl GptConfig {

@@ -19,6 +19,11 @@ pub trait LanguageModel: Module {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3>;
     /// The longest context the model can read (generation keeps only this many tokens).
     fn block_size(&self) -> usize;
+    /// The training loss: mean cross-entropy of the next-token predictions (a model may
+    /// compute it its own way, as chapter 5's fused kernels do).
+    fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
+        cross_entropy(self.forward(idx), targets)
+    }
 }
 
 // ANCHOR: cross_entropy
@@ -64,7 +69,7 @@ pub fn estimate_loss<M: LanguageModel>(
         let mut total = 0.0;
         for _ in 0..eval.iters {
             let (x, y) = data.batch(split, eval.batch_size, eval.block_size, &mut rng, &device);
-            total += cross_entropy(model.forward(x), y).into_scalar::<f32>() as f64;
+            total += model.loss(x, y).into_scalar::<f32>() as f64;
         }
         total / eval.iters as f64
     };
@@ -299,7 +304,7 @@ pub fn train_step<M: LanguageModel>(
     let mut rng = rng_for(settings.seed, stream::TRAIN, step);
     let (b, t) = (settings.batch_size, settings.block_size);
     let (x, y) = data.batch(Split::Train, b, t, &mut rng, &model_device(&model));
-    let loss = cross_entropy(model.forward(x), y); // [1]
+    let loss = model.loss(x, y); // [1]
     let loss_value = loss.clone().into_scalar::<f32>();
     if !loss_value.is_finite() {
         return (model, loss_value, f64::NAN);

@@ -1,0 +1,296 @@
+//! The fused kernels as Burn operations: a backend extension trait implemented for the Flex
+//! backend (forward only) and for `Autodiff<Flex>` (forward, plus a node on the tape whose
+//! `Backward` calls the hand-written gradient).
+
+use super::kernels::{self, AttnShape, NormStats};
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Flex, Shape, TensorData, backend_extension};
+
+// ANCHOR: trait
+/// The operations chapter 5 adds to Burn. `backend_extension` generates the glue that routes
+/// a call on Burn's run-time `Dispatch` backend to the implementation for the tensor's backend.
+#[backend_extension(Flex, Autodiff)]
+pub trait FusedOps: Backend {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>)
+    -> FloatTensor<Self>;
+    fn fused_attention(qkv: FloatTensor<Self>, n_head: usize) -> FloatTensor<Self>;
+    fn fused_attention_dropout(
+        qkv: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        n_head: usize,
+    ) -> FloatTensor<Self>;
+}
+// ANCHOR_END: trait
+
+// ANCHOR: host
+/// A Flex tensor laid out row-major from offset 0 (a copy only when it is not already).
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn floats(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("the fused kernels take f32 tensors")
+}
+
+fn shape(t: &FlexTensor) -> Shape {
+    t.layout().shape().clone()
+}
+
+fn tensor(values: Vec<f32>, shape: impl Into<Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape.into()))
+}
+
+/// Token ids as indices, whichever integer type the backend stores them in.
+fn indices(t: &FlexTensor, v: usize) -> Vec<usize> {
+    let t = contiguous(t);
+    let ids: Vec<i64> = match t.as_slice::<i64>() {
+        Some(s) => s.to_vec(),
+        None => t
+            .as_slice::<i32>()
+            .expect("integer targets")
+            .iter()
+            .map(|&i| i as i64)
+            .collect(),
+    };
+    ids.into_iter()
+        .map(|i| {
+            assert!((0..v as i64).contains(&i), "target {i} outside the vocabulary of {v}");
+            i as usize
+        })
+        .collect()
+}
+
+fn attn_shape(qkv: &FlexTensor, n_head: usize) -> AttnShape {
+    let s = shape(qkv);
+    let (b, t, c3) = (s[0], s[1], s[2]);
+    AttnShape {
+        b,
+        t,
+        nh: n_head,
+        hs: c3 / 3 / n_head,
+    }
+}
+// ANCHOR_END: host
+
+// ANCHOR: flex
+/// Inference (no autodiff): the forward kernels alone.
+impl FusedOps for Flex {
+    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+        let x = contiguous(&x);
+        tensor(kernels::gelu_forward(floats(&x)), shape(&x))
+    }
+
+    fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        layer_norm(&contiguous(&x), &gamma, &beta, eps).0
+    }
+
+    fn fused_cross_entropy(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
+        let logits = contiguous(&logits);
+        let v = shape(&logits)[1];
+        let (loss, _) = kernels::cross_entropy_forward(floats(&logits), &indices(&targets, v), v);
+        tensor(vec![loss], [1])
+    }
+
+    fn fused_attention(qkv: FlexTensor, n_head: usize) -> FlexTensor {
+        attention(&contiguous(&qkv), None, n_head).0
+    }
+
+    fn fused_attention_dropout(qkv: FlexTensor, keep: FlexTensor, n_head: usize) -> FlexTensor {
+        attention(&contiguous(&qkv), Some(&contiguous(&keep)), n_head).0
+    }
+}
+
+fn layer_norm(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, NormStats) {
+    let (gamma, beta) = (contiguous(gamma), contiguous(beta));
+    let (y, stats) = kernels::layer_norm_forward(floats(x), floats(&gamma), floats(&beta), eps as f32);
+    (tensor(y, shape(x)), stats)
+}
+
+/// Returns `y: [b, t, c]` and the attention weights `[b, nh, t, t]`.
+fn attention(qkv: &FlexTensor, keep: Option<&FlexTensor>, n_head: usize) -> (FlexTensor, FlexTensor) {
+    let s = attn_shape(qkv, n_head);
+    let (y, p) = kernels::attention_forward(floats(qkv), keep.map(floats), s);
+    let c = s.nh * s.hs;
+    (tensor(y, [s.b, s.t, c]), tensor(p, [s.b, s.nh, s.t, s.t]))
+}
+// ANCHOR_END: flex
+
+// ANCHOR: autodiff_gelu
+/// Training: each operation runs its forward kernel and, when an input needs a gradient, puts a
+/// node on the tape holding what the backward pass will need (its "state").
+impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward;
+
+        impl Backward<Flex, 1> for GeluBackward {
+            type State = FlexTensor; // the input x
+
+            fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+                let x = ops.state;
+                if let [Some(parent)] = ops.parents {
+                    let dx = kernels::gelu_backward(floats(&x), floats(&dy));
+                    grads.register::<Flex>(parent.id, tensor(dx, shape(&x)));
+                }
+            }
+        }
+
+        match GeluBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let x = contiguous(x.primitive());
+                let y = tensor(kernels::gelu_forward(floats(&x)), shape(&x));
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_gelu(x.into_primitive())),
+        }
+    }
+    // ANCHOR_END: autodiff_gelu
+
+    // ANCHOR: autodiff_rest
+    fn fused_layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl Backward<Flex, 3> for LayerNormBackward {
+            type State = (FlexTensor, FlexTensor, NormStats); // x, gamma, mean and 1/σ
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (x, gamma, stats) = ops.state;
+                let (dx, dgamma, dbeta) =
+                    kernels::layer_norm_backward(floats(&x), floats(&gamma), &stats, floats(&dy));
+                let c = dgamma.len();
+                let [px, pg, pb] = ops.parents;
+                for (parent, grad, shape) in [(px, dx, shape(&x)), (pg, dgamma, [c].into()), (pb, dbeta, [c].into())] {
+                    if let Some(parent) = parent {
+                        grads.register::<Flex>(parent.id, tensor(grad, shape));
+                    }
+                }
+            }
+        }
+
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (contiguous(x.primitive()), contiguous(gamma.primitive()));
+                let (y, stats) = layer_norm(&x, &gamma, beta.primitive(), eps);
+                prep.finish((x, gamma, stats), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_layer_norm(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                eps,
+            )),
+        }
+    }
+
+    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossEntropyBackward;
+
+        impl Backward<Flex, 1> for CrossEntropyBackward {
+            type State = (FlexTensor, Vec<usize>, Vec<f32>); // logits, targets, log-sum-exp
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let grad = floats(&contiguous(&grads.consume::<Flex>(&ops.node)))[0];
+                let (logits, targets, lse) = ops.state;
+                if let [Some(parent)] = ops.parents {
+                    let v = shape(&logits)[1];
+                    let dx = kernels::cross_entropy_backward(floats(&logits), &targets, &lse, v, grad);
+                    grads.register::<Flex>(parent.id, tensor(dx, shape(&logits)));
+                }
+            }
+        }
+
+        match CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let logits = contiguous(logits.primitive());
+                let v = shape(&logits)[1];
+                let targets = indices(&targets, v);
+                let (loss, lse) = kernels::cross_entropy_forward(floats(&logits), &targets, v);
+                prep.finish((logits, targets, lse), tensor(vec![loss], [1]))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::fused_cross_entropy(logits.into_primitive(), targets))
+            }
+        }
+    }
+
+    fn fused_attention(qkv: FloatTensor<Self>, n_head: usize) -> FloatTensor<Self> {
+        attention_autodiff::<C>(qkv, None, n_head)
+    }
+
+    fn fused_attention_dropout(
+        qkv: FloatTensor<Self>,
+        keep: FloatTensor<Self>,
+        n_head: usize,
+    ) -> FloatTensor<Self> {
+        attention_autodiff::<C>(qkv, Some(keep), n_head)
+    }
+}
+
+/// Attention's node: saves `qkv`, the weights `P` and the dropout mask.
+fn attention_autodiff<C: CheckpointStrategy>(
+    qkv: FloatTensor<Autodiff<Flex, C>>,
+    keep: Option<FloatTensor<Autodiff<Flex, C>>>,
+    n_head: usize,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    #[derive(Debug)]
+    struct AttentionBackward {
+        n_head: usize,
+    }
+
+    impl Backward<Flex, 1> for AttentionBackward {
+        type State = (FlexTensor, FlexTensor, Option<FlexTensor>); // qkv, P, keep
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+            let (qkv, p, keep) = ops.state;
+            if let [Some(parent)] = ops.parents {
+                let s = attn_shape(&qkv, self.n_head);
+                let dqkv =
+                    kernels::attention_backward(floats(&qkv), floats(&p), keep.as_ref().map(floats), floats(&dy), s);
+                grads.register::<Flex>(parent.id, tensor(dqkv, shape(&qkv)));
+            }
+        }
+    }
+
+    let keep = keep.map(|k| contiguous(&k.into_primitive()));
+    match (AttentionBackward { n_head })
+        .prepare::<C>([qkv.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let qkv = contiguous(qkv.primitive());
+            let (y, p) = attention(&qkv, keep.as_ref(), n_head);
+            prep.finish((qkv, p, keep), y)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(attention(&contiguous(&qkv.into_primitive()), keep.as_ref(), n_head).0)
+        }
+    }
+}
+// ANCHOR_END: autodiff_rest

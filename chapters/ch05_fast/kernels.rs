@@ -1,0 +1,453 @@
+//! The fused kernels themselves: plain Rust over slices of `f32`, forward and backward. They
+//! know nothing about Burn; `extension.rs` wires them into its autodiff tape.
+//!
+//! Two tools make them fast on a CPU: `rayon` hands chunks of rows to every core, and
+//! [`simd`] compiles the innermost loops a second time for AVX2 + FMA, which the compiler then
+//! vectorises (8 floats per instruction) because they contain no calls and no branches.
+
+use rayon::prelude::*;
+
+// ANCHOR: simd
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (checked once, then cached), else
+/// compiled for the baseline x86-64 (SSE2) or whatever the target is.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has just been checked for both features.
+        return unsafe { avx2(f) };
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+    f() // the closure is inlined here, so its loops are compiled with AVX2 + FMA
+}
+// ANCHOR_END: simd
+
+// ANCHOR: exp
+/// `e^x` without a library call, so that a loop over it vectorises: write `x = n ln2 + r` with
+/// an integer `n` and `|r| <= ln2 / 2`, take `e^r` from a degree-7 polynomial (Cephes' `expf`
+/// coefficients, about 1 ulp) and build `2^n` straight from the bits of a float.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0); // keeps 2^n a normal float
+    let k = x * std::f32::consts::LOG2_E + 12_582_912.0; // 1.5 * 2^23: rounds n into the mantissa
+    let n = k - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // ln2 split in two for precision
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    let two_n = f32::from_bits((k.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
+    e_r * two_n
+}
+// ANCHOR_END: exp
+
+/// Elements per rayon task in the element-wise kernels: big enough to pay for the hand-off.
+const CHUNK: usize = 16 * 1024;
+
+// ANCHOR: gelu
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `erf` by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    (1.0 - poly * exp(-a * a)).copysign(x)
+}
+
+/// `GELU(x) = x Φ(x)`, with `Φ(x) = (1 + erf(x / √2)) / 2` the normal distribution's CDF.
+pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            simd(|| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+                }
+            })
+        });
+    y
+}
+
+/// `dGELU/dx = Φ(x) + x φ(x)`, with `φ(x) = e^{-x²/2} / √(2π)` the normal density.
+pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0.0; x.len()];
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+        .for_each(|(dx, (x, dy))| {
+            simd(|| {
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                    let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+                    *dx = dy * (cdf + x * pdf);
+                }
+            })
+        });
+    dx
+}
+// ANCHOR_END: gelu
+
+/// Rows per rayon task in the row-wise kernels (LayerNorm, cross-entropy).
+const ROWS: usize = 32;
+
+// ANCHOR: layer_norm
+/// What LayerNorm's forward pass keeps for its backward pass: each row's mean and `1/σ`.
+#[derive(Clone, Debug)]
+pub struct NormStats {
+    pub mean: Vec<f32>,
+    pub rstd: Vec<f32>,
+}
+
+/// `y = (x - mean) / √(var + eps) * gamma + beta` over each row of `x: [rows, c]`, in one
+/// pass to find the mean and variance and one to write `y`.
+pub fn layer_norm_forward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> (Vec<f32>, NormStats) {
+    let c = gamma.len();
+    let rows = x.len() / c;
+    let (mut y, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; rows]);
+    y.par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c))
+        .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
+        .for_each(|((y, x), (mean, rstd))| {
+            simd(|| {
+                for (((y, x), mean), rstd) in
+                    y.chunks_mut(c).zip(x.chunks(c)).zip(mean).zip(rstd)
+                {
+                    let mu = x.iter().sum::<f32>() / c as f32;
+                    let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                    let r = 1.0 / (var + eps).sqrt();
+                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                        *y = (x - mu) * r * g + b;
+                    }
+                    (*mean, *rstd) = (mu, r);
+                }
+            })
+        });
+    (y, NormStats { mean, rstd })
+}
+
+/// The gradients of LayerNorm. With `x̂ = (x - mean) / σ` and `g = dy ⊙ gamma`:
+/// `dx = (g - mean(g) - x̂ · mean(g ⊙ x̂)) / σ` per row, `dgamma = Σ_rows dy ⊙ x̂`,
+/// `dbeta = Σ_rows dy`. Returns `(dx, dgamma, dbeta)`.
+pub fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    stats: &NormStats,
+    dy: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let c = gamma.len();
+    let mut dx = vec![0.0; x.len()];
+    // Each task sums dgamma and dbeta over its own rows; the partial sums are added at the end.
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
+        .zip(stats.mean.par_chunks(ROWS).zip(stats.rstd.par_chunks(ROWS)))
+        .map(|((dx, (x, dy)), (mean, rstd))| {
+            simd(|| {
+                let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
+                let mut xhat = vec![0.0f32; c];
+                for ((((dx, x), dy), &mu), &r) in
+                    dx.chunks_mut(c).zip(x.chunks(c)).zip(dy.chunks(c)).zip(mean).zip(rstd)
+                {
+                    let (mut sum_g, mut sum_gx) = (0.0, 0.0);
+                    for i in 0..c {
+                        xhat[i] = (x[i] - mu) * r;
+                        let g = dy[i] * gamma[i];
+                        sum_g += g;
+                        sum_gx += g * xhat[i];
+                        dgamma[i] += dy[i] * xhat[i];
+                        dbeta[i] += dy[i];
+                    }
+                    let (mean_g, mean_gx) = (sum_g / c as f32, sum_gx / c as f32);
+                    for i in 0..c {
+                        dx[i] = (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx) * r;
+                    }
+                }
+                (dgamma, dbeta)
+            })
+        })
+        .collect();
+    let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
+    for (g, b) in partial {
+        dgamma.iter_mut().zip(g).for_each(|(s, v)| *s += v);
+        dbeta.iter_mut().zip(b).for_each(|(s, v)| *s += v);
+    }
+    (dx, dgamma, dbeta)
+}
+// ANCHOR_END: layer_norm
+
+// ANCHOR: cross_entropy
+/// Mean cross-entropy of `logits: [n, v]` against `targets: [n]`, as log-softmax and the
+/// negative log-likelihood in one pass: `loss_i = logsumexp(x_i) - x_i[target_i]`.
+/// Returns the mean loss and each row's log-sum-exp (the backward pass needs it).
+pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], v: usize) -> (f32, Vec<f32>) {
+    let mut lse = vec![0.0; targets.len()];
+    let total: f64 = lse
+        .par_chunks_mut(ROWS)
+        .zip(logits.par_chunks(ROWS * v).zip(targets.par_chunks(ROWS)))
+        .map(|(lse, (x, targets))| {
+            simd(|| {
+                let mut sum = 0.0f64;
+                for ((lse, x), &target) in lse.iter_mut().zip(x.chunks(v)).zip(targets) {
+                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum_exp: f32 = x.iter().map(|&v| exp(v - max)).sum();
+                    *lse = max + sum_exp.ln();
+                    sum += (*lse - x[target]) as f64;
+                }
+                sum
+            })
+        })
+        .sum();
+    ((total / targets.len() as f64) as f32, lse)
+}
+
+/// `d loss / d logits = (softmax(x) - onehot(target)) / n`, times the incoming gradient.
+pub fn cross_entropy_backward(
+    logits: &[f32],
+    targets: &[usize],
+    lse: &[f32],
+    v: usize,
+    grad: f32,
+) -> Vec<f32> {
+    let scale = grad / targets.len() as f32;
+    let mut dx = vec![0.0; logits.len()];
+    dx.par_chunks_mut(ROWS * v)
+        .zip(logits.par_chunks(ROWS * v))
+        .zip(targets.par_chunks(ROWS).zip(lse.par_chunks(ROWS)))
+        .for_each(|((dx, x), (targets, lse))| {
+            simd(|| {
+                for (((dx, x), &target), &lse) in
+                    dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(lse)
+                {
+                    for (dx, &x) in dx.iter_mut().zip(x) {
+                        *dx = exp(x - lse) * scale;
+                    }
+                    dx[target] -= scale;
+                }
+            })
+        });
+    dx
+}
+// ANCHOR_END: cross_entropy
+
+// ANCHOR: gemm
+/// A matrix of `f32` inside a slice: element `(i, j)` is `data[offset + i * rs + j * cs]`.
+/// Strides let a product read one head's queries straight out of the `[b, t, 3c]` buffer,
+/// or read a matrix transposed, without copying it first.
+#[derive(Clone, Copy)]
+pub struct View {
+    pub offset: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl View {
+    pub fn rows(offset: usize, rs: usize) -> Self {
+        View { offset, rs, cs: 1 }
+    }
+    /// The same matrix read transposed.
+    pub fn t(self) -> Self {
+        View {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+    fn check(&self, len: usize, rows: usize, cols: usize) {
+        let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
+        assert!(rows > 0 && cols > 0 && last < len, "matrix view out of bounds");
+    }
+}
+
+/// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]` (one thread; the
+/// callers run many of these side by side). The `matrixmultiply` crate does the blocking.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    (a, va): (&[f32], View),
+    (b, vb): (&[f32], View),
+    beta: f32,
+    (c, vc): (&mut [f32], View),
+) {
+    va.check(a.len(), m, k);
+    vb.check(b.len(), k, n);
+    vc.check(c.len(), m, n);
+    // SAFETY: the three views were just checked to stay inside their slices, and `c` is a
+    // unique borrow, so it overlaps neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr().add(va.offset),
+            va.rs as isize,
+            va.cs as isize,
+            b.as_ptr().add(vb.offset),
+            vb.rs as isize,
+            vb.cs as isize,
+            beta,
+            c.as_mut_ptr().add(vc.offset),
+            vc.rs as isize,
+            vc.cs as isize,
+        )
+    }
+}
+// ANCHOR_END: gemm
+
+// ANCHOR: attention_forward
+/// The shape of one attention call: `qkv: [b, t, 3c]` with `nh` heads of `hs = c / nh`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub hs: usize,
+}
+
+impl AttnShape {
+    fn c(&self) -> usize {
+        self.nh * self.hs
+    }
+    /// Where head `h`'s queries (part 0), keys (1) or values (2) start in one batch row of
+    /// `[t, 3c]`: a `[t, hs]` matrix with row stride `3c`.
+    fn part(&self, part: usize, h: usize) -> View {
+        View::rows(part * self.c() + h * self.hs, 3 * self.c())
+    }
+}
+
+/// Causal self-attention of every head, reading `q`, `k`, `v` from `qkv: [b, t, 3c]` in place:
+/// `S = q kᵀ / √hs`, softmax over the keys `j <= i`, `P ⊙ keep` (dropout, when given) times `v`.
+/// Returns `y: [b, t, c]` (the heads side by side, as `merge_heads` would leave them) and the
+/// weights `P: [b, nh, t, t]` before dropout, which the backward pass needs.
+pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    let AttnShape { t, nh, hs, .. } = s;
+    let (c, tt) = (s.c(), t * t);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let mut y = vec![0.0; s.b * t * c];
+    let mut p = vec![0.0; s.b * nh * tt];
+    // One task per batch row: each writes only its own rows of `y` and `p`.
+    y.par_chunks_mut(t * c)
+        .zip(p.par_chunks_mut(nh * tt))
+        .enumerate()
+        .for_each(|(bi, (y, p))| {
+            let qkv = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c]; // [t, 3c]
+            let mut dropped = vec![0.0; tt];
+            for h in 0..nh {
+                let p = &mut p[h * tt..(h + 1) * tt]; // [t, t]
+                let (q, k) = (s.part(0, h), s.part(1, h));
+                gemm((t, hs, t), scale, (qkv, q), (qkv, k.t()), 0.0, (p, View::rows(0, t)));
+                simd(|| causal_softmax(p, t));
+                let weights = match keep {
+                    Some(keep) => {
+                        let keep = &keep[(bi * nh + h) * tt..][..tt];
+                        simd(|| dropped.iter_mut().zip(&*p).zip(keep).for_each(|((d, p), k)| *d = p * k));
+                        &dropped
+                    }
+                    None => &*p,
+                };
+                let out = View::rows(h * hs, c); // head h's columns of y: [t, hs]
+                gemm((t, t, hs), 1.0, (weights, View::rows(0, t)), (qkv, s.part(2, h)), 0.0, (y, out));
+            }
+        });
+    (y, p)
+}
+
+/// Row `i` of `s: [t, t]` becomes the softmax of its first `i + 1` entries; the rest (the
+/// future) become exactly 0, which is what the -inf mask of chapter 2 does.
+#[inline(always)]
+fn causal_softmax(s: &mut [f32], t: usize) {
+    for (i, row) in s.chunks_mut(t).enumerate() {
+        let (past, future) = row.split_at_mut(i + 1);
+        let max = past.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let mut sum = 0.0;
+        for v in past.iter_mut() {
+            *v = exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        past.iter_mut().for_each(|v| *v *= inv);
+        future.fill(0.0);
+    }
+}
+// ANCHOR_END: attention_forward
+
+// ANCHOR: attention_backward
+/// The gradient of [`attention_forward`] with respect to `qkv`, from `dy: [b, t, c]`. With
+/// `P̃ = P ⊙ keep` the weights that multiplied `v`:
+/// `dv = P̃ᵀ dy`, `dP = (dy vᵀ) ⊙ keep`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))` (softmax's
+/// derivative), then `dq = dS k / √hs` and `dk = dSᵀ q / √hs`. Returns `dqkv: [b, t, 3c]`.
+pub fn attention_backward(
+    qkv: &[f32],
+    p: &[f32],
+    keep: Option<&[f32]>,
+    dy: &[f32],
+    s: AttnShape,
+) -> Vec<f32> {
+    let AttnShape { t, nh, hs, .. } = s;
+    let (c, tt) = (s.c(), t * t);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let square = View::rows(0, t);
+    let mut dqkv = vec![0.0; s.b * t * 3 * c];
+    dqkv.par_chunks_mut(t * 3 * c)
+        .enumerate()
+        .for_each(|(bi, dqkv)| {
+            let qkv = &qkv[bi * t * 3 * c..][..t * 3 * c]; // [t, 3c]
+            let dy = &dy[bi * t * c..][..t * c]; // [t, c]
+            let (mut dropped, mut ds) = (vec![0.0; tt], vec![0.0; tt]);
+            for h in 0..nh {
+                let p = &p[(bi * nh + h) * tt..][..tt]; // [t, t]
+                let keep = keep.map(|keep| &keep[(bi * nh + h) * tt..][..tt]);
+                let weights = match keep {
+                    Some(keep) => {
+                        simd(|| dropped.iter_mut().zip(p).zip(keep).for_each(|((d, p), k)| *d = p * k));
+                        &dropped[..]
+                    }
+                    None => p,
+                };
+                let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
+                let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
+                // dv = P̃ᵀ dy
+                gemm((t, t, hs), 1.0, (weights, square.t()), (dy, dout), 0.0, (dqkv, v));
+                // dP = dy vᵀ, then ⊙ keep
+                gemm((t, hs, t), 1.0, (dy, dout), (qkv, v.t()), 0.0, (&mut ds, square));
+                simd(|| softmax_backward(&mut ds, p, keep, t));
+                // dq = dS k / √hs and dk = dSᵀ q / √hs
+                gemm((t, t, hs), scale, (&ds, square), (qkv, k), 0.0, (dqkv, q));
+                gemm((t, t, hs), scale, (&ds, square.t()), (qkv, q), 0.0, (dqkv, k));
+            }
+        });
+    dqkv
+}
+
+/// In place: `dP` (the gradient of the dropped weights) becomes `dS`, the gradient of the
+/// scores, row by row: `dS_ij = P_ij (dP_ij keep_ij - Σ_k dP_ik keep_ik P_ik)`.
+#[inline(always)]
+fn softmax_backward(dp: &mut [f32], p: &[f32], keep: Option<&[f32]>, t: usize) {
+    if let Some(keep) = keep {
+        dp.iter_mut().zip(keep).for_each(|(d, k)| *d *= k);
+    }
+    for (dp, p) in dp.chunks_mut(t).zip(p.chunks(t)) {
+        let dot: f32 = dp.iter().zip(p).map(|(d, p)| d * p).sum();
+        dp.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+    }
+}
+// ANCHOR_END: attention_backward

@@ -1,0 +1,108 @@
+//! Chapter 5: fast training. The operations a training step spends its time in, written
+//! again as fused kernels with hand-written backward passes, and plugged into chapter 3's
+//! model through one switch, [`Kernels`].
+
+pub mod extension;
+pub mod kernels;
+
+use crate::common::train::cross_entropy as burn_cross_entropy;
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::{Dropout, LayerNorm};
+use burn::prelude::*;
+use burn::tensor::activation::gelu as burn_gelu;
+use extension::FusedOps;
+use serde::{Deserialize, Serialize};
+
+// ANCHOR: kernels
+/// Which implementation of GELU, LayerNorm, attention and cross-entropy the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Burn's own tensor operations, composed as chapters 2 and 3 wrote them.
+    #[default]
+    Burn,
+    /// Chapter 5's fused kernels where the device runs them (Flex, the CPU backend), Burn's
+    /// operations everywhere else: asking for them on wgpu is not an error.
+    Fused,
+}
+
+impl Kernels {
+    /// True when the fused kernels will run for tensors on `device`.
+    pub fn fused_on(self, device: &Device) -> bool {
+        self == Kernels::Fused && fused_available(device)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Burn => "burn",
+            Kernels::Fused => "fused",
+        }
+    }
+}
+
+/// The extension is implemented for Flex, and for autodiff over Flex.
+pub fn fused_available(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+}
+// ANCHOR_END: kernels
+
+// ANCHOR: ops
+/// LayerNorm's epsilon: Burn's default, which every model of the course uses.
+const LN_EPS: f64 = 1e-5;
+
+impl Kernels {
+    /// `GELU(x)`, exact (erf) form, as `nn::Gelu`.
+    pub fn gelu<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self.fused_on(&x.device()) {
+            true => Tensor::from_dispatch(Dispatch::fused_gelu(x.into_dispatch())),
+            false => burn_gelu(x),
+        }
+    }
+
+    /// `ln.forward(x)` over the last dimension of `x: [b, t, c]`.
+    pub fn layer_norm(self, ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+        if !self.fused_on(&x.device()) {
+            return ln.forward(x);
+        }
+        let gamma = ln.gamma.val();
+        let beta = match &ln.beta {
+            Some(beta) => beta.val(),
+            None => gamma.zeros_like(), // no bias: add a constant 0
+        };
+        Tensor::from_dispatch(Dispatch::fused_layer_norm(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            LN_EPS,
+        ))
+    }
+
+    /// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
+    pub fn cross_entropy(self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+        if !self.fused_on(&logits.device()) {
+            return burn_cross_entropy(logits, targets);
+        }
+        let [b, t, v] = logits.dims();
+        let (logits, targets) = (logits.reshape([b * t, v]), targets.reshape([b * t]));
+        Tensor::from_dispatch(Dispatch::fused_cross_entropy(
+            logits.into_dispatch(),
+            targets.into_dispatch(),
+        ))
+    }
+}
+
+/// Causal self-attention of all heads, straight from `qkv: [b, t, 3c]` to `y: [b, t, c]`, with
+/// `dropout` on the weights (the fused path only; chapter 3's path is used elsewhere).
+pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
+    let [b, t, _] = qkv.dims();
+    let device = qkv.device();
+    // Dropout's own mask, drawn the way chapter 3 draws it: 0 or 1 / (1 - p) per weight.
+    let keep = (dropout.prob > 0.0 && device.is_autodiff())
+        .then(|| dropout.forward(Tensor::<4>::ones([b, n_head, t, t], &device)));
+    let y = match keep {
+        Some(keep) => Dispatch::fused_attention_dropout(qkv.into_dispatch(), keep.into_dispatch(), n_head),
+        None => Dispatch::fused_attention(qkv.into_dispatch(), n_head),
+    };
+    Tensor::from_dispatch(y)
+}
+// ANCHOR_END: ops

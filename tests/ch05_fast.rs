@@ -1,0 +1,252 @@
+//! Chapter 5: every fused operation equals Burn's composed version, forward and every gradient,
+//! on awkward shapes, with and without autodiff; a whole model trains the same with either
+//! kernels; devices the extension does not cover fall back to Burn's operations.
+
+mod support;
+
+use burn::nn::{DropoutConfig, LayerNormConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use course::ch02_attention::{causal_weights, merge_heads, split_heads};
+use course::ch03_gpt::GptConfig;
+use course::ch05_fast::{Kernels, fused_attention, fused_available};
+use course::common::max_abs_diff;
+use course::common::train::cross_entropy;
+
+/// Flex's random generator is one per process and the tests run on parallel threads: each test
+/// holds this lock, so a seeded test draws exactly the numbers it seeded.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ad() -> Device {
+    support::flex_device().autodiff()
+}
+
+/// `|a - b| <= tol * max(1, |b|)` element by element: relative where values are large.
+fn assert_close<const D: usize>(what: &str, a: &Tensor<D>, b: &Tensor<D>, tol: f32) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let a = a.to_data().try_to_vec::<f32>().unwrap();
+    let b = b.to_data().try_to_vec::<f32>().unwrap();
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let err = (x - y).abs() / y.abs().max(1.0);
+        assert!(err <= tol, "{what}: element {i} is {x}, Burn's is {y} (error {err:e})");
+    }
+}
+
+fn random<const D: usize>(shape: [usize; D], std: f64, device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, std), device)
+}
+
+#[test]
+fn the_extension_covers_flex_only() {
+    let _rng = rng_lock();
+    assert!(fused_available(&support::flex_device()));
+    assert!(fused_available(&ad()));
+    assert!(!fused_available(&support::ndarray_device()));
+    assert!(Kernels::Fused.fused_on(&ad()) && !Kernels::Burn.fused_on(&ad()));
+}
+
+#[test]
+fn gelu_matches_burn_forward_and_backward() {
+    let _rng = rng_lock();
+    for shape in [[1, 1, 1], [3, 5, 7], [2, 64, 512]] {
+        let x0 = random(shape, 2.0, &ad());
+        let w = random(shape, 1.0, &ad()); // a random upstream gradient
+        let run = |k: Kernels| {
+            let x = x0.clone().require_grad();
+            let y = k.gelu(x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, x.grad(&grads).unwrap())
+        };
+        let ((y, dx), (y_ref, dx_ref)) = (run(Kernels::Fused), run(Kernels::Burn));
+        assert_close("gelu", &y, &y_ref, 1e-6);
+        assert_close("gelu dx", &dx.clone(), &dx_ref.clone(), 1e-6);
+    }
+}
+
+#[test]
+fn gelu_handles_non_contiguous_input_and_inference() {
+    let _rng = rng_lock();
+    let x = random([4, 6, 9], 2.0, &support::flex_device()).swap_dims(0, 2); // [9, 6, 4]
+    let (y, y_ref) = (Kernels::Fused.gelu(x.clone()), Kernels::Burn.gelu(x));
+    assert_close("gelu (no autodiff, transposed)", &y, &y_ref, 1e-6);
+}
+
+#[test]
+fn layer_norm_matches_burn_forward_and_every_gradient() {
+    let _rng = rng_lock();
+    for (shape, bias) in [([1, 1, 13], true), ([2, 7, 24], true), ([3, 5, 128], false)] {
+        let c = shape[2];
+        let mut ln = LayerNormConfig::new(c).with_bias(bias).init(&ad());
+        // Non-trivial gamma and beta, so that their gradients mean something.
+        ln.gamma = burn::module::Param::from_tensor(random([c], 1.0, &ad()) + 1.0);
+        if bias {
+            ln.beta = Some(burn::module::Param::from_tensor(random([c], 1.0, &ad())));
+        }
+        let x0 = random(shape, 3.0, &ad()) + 0.5;
+        let w = random(shape, 1.0, &ad());
+        let run = |k: Kernels| {
+            let x = x0.clone().require_grad();
+            let y = k.layer_norm(&ln, x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let dgamma = ln.gamma.val().grad(&grads).unwrap();
+            let dbeta = ln.beta.as_ref().map(|b| b.val().grad(&grads).unwrap());
+            (y, x.grad(&grads).unwrap(), dgamma, dbeta)
+        };
+        let (a, b) = (run(Kernels::Fused), run(Kernels::Burn));
+        assert_close("layer_norm", &a.0, &b.0, 1e-5);
+        assert_close("layer_norm dx", &a.1, &b.1, 1e-5);
+        assert_close("layer_norm dgamma", &a.2, &b.2, 1e-5);
+        if let (Some(x), Some(y)) = (a.3, b.3) {
+            assert_close("layer_norm dbeta", &x, &y, 1e-5);
+        }
+        // Inference (no autodiff) as well, on a transposed input.
+        let x = random([shape[1], shape[0], c], 3.0, &support::flex_device()).swap_dims(0, 1);
+        let ln = ln.valid();
+        assert_close(
+            "layer_norm (inference)",
+            &Kernels::Fused.layer_norm(&ln, x.clone()),
+            &ln.forward(x),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_matches_burn_forward_and_backward() {
+    let _rng = rng_lock();
+    for (b, t, v) in [(1, 1, 2), (3, 5, 11), (12, 64, 65)] {
+        let logits0 = random([b, t, v], 3.0, &ad());
+        let targets = Tensor::<2, Int>::random([b, t], Distribution::Uniform(0.0, v as f64), &ad());
+        let run = |k: Kernels| {
+            let logits = logits0.clone().require_grad();
+            let loss = k.cross_entropy(logits.clone(), targets.clone());
+            let grads = (loss.clone() * 3.0).backward();
+            (loss, logits.grad(&grads).unwrap())
+        };
+        let (a, b) = (run(Kernels::Fused), run(Kernels::Burn));
+        assert_close("cross-entropy", &a.0, &b.0, 1e-5);
+        assert_close("cross-entropy dlogits", &a.1, &b.1, 1e-5);
+    }
+    let logits = random([2, 3, 7], 3.0, &support::flex_device());
+    let targets = Tensor::<2, Int>::from_data([[0, 6, 3], [1, 1, 5]], &support::flex_device());
+    assert_close(
+        "cross-entropy (inference)",
+        &Kernels::Fused.cross_entropy(logits.clone(), targets.clone()),
+        &cross_entropy(logits, targets),
+        1e-5,
+    );
+}
+
+/// Chapter 3's attention, as composed Burn operations: heads apart, weights, dropout, values,
+/// heads together.
+fn burn_attention(qkv: Tensor<3>, n_head: usize, dropout: &burn::nn::Dropout) -> Tensor<3> {
+    let (q, k, v) = split_heads(qkv, n_head);
+    merge_heads(dropout.forward(causal_weights(q, k)).matmul(v))
+}
+
+#[test]
+fn attention_matches_burn_forward_and_backward() {
+    let _rng = rng_lock();
+    // (b, t, n_head, head size): one token, batch 1, odd sizes, the baby model's shape.
+    for (b, t, nh, hs) in [(1, 1, 1, 4), (1, 7, 3, 5), (2, 9, 2, 3), (12, 64, 4, 32)] {
+        let c = nh * hs;
+        let qkv0 = random([b, t, 3 * c], 1.0, &ad());
+        let w = random([b, t, c], 1.0, &ad());
+        let none = DropoutConfig::new(0.0).init();
+        let run = |fused: bool| {
+            let qkv = qkv0.clone().require_grad();
+            let y = match fused {
+                true => fused_attention(qkv.clone(), nh, &none),
+                false => burn_attention(qkv.clone(), nh, &none),
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, qkv.grad(&grads).unwrap())
+        };
+        let (a, r) = (run(true), run(false));
+        assert_close("attention", &a.0, &r.0, 1e-5);
+        assert_close("attention dqkv", &a.1, &r.1, 1e-5);
+        // Inference, on an input that is a slice of a bigger tensor (not contiguous).
+        let big = random([b, t, 3 * c + 2], 1.0, &support::flex_device());
+        let qkv = big.slice(s![.., .., 1..3 * c + 1]);
+        assert_close(
+            "attention (inference, sliced)",
+            &fused_attention(qkv.clone(), nh, &none),
+            &burn_attention(qkv, nh, &none),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn attention_dropout_draws_the_same_mask_and_gradients() {
+    let _rng = rng_lock();
+    let (b, t, nh, hs) = (2, 8, 2, 4);
+    let qkv0 = random([b, t, 3 * nh * hs], 1.0, &ad());
+    let dropout = DropoutConfig::new(0.3).init();
+    let run = |fused: bool| {
+        ad().seed(7); // the same random stream for the mask in both runs
+        let qkv = qkv0.clone().require_grad();
+        let y = match fused {
+            true => fused_attention(qkv.clone(), nh, &dropout),
+            false => burn_attention(qkv.clone(), nh, &dropout),
+        };
+        let grads = y.clone().sum().backward();
+        (y, qkv.grad(&grads).unwrap())
+    };
+    let (a, r) = (run(true), run(false));
+    assert_close("attention with dropout", &a.0, &r.0, 1e-5);
+    assert_close("attention with dropout, dqkv", &a.1, &r.1, 1e-5);
+    let plain = fused_attention(qkv0.clone(), nh, &DropoutConfig::new(0.0).init());
+    assert!(max_abs_diff(&a.0, &plain) > 1e-3, "dropout changed nothing");
+}
+
+#[test]
+fn a_tiny_model_trains_the_same_with_either_kernels() {
+    let _rng = rng_lock();
+    let data = course::common::dataset::Dataset::new(&support::corpus()).unwrap();
+    let config = GptConfig::new(data.tokenizer.vocab_size(), 16, 2, 2, 32).with_dropout(0.1);
+    let settings = support::settings(50, 1000, 1, 42);
+    let losses = |k: Kernels| {
+        let device = ad();
+        device.seed(42);
+        let model = config.init(&device).with_kernels(k);
+        let (model, report) = support::train_constant(model, &data, &settings, 3e-3);
+        assert_eq!(model.kernels, k, "the optimizer kept the kernel choice");
+        report.steps.iter().map(|s| s.loss).collect::<Vec<_>>()
+    };
+    let (fused, burn) = (losses(Kernels::Fused), losses(Kernels::Burn));
+    assert_eq!(fused.len(), 50);
+    for (step, (a, b)) in fused.iter().zip(&burn).enumerate() {
+        assert!((a - b).abs() <= 1e-4, "step {step}: loss {a} fused, {b} with Burn's kernels");
+    }
+    assert!(fused[49] < fused[0] - 0.5, "the model learned: {} -> {}", fused[0], fused[49]);
+}
+
+#[test]
+fn fused_kernels_fall_back_to_burn_where_the_extension_does_not_run() {
+    let _rng = rng_lock();
+    let mut devices = vec![support::ndarray_device()];
+    devices.extend(support::wgpu_device());
+    for device in devices {
+        assert!(!Kernels::Fused.fused_on(&device));
+        device.seed(3);
+        let model = GptConfig::new(11, 8, 1, 2, 8).init(&device);
+        let x = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5]], &device);
+        let burn = model.clone().forward_logits(x.clone());
+        let fused = model.with_kernels(Kernels::Fused).forward_logits(x);
+        assert_eq!(max_abs_diff(&burn, &fused), 0.0, "on {device:?}");
+    }
+}
+
+trait Logits {
+    fn forward_logits(&self, x: Tensor<2, Int>) -> Tensor<3>;
+}
+
+impl Logits for course::ch03_gpt::Gpt {
+    fn forward_logits(&self, x: Tensor<2, Int>) -> Tensor<3> {
+        course::common::train::LanguageModel::forward(self, x)
+    }
+}

@@ -2,6 +2,7 @@
 
 use super::{PretrainConfig, learning_rate, optimizer, train_settings};
 use crate::ch03_gpt::Gpt;
+use crate::ch05_fast::Kernels;
 use crate::common::backend::Backend;
 use crate::common::dataset::Dataset;
 use crate::common::report::Machine;
@@ -66,6 +67,8 @@ pub fn time_steps(
 pub struct Bench<'a> {
     pub preset: &'a str,
     pub backend: String,
+    /// `burn` or `fused` (chapter 5's kernels, where the backend runs them).
+    pub kernels: &'static str,
     /// 0: fresh weights; otherwise the step of the checkpoint whose weights were timed.
     pub trained_steps: usize,
     #[serde(flatten)]
@@ -81,6 +84,7 @@ impl<'a> Bench<'a> {
     pub fn new(
         cfg: &'a PretrainConfig,
         backend: Backend,
+        kernels: Kernels,
         trained_steps: usize,
         parameters: usize,
         times: StepTimes,
@@ -88,6 +92,10 @@ impl<'a> Bench<'a> {
         Bench {
             preset: &cfg.preset,
             backend: backend.to_string(),
+            kernels: match kernels.fused_on(&backend.device()) {
+                true => "fused",
+                false => "burn",
+            },
             trained_steps,
             times,
             flops_per_token: cfg.model.flops_per_token(),

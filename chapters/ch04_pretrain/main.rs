@@ -12,6 +12,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use course::ch03_gpt::Gpt;
 use course::ch04_pretrain::bench::{Bench, time_steps};
 use course::ch04_pretrain::checkpoint::{self, Meta};
+use course::ch05_fast::Kernels;
 use course::ch04_pretrain::{
     Overrides, PretrainConfig, learning_rate, mfu, optimizer, param_groups, train_settings,
 };
@@ -76,6 +77,10 @@ struct TrainCmd {
     /// Characters to sample from the best checkpoint after training.
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+    /// Burn's operations, or chapter 5's fused kernels (used where the backend runs them:
+    /// flex; elsewhere this falls back to Burn's).
+    #[arg(long, value_enum, default_value_t = Kernels::Fused)]
+    kernels: Kernels,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -92,8 +97,11 @@ struct SampleCmd {
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     /// Which Burn backend runs the model.
-    #[arg(long, default_value = "ndarray", value_parser = parse_backend)]
+    #[arg(long, default_value = "flex", value_parser = parse_backend)]
     backend: Backend,
+    /// Burn's operations or chapter 5's fused kernels (see training's --kernels).
+    #[arg(long, value_enum, default_value_t = Kernels::Fused)]
+    kernels: Kernels,
 }
 
 fn main() -> std::process::ExitCode {
@@ -109,14 +117,14 @@ fn main() -> std::process::ExitCode {
 fn pretrain(a: TrainCmd) -> Result<()> {
     let run = a.common.start(CHAPTER, "Chapter 4: pre-training", None)?;
     let cfg = data_and_configuration(&a, &run)?;
-    let model = the_model(&cfg, &run.device);
+    let model = the_model(&cfg, &run.device).with_kernels(a.kernels);
     let optim = optimizer_groups(&cfg, &model);
     schedule(&cfg);
     if let Some(n) = a.bench {
         return benchmark(&a, cfg, model, &run, n);
     }
     let (report, hooks) = training(&a, &cfg, model, optim, &run)?;
-    let best = sample_from_best(&run, a.sample_chars)?;
+    let best = sample_from_best(&run, a.sample_chars)?.with_kernels(a.kernels);
     what_the_run_wrote(&run, &cfg, &best, &report, &hooks)
 }
 
@@ -272,7 +280,7 @@ fn training<'a>(
             "resuming from step {} (best val so far {:.4})",
             meta.step, meta.best_val_loss
         );
-        (model, optim, start) = (m, o.expect("optimizer state"), meta.step);
+        (model, optim, start) = (m.with_kernels(a.kernels), o.expect("optimizer state"), meta.step);
         (hooks.losses, hooks.steps, hooks.best_val) = (meta.losses, meta.steps, meta.best_val_loss);
     } else if hooks.ckpt.join("last").exists() {
         let dir = hooks.ckpt.display();
@@ -364,6 +372,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs").join(CHAPTER).join("ckpt/best"));
     let device = cmd.backend.device();
     let (model, _, meta) = checkpoint::load(&dir, &device, None)?;
+    let model = model.with_kernels(cmd.kernels);
     let tok = CharTokenizer::from_chars(meta.vocab.chars().collect());
     let prompt = if cmd.prompt.is_empty() {
         "\n"
@@ -429,7 +438,7 @@ fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize)
         let (trained, _, meta) = checkpoint::load(&ckpt, &model_device(&model), None)?;
         checkpoint::check_vocab(&meta, &run.data.tokenizer)?;
         run.data.check_block_size(meta.config.model.block_size)?;
-        (meta.config, trained, meta.step)
+        (meta.config, trained.with_kernels(a.kernels), meta.step)
     } else {
         (cfg, model, 0)
     };
@@ -447,7 +456,7 @@ fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize)
         human(times.tokens_per_s),
         times.gflops
     );
-    let result = Bench::new(&cfg, run.backend, trained_steps, parameters, times);
+    let result = Bench::new(&cfg, run.backend, a.kernels, trained_steps, parameters, times);
     write_json(&run.out.join("bench.json"), &result)?;
     println!("wrote {}", run.out.join("bench.json").display());
     Ok(())

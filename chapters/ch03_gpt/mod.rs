@@ -43,11 +43,12 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = match self.kernels {
+        let k = self.kernels; // k.linear(layer, x) is layer.forward_rows(x) until chapter 5
+        let h = match k {
             Kernels::Burn => self.gelu.forward(self.c_fc.forward_rows(x)), // [b, t, 4c]
-            fused => fused.gelu(self.c_fc.forward_rows(x)),
+            fused => fused.gelu(fused.linear(&self.c_fc, x)),
         };
-        self.dropout.forward(self.c_proj.forward_rows(h)) // [b, t, c]
+        self.dropout.forward(k.linear(&self.c_proj, h)) // [b, t, c]
     }
 }
 // ANCHOR_END: feed_forward
@@ -81,8 +82,9 @@ impl CausalSelfAttention {
             return self.forward_with_weights(x).0;
         }
         // Chapter 5: the same computation as one operation, from [b, t, 3c] to [b, t, c].
-        let y = fused_attention(self.c_attn.forward_rows(x), self.n_head, &self.attn_dropout);
-        self.resid_dropout.forward(self.c_proj.forward_rows(y))
+        let k = self.kernels;
+        let y = fused_attention(k.linear(&self.c_attn, x), self.n_head, &self.attn_dropout);
+        self.resid_dropout.forward(k.linear(&self.c_proj, y))
     }
 }
 // ANCHOR_END: attention
@@ -208,8 +210,14 @@ impl Gpt {
             x = self.kernels.layer_norm(ln_f, x);
         }
         match &self.lm_head {
-            Some(head) => head.forward_rows(x), // [b, t, vocab]
+            Some(head) => self.kernels.linear(head, x), // [b, t, vocab]
             // Tied: score each token by its embedding's dot product with x.
+            None if self.kernels.fused_on(&x.device()) => {
+                let [b, t, c] = x.dims();
+                let wte_t = self.wte.weight.val().transpose(); // [c, vocab]
+                let v = wte_t.dims()[1];
+                self.kernels.matmul(x.reshape([b * t, c]), wte_t).reshape([b, t, v])
+            }
             None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
         }
     }

@@ -2,7 +2,7 @@
 //! backend (forward only) and for `Autodiff<Flex>` (forward, plus a node on the tape whose
 //! `Backward` calls the hand-written gradient).
 
-use super::kernels::{self, AttnShape, NormStats};
+use super::kernels::{self, AttnShape, NormStats, View};
 use burn::backend::autodiff::{
     Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -18,6 +18,7 @@ use burn::backend::{Backend, Flex, Shape, TensorData, backend_extension};
 /// a call on Burn's run-time `Dispatch` backend to the implementation for the tensor's backend.
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
+    fn fused_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     fn fused_layer_norm(
         x: FloatTensor<Self>,
@@ -90,6 +91,10 @@ fn attn_shape(qkv: &FlexTensor, n_head: usize) -> AttnShape {
 // ANCHOR: flex
 /// Inference (no autodiff): the forward kernels alone.
 impl FusedOps for Flex {
+    fn fused_matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        matmul(&contiguous(&a), false, &contiguous(&b), false)
+    }
+
     fn fused_gelu(x: FlexTensor) -> FlexTensor {
         let x = contiguous(&x);
         tensor(kernels::gelu_forward(floats(&x)), shape(&x))
@@ -115,6 +120,22 @@ impl FusedOps for Flex {
     }
 }
 
+/// `a @ b` for 2-D tensors, each read transposed when asked (`a: [m, k]`, `b: [k, n]`
+/// after the transposes).
+fn matmul(a: &FlexTensor, a_t: bool, b: &FlexTensor, b_t: bool) -> FlexTensor {
+    let view = |t: &FlexTensor, transposed: bool| {
+        let s = shape(t);
+        let v = View::rows(0, s[1]);
+        match transposed {
+            true => (s[1], s[0], v.t()),
+            false => (s[0], s[1], v),
+        }
+    };
+    let ((m, k, va), (k2, n, vb)) = (view(a, a_t), view(b, b_t));
+    assert_eq!(k, k2, "matmul: inner sizes differ");
+    tensor(kernels::matmul((m, k, n), (floats(a), va), (floats(b), vb)), [m, n])
+}
+
 fn layer_norm(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, NormStats) {
     let (gamma, beta) = (contiguous(gamma), contiguous(beta));
     let (y, stats) = kernels::layer_norm_forward(floats(x), floats(&gamma), floats(&beta), eps as f32);
@@ -134,6 +155,36 @@ fn attention(qkv: &FlexTensor, keep: Option<&FlexTensor>, n_head: usize) -> (Fle
 /// Training: each operation runs its forward kernel and, when an input needs a gradient, puts a
 /// node on the tape holding what the backward pass will need (its "state").
 impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
+    fn fused_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MatmulBackward;
+
+        impl Backward<Flex, 2> for MatmulBackward {
+            type State = (FlexTensor, FlexTensor); // a, b
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dc = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (a, b) = ops.state;
+                let [pa, pb] = ops.parents;
+                if let Some(pa) = pa {
+                    grads.register::<Flex>(pa.id, matmul(&dc, false, &b, true)); // dA = dC Bᵀ
+                }
+                if let Some(pb) = pb {
+                    grads.register::<Flex>(pb.id, matmul(&a, true, &dc, false)); // dB = Aᵀ dC
+                }
+            }
+        }
+
+        match MatmulBackward.prepare::<C>([a.node(), b.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (a, b) = (contiguous(a.primitive()), contiguous(b.primitive()));
+                let c = matmul(&a, false, &b, false);
+                prep.finish((a, b), c)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_matmul(a.into_primitive(), b.into_primitive())),
+        }
+    }
+
     fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct GeluBackward;

@@ -8,22 +8,25 @@
 use rayon::prelude::*;
 
 // ANCHOR: simd
-/// Runs `f` compiled for AVX2 + FMA when the CPU has them (checked once, then cached), else
-/// compiled for the baseline x86-64 (SSE2) or whatever the target is.
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has just been checked for both features.
-        return unsafe { avx2(f) };
-    }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f() // the closure is inlined here, so its loops are compiled with AVX2 + FMA
+/// Defines `fn name(..)` whose body is compiled twice: for AVX2 + FMA, used when the CPU has
+/// them (checked once, then cached), and for the baseline target. The body is inlined into
+/// the AVX2 copy, so its loops are vectorised 8 floats at a time.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
+        $(#[$m])* fn $name($($a: $t),*) $(-> $r)? {
+            #[inline(always)]
+            fn imp($($a: $t),*) $(-> $r)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($a: $t),*) $(-> $r)? { imp($($a),*) }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has just been checked for both features.
+                return unsafe { avx2($($a),*) };
+            }
+            imp($($a),*)
+        }
+    };
 }
 // ANCHOR_END: simd
 
@@ -67,35 +70,41 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
-/// `GELU(x) = x Φ(x)`, with `Φ(x) = (1 + erf(x / √2)) / 2` the normal distribution's CDF.
+simd_fn! {
+    /// `GELU(x) = x Φ(x)`, with `Φ(x) = (1 + erf(x / √2)) / 2` the normal distribution's CDF.
+    fn gelu_chunk(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+        }
+    }
+}
+
+simd_fn! {
+    /// `dGELU/dx = Φ(x) + x φ(x)`, with `φ(x) = e^{-x²/2} / √(2π)` the normal density.
+    fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+            let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
+            *dx = dy * (cdf + x * pdf);
+        }
+    }
+}
+
+/// GELU over all of `x`, a chunk per rayon task.
 pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
-                }
-            })
-        });
+        .for_each(|(y, x)| gelu_chunk(x, y));
     y
 }
 
-/// `dGELU/dx = Φ(x) + x φ(x)`, with `φ(x) = e^{-x²/2} / √(2π)` the normal density.
+/// GELU's gradient: `dx = dy ⊙ GELU'(x)`.
 pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| {
-            simd(|| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-                    let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
-                    *dx = dy * (cdf + x * pdf);
-                }
-            })
-        });
+        .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
     dx
 }
 // ANCHOR_END: gelu
@@ -125,22 +134,39 @@ pub fn layer_norm_forward(
     y.par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
-        .for_each(|((y, x), (mean, rstd))| {
-            simd(|| {
-                for (((y, x), mean), rstd) in
-                    y.chunks_mut(c).zip(x.chunks(c)).zip(mean).zip(rstd)
-                {
-                    let mu = x.iter().sum::<f32>() / c as f32;
-                    let var = x.iter().map(|&v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
-                    let r = 1.0 / (var + eps).sqrt();
-                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-                        *y = (x - mu) * r * g + b;
-                    }
-                    (*mean, *rstd) = (mu, r);
-                }
-            })
-        });
+        .for_each(|((y, x), (mean, rstd))| layer_norm_rows(x, gamma, beta, eps, y, mean, rstd));
     (y, NormStats { mean, rstd })
+}
+
+simd_fn! {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+        let c = gamma.len();
+        for (((y, x), mean), rstd) in y.chunks_mut(c).zip(x.chunks(c)).zip(mean).zip(rstd) {
+            let mu = sum(x) / c as f32;
+            let var = x.iter().map(|&v| (v - mu) * (v - mu)).fold(0.0, |a, b| a + b) / c as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
+                *y = (x - mu) * r * g + b;
+            }
+            (*mean, *rstd) = (mu, r);
+        }
+    }
+}
+
+/// A sum the compiler may vectorise: 8 running sums, added at the end (floating-point addition
+/// is not associative, so `iter().sum()` must add one element at a time, in order).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 
 /// The gradients of LayerNorm. With `x̂ = (x - mean) / σ` and `g = dy ⊙ gamma`:
@@ -160,28 +186,9 @@ pub fn layer_norm_backward(
         .zip(x.par_chunks(ROWS * c).zip(dy.par_chunks(ROWS * c)))
         .zip(stats.mean.par_chunks(ROWS).zip(stats.rstd.par_chunks(ROWS)))
         .map(|((dx, (x, dy)), (mean, rstd))| {
-            simd(|| {
-                let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
-                let mut xhat = vec![0.0f32; c];
-                for ((((dx, x), dy), &mu), &r) in
-                    dx.chunks_mut(c).zip(x.chunks(c)).zip(dy.chunks(c)).zip(mean).zip(rstd)
-                {
-                    let (mut sum_g, mut sum_gx) = (0.0, 0.0);
-                    for i in 0..c {
-                        xhat[i] = (x[i] - mu) * r;
-                        let g = dy[i] * gamma[i];
-                        sum_g += g;
-                        sum_gx += g * xhat[i];
-                        dgamma[i] += dy[i] * xhat[i];
-                        dbeta[i] += dy[i];
-                    }
-                    let (mean_g, mean_gx) = (sum_g / c as f32, sum_gx / c as f32);
-                    for i in 0..c {
-                        dx[i] = (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx) * r;
-                    }
-                }
-                (dgamma, dbeta)
-            })
+            let (mut dgamma, mut dbeta) = (vec![0.0f32; c], vec![0.0f32; c]);
+            layer_norm_backward_rows(x, gamma, mean, rstd, dy, dx, &mut dgamma, &mut dbeta);
+            (dgamma, dbeta)
         })
         .collect();
     let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
@@ -190,6 +197,44 @@ pub fn layer_norm_backward(
         dbeta.iter_mut().zip(b).for_each(|(s, v)| *s += v);
     }
     (dx, dgamma, dbeta)
+}
+
+simd_fn! {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward_rows(x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
+        let c = gamma.len();
+        let mut xhat = vec![0.0f32; c];
+        let mut g = vec![0.0f32; c];
+        for ((((dx, x), dy), &mu), &r) in
+            dx.chunks_mut(c).zip(x.chunks(c)).zip(dy.chunks(c)).zip(mean).zip(rstd)
+        {
+            for i in 0..c {
+                xhat[i] = (x[i] - mu) * r;
+                g[i] = dy[i] * gamma[i];
+                dgamma[i] += dy[i] * xhat[i];
+                dbeta[i] += dy[i];
+            }
+            let mean_g = sum(&g) / c as f32;
+            let mean_gx = dot(&g, &xhat) / c as f32;
+            for i in 0..c {
+                dx[i] = (g[i] - mean_g - xhat[i] * mean_gx) * r;
+            }
+        }
+    }
+}
+
+/// `Σ a_i b_i` with 8 running sums, as [`sum`].
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
 }
 // ANCHOR_END: layer_norm
 
@@ -202,20 +247,24 @@ pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], v: usize) -> (f3
     let total: f64 = lse
         .par_chunks_mut(ROWS)
         .zip(logits.par_chunks(ROWS * v).zip(targets.par_chunks(ROWS)))
-        .map(|(lse, (x, targets))| {
-            simd(|| {
-                let mut sum = 0.0f64;
-                for ((lse, x), &target) in lse.iter_mut().zip(x.chunks(v)).zip(targets) {
-                    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let sum_exp: f32 = x.iter().map(|&v| exp(v - max)).sum();
-                    *lse = max + sum_exp.ln();
-                    sum += (*lse - x[target]) as f64;
-                }
-                sum
-            })
-        })
+        .map(|(lse, (x, targets))| cross_entropy_rows(x, targets, v, lse))
         .sum();
     ((total / targets.len() as f64) as f32, lse)
+}
+
+simd_fn! {
+    /// Writes each row's log-sum-exp and returns the rows' summed loss.
+    fn cross_entropy_rows(x: &[f32], targets: &[usize], v: usize, lse: &mut [f32]) -> f64 {
+        let mut total = 0.0f64;
+        let mut e = vec![0.0f32; v];
+        for ((lse, x), &target) in lse.iter_mut().zip(x.chunks(v)).zip(targets) {
+            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            e.iter_mut().zip(x).for_each(|(e, &x)| *e = exp(x - max));
+            *lse = max + sum(&e).ln();
+            total += (*lse - x[target]) as f64;
+        }
+        total
+    }
 }
 
 /// `d loss / d logits = (softmax(x) - onehot(target)) / n`, times the incoming gradient.
@@ -231,19 +280,20 @@ pub fn cross_entropy_backward(
     dx.par_chunks_mut(ROWS * v)
         .zip(logits.par_chunks(ROWS * v))
         .zip(targets.par_chunks(ROWS).zip(lse.par_chunks(ROWS)))
-        .for_each(|((dx, x), (targets, lse))| {
-            simd(|| {
-                for (((dx, x), &target), &lse) in
-                    dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(lse)
-                {
-                    for (dx, &x) in dx.iter_mut().zip(x) {
-                        *dx = exp(x - lse) * scale;
-                    }
-                    dx[target] -= scale;
-                }
-            })
-        });
+        .for_each(|((dx, x), (targets, lse))| cross_entropy_backward_rows(x, targets, lse, scale, dx));
     dx
+}
+
+simd_fn! {
+    fn cross_entropy_backward_rows(x: &[f32], targets: &[usize], lse: &[f32], scale: f32, dx: &mut [f32]) {
+        let v = x.len() / targets.len();
+        for (((dx, x), &target), &lse) in dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(lse) {
+            for (dx, &x) in dx.iter_mut().zip(x) {
+                *dx = exp(x - lse) * scale;
+            }
+            dx[target] -= scale;
+        }
+    }
 }
 // ANCHOR_END: cross_entropy
 
@@ -311,6 +361,23 @@ pub fn gemm(
         )
     }
 }
+
+/// `A @ B` with `A: [m, k]` and `B: [k, n]` read through their views, into a new row-major
+/// `[m, n]`: the rows of the result are split into one block per core, and each block is one
+/// single-threaded product.
+pub fn matmul((m, k, n): (usize, usize, usize), (a, va): (&[f32], View), (b, vb): (&[f32], View)) -> Vec<f32> {
+    let mut c = vec![0.0; m * n];
+    let rows = m.div_ceil(rayon::current_num_threads()).max(8);
+    c.par_chunks_mut(rows * n).enumerate().for_each(|(i, c)| {
+        let a_rows = View {
+            offset: va.offset + i * rows * va.rs,
+            ..va
+        };
+        let c_view = View::rows(0, n);
+        gemm((c.len() / n, k, n), 1.0, (a, a_rows), (b, vb), 0.0, (c, c_view));
+    });
+    c
+}
 // ANCHOR_END: gemm
 
 // ANCHOR: attention_forward
@@ -355,11 +422,11 @@ pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Ve
                 let p = &mut p[h * tt..(h + 1) * tt]; // [t, t]
                 let (q, k) = (s.part(0, h), s.part(1, h));
                 gemm((t, hs, t), scale, (qkv, q), (qkv, k.t()), 0.0, (p, View::rows(0, t)));
-                simd(|| causal_softmax(p, t));
+                causal_softmax(p, t);
                 let weights = match keep {
                     Some(keep) => {
                         let keep = &keep[(bi * nh + h) * tt..][..tt];
-                        simd(|| dropped.iter_mut().zip(&*p).zip(keep).for_each(|((d, p), k)| *d = p * k));
+                        mul(&*p, keep, &mut dropped);
                         &dropped
                     }
                     None => &*p,
@@ -371,21 +438,25 @@ pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Ve
     (y, p)
 }
 
-/// Row `i` of `s: [t, t]` becomes the softmax of its first `i + 1` entries; the rest (the
-/// future) become exactly 0, which is what the -inf mask of chapter 2 does.
-#[inline(always)]
-fn causal_softmax(s: &mut [f32], t: usize) {
-    for (i, row) in s.chunks_mut(t).enumerate() {
-        let (past, future) = row.split_at_mut(i + 1);
-        let max = past.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in past.iter_mut() {
-            *v = exp(*v - max);
-            sum += *v;
+simd_fn! {
+    /// Row `i` of `s: [t, t]` becomes the softmax of its first `i + 1` entries; the rest (the
+    /// future) become exactly 0, which is what the -inf mask of chapter 2 does.
+    fn causal_softmax(s: &mut [f32], t: usize) {
+        for (i, row) in s.chunks_mut(t).enumerate() {
+            let (past, future) = row.split_at_mut(i + 1);
+            let max = past.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            past.iter_mut().for_each(|v| *v = exp(*v - max));
+            let inv = 1.0 / sum(past);
+            past.iter_mut().for_each(|v| *v *= inv);
+            future.fill(0.0);
         }
-        let inv = 1.0 / sum;
-        past.iter_mut().for_each(|v| *v *= inv);
-        future.fill(0.0);
+    }
+}
+
+simd_fn! {
+    /// `out = a ⊙ b`.
+    fn mul(a: &[f32], b: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a * b);
     }
 }
 // ANCHOR_END: attention_forward
@@ -418,7 +489,7 @@ pub fn attention_backward(
                 let keep = keep.map(|keep| &keep[(bi * nh + h) * tt..][..tt]);
                 let weights = match keep {
                     Some(keep) => {
-                        simd(|| dropped.iter_mut().zip(p).zip(keep).for_each(|((d, p), k)| *d = p * k));
+                        mul(p, keep, &mut dropped);
                         &dropped[..]
                     }
                     None => p,
@@ -429,7 +500,7 @@ pub fn attention_backward(
                 gemm((t, t, hs), 1.0, (weights, square.t()), (dy, dout), 0.0, (dqkv, v));
                 // dP = dy vᵀ, then ⊙ keep
                 gemm((t, hs, t), 1.0, (dy, dout), (qkv, v.t()), 0.0, (&mut ds, square));
-                simd(|| softmax_backward(&mut ds, p, keep, t));
+                softmax_backward(&mut ds, p, keep, t);
                 // dq = dS k / √hs and dk = dSᵀ q / √hs
                 gemm((t, t, hs), scale, (&ds, square), (qkv, k), 0.0, (dqkv, q));
                 gemm((t, t, hs), scale, (&ds, square.t()), (qkv, q), 0.0, (dqkv, k));
@@ -438,16 +509,17 @@ pub fn attention_backward(
     dqkv
 }
 
-/// In place: `dP` (the gradient of the dropped weights) becomes `dS`, the gradient of the
-/// scores, row by row: `dS_ij = P_ij (dP_ij keep_ij - Σ_k dP_ik keep_ik P_ik)`.
-#[inline(always)]
-fn softmax_backward(dp: &mut [f32], p: &[f32], keep: Option<&[f32]>, t: usize) {
-    if let Some(keep) = keep {
-        dp.iter_mut().zip(keep).for_each(|(d, k)| *d *= k);
-    }
-    for (dp, p) in dp.chunks_mut(t).zip(p.chunks(t)) {
-        let dot: f32 = dp.iter().zip(p).map(|(d, p)| d * p).sum();
-        dp.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+simd_fn! {
+    /// In place: `dP` (the gradient of the dropped weights) becomes `dS`, the gradient of the
+    /// scores, row by row: `dS_ij = P_ij (dP_ij keep_ij - Σ_k dP_ik keep_ik P_ik)`.
+    fn softmax_backward(dp: &mut [f32], p: &[f32], keep: Option<&[f32]>, t: usize) {
+        if let Some(keep) = keep {
+            dp.iter_mut().zip(keep).for_each(|(d, k)| *d *= k);
+        }
+        for (dp, p) in dp.chunks_mut(t).zip(p.chunks(t)) {
+            let dot = dot(dp, p);
+            dp.iter_mut().zip(p).for_each(|(d, p)| *d = p * (*d - dot));
+        }
     }
 }
 // ANCHOR_END: attention_backward

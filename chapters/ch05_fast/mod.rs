@@ -7,7 +7,8 @@ pub mod kernels;
 
 use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};
-use burn::nn::{Dropout, LayerNorm};
+use crate::ch02_attention::LinearRows;
+use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu as burn_gelu;
 use extension::FusedOps;
@@ -51,6 +52,30 @@ pub fn fused_available(device: &Device) -> bool {
 const LN_EPS: f64 = 1e-5;
 
 impl Kernels {
+    /// A Linear layer on `x: [b, t, c_in]` as one product over all `b * t` rows (chapter 2's
+    /// `forward_rows`).
+    pub fn linear(self, layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+        if !self.fused_on(&x.device()) {
+            return layer.forward_rows(x);
+        }
+        let [b, t, c] = x.dims();
+        let y = self.matmul(x.reshape([b * t, c]), layer.weight.val()); // [b*t, c_out]
+        let y = match &layer.bias {
+            Some(bias) => y + bias.val().unsqueeze::<2>(),
+            None => y,
+        };
+        let c_out = y.dims()[1];
+        y.reshape([b, t, c_out])
+    }
+
+    /// `a @ b` for `a: [m, k]`, `b: [k, n]`.
+    pub fn matmul(self, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+        match self.fused_on(&a.device()) {
+            true => Tensor::from_dispatch(Dispatch::fused_matmul(a.into_dispatch(), b.into_dispatch())),
+            false => a.matmul(b),
+        }
+    }
+
     /// `GELU(x)`, exact (erf) form, as `nn::Gelu`.
     pub fn gelu<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self.fused_on(&x.device()) {

@@ -1,1 +1,214 @@
-fn main() {}
+//! Chapter 5 as a notebook: from a profile of a training step to fused operations with their
+//! own backward passes, checked against Burn's and timed.
+//!
+//! Run: `cargo run --release --bin ch05_fast` (flex, the `baby` preset's shapes).
+
+use anyhow::{Result, bail};
+use burn::prelude::*;
+use clap::Parser;
+use course::ch03_gpt::GptConfig;
+use course::ch04_pretrain::bench::{StepTimes, time_steps};
+use course::ch04_pretrain::{PRESETS, PretrainConfig, preset};
+use course::ch05_fast::profile::{OpTiming, model_ops};
+use course::ch05_fast::{Kernels, fused_available};
+use course::common::cli::CommonArgs;
+use course::common::report::{Machine, plot_curves, write_json};
+use course::common::train::{ConstantLr, TrainSettings, human, train};
+use course::common::{Run, section};
+use serde::Serialize;
+
+const CHAPTER: &str = "ch05_fast";
+
+/// Chapter 5: fast training with fused operations.
+#[derive(Parser, Debug)]
+#[command(name = CHAPTER, version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Whose shapes to profile and time: tiny, baby, medium or lecture.
+    #[arg(long, default_value = "baby")]
+    preset: String,
+    /// Repetitions per operation timing (median).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Timed training steps per kernel choice in section 5.5 (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    bench_steps: usize,
+    /// Training steps of the side-by-side run in section 5.4.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    train_steps: u64,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    machine: Machine,
+    backend: String,
+    preset: String,
+    fused_runs_here: bool,
+    ops: Vec<OpTiming>,
+    max_errors: Vec<(String, f32, f32)>,
+    training_max_loss_diff: f64,
+    steps: Vec<(String, StepTimes)>,
+}
+
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(|| {
+        let args = Args::parse();
+        if !PRESETS.contains(&args.preset.as_str()) {
+            bail!("unknown preset {:?}; one of {}", args.preset, PRESETS.join(", "));
+        }
+        let run = args.common.start(CHAPTER, "Chapter 5: fast training", None)?;
+        let cfg = preset(&args.preset, run.data.tokenizer.vocab_size()).expect("a known preset");
+        run.data.check_block_size(cfg.model.block_size)?;
+        let ad = run.device.clone().autodiff();
+        let ops = the_profile(&cfg, &ad, args.reps as usize);
+        a_node_on_the_tape(&ad);
+        let max_errors = checked_against_burn(&ad);
+        let training_max_loss_diff = the_same_training(&run, args.train_steps as usize)?;
+        let steps = step_times(&cfg, &run, args.bench_steps)?;
+        let summary = Summary {
+            machine: Machine::detect(false),
+            backend: run.backend.to_string(),
+            preset: cfg.preset.clone(),
+            fused_runs_here: fused_available(&run.device),
+            ops,
+            max_errors,
+            training_max_loss_diff,
+            steps,
+        };
+        write_json(&run.out.join("summary.json"), &summary)?;
+        println!("\nwrote {}", run.out.join("summary.json").display());
+        Ok(())
+    })
+}
+
+// ANCHOR: profile
+/// 5.1: each operation of one layer, forward and backward, at the preset's shapes.
+fn the_profile(cfg: &PretrainConfig, ad: &Device, reps: usize) -> Vec<OpTiming> {
+    section("5.1", "Where a training step spends its time");
+    if !fused_available(ad) {
+        println!("(the fused kernels do not run on this backend: both columns are Burn's)");
+    }
+    println!("{:<16} {:<30} {:>9} {:>9} {:>8}", "operation", "shape", "Burn ms", "fused ms", "speedup");
+    let timings: Vec<OpTiming> = model_ops(&cfg.model, cfg.batch_size, ad)
+        .iter()
+        .map(|case| case.time(reps))
+        .collect();
+    for t in &timings {
+        println!(
+            "{:<16} {:<30} {:>9.2} {:>9.2} {:>7.1}x",
+            t.op, t.shape, t.burn_ms, t.fused_ms, t.burn_ms / t.fused_ms
+        );
+    }
+    println!("(forward + backward, median of {reps}; a step runs each once per layer, and matmul six times)");
+    timings
+}
+// ANCHOR_END: profile
+
+// ANCHOR: tape
+/// 5.2: one fused GELU on five numbers, and the gradient its backward pass hands back.
+fn a_node_on_the_tape(ad: &Device) {
+    section("5.2", "A node on the tape: GELU forward, then its hand-written backward");
+    let x0 = Tensor::<1>::from_floats([-2.0, -1.0, 0.0, 1.0, 2.0], ad);
+    for kernels in [Kernels::Burn, Kernels::Fused] {
+        let x = x0.clone().require_grad();
+        let y = kernels.gelu(x.clone());
+        let grads = y.clone().sum().backward(); // d(sum y)/dx = GELU'(x)
+        let dx = x.grad(&grads).expect("x is tracked");
+        println!("{:<5} GELU(x)  = {}", kernels.name(), fmt(y));
+        println!("{:<5} GELU'(x) = {}", kernels.name(), fmt(dx));
+    }
+}
+
+fn fmt(t: Tensor<1>) -> String {
+    let v = t.into_data().try_to_vec::<f32>().expect("f32 values");
+    v.iter().map(|x| format!("{x:>9.6}")).collect::<Vec<_>>().join(" ")
+}
+// ANCHOR_END: tape
+
+// ANCHOR: checks
+/// 5.3: every fused operation against Burn's, on a small model with odd sizes.
+fn checked_against_burn(ad: &Device) -> Vec<(String, f32, f32)> {
+    section("5.3", "Checked against Burn: outputs and every gradient");
+    let odd = GptConfig::new(11, 7, 1, 3, 12); // vocabulary 11, block 7, 3 heads of 4
+    println!("{:<16} {:<30} {:>12} {:>12}", "operation", "shape", "output err", "grad err");
+    model_ops(&odd, 3, ad)
+        .iter()
+        .map(|case| {
+            let (out, grad) = case.max_error();
+            println!("{:<16} {:<30} {out:>12.1e} {grad:>12.1e}", case.op, case.shape);
+            (case.op.to_string(), out, grad)
+        })
+        .collect()
+}
+// ANCHOR_END: checks
+
+// ANCHOR: same_training
+/// 5.4: the `tiny` model (dropout 0.1) trained twice from the same seed, once per kernel
+/// choice: the two loss curves should be one.
+fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
+    section("5.4", "The same training run with either kernels");
+    let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
+    let settings = TrainSettings {
+        steps,
+        batch_size: tiny.batch_size,
+        block_size: tiny.model.block_size,
+        eval_interval: steps,
+        eval_iters: 2,
+        seed: run.seed,
+        grad_clip: Some(1.0),
+        stop_after: None,
+    };
+    let mut curves = Vec::new();
+    for kernels in [Kernels::Burn, Kernels::Fused] {
+        let device = run.device.clone().autodiff();
+        device.seed(run.seed); // both runs draw the same weights and dropout masks
+        let model = tiny.model.clone().with_dropout(0.1).init(&device).with_kernels(kernels);
+        let mut optim = burn::optim::AdamWConfig::new().init();
+        let (_, report) = train(model, &mut optim, &run.data, &settings, 0, &mut ConstantLr(3e-3))?;
+        let losses: Vec<(f64, f64)> = report.steps.iter().map(|s| (s.step as f64, s.loss)).collect();
+        curves.push((kernels.name(), losses));
+    }
+    let diff = curves[0].1.iter().zip(&curves[1].1).map(|(a, b)| (a.1 - b.1).abs()).fold(0.0, f64::max);
+    let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
+    println!("{steps} steps: last loss {:.4} (Burn) vs {:.4} (fused); largest difference at any step {diff:.1e}", last(0), last(1));
+    let path = run.out.join("same_training.svg");
+    plot_curves(&path, "tiny model, Burn's kernels vs fused", "step", &curves)?;
+    println!("wrote {}", path.display());
+    Ok(diff)
+}
+// ANCHOR_END: same_training
+
+// ANCHOR: step_times
+/// 5.5: whole training steps of the preset, Burn's kernels against the fused ones, in turns.
+fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, StepTimes)>> {
+    section("5.5", &format!("Whole training steps ({} preset)", cfg.preset));
+    if n == 0 {
+        println!("(skipped: --bench-steps 0)");
+        return Ok(Vec::new());
+    }
+    let mut best: Vec<(String, StepTimes)> = Vec::new();
+    for _round in 0..2 {
+        for kernels in [Kernels::Burn, Kernels::Fused] {
+            let model = cfg.model.init(&run.device.clone().autodiff()).with_kernels(kernels);
+            let t = time_steps(cfg, model, &run.data, 3, n.div_ceil(2))?;
+            match best.iter_mut().find(|(k, _)| k == kernels.name()) {
+                Some((_, b)) if b.median_ms_per_step <= t.median_ms_per_step => {}
+                Some((_, b)) => *b = t,
+                None => best.push((kernels.name().to_string(), t)),
+            }
+        }
+    }
+    for (k, t) in &best {
+        println!(
+            "{k:<5}: {:>8.1} ms/step, {:>6} tokens/s, {:>5.1} GFLOP/s",
+            t.median_ms_per_step,
+            human(t.tokens_per_s),
+            t.gflops
+        );
+    }
+    let speedup = best[0].1.median_ms_per_step / best[1].1.median_ms_per_step;
+    println!("fused is {speedup:.2}x faster (best of two rounds, taken in turns)");
+    Ok(best)
+}
+// ANCHOR_END: step_times

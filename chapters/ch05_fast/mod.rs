@@ -4,6 +4,7 @@
 
 pub mod extension;
 pub mod kernels;
+pub mod profile;
 
 use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};

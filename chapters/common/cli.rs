@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 #[derive(Args, Clone, Debug)]
 pub struct CommonArgs {
-    /// Which Burn backend runs the model.
-    #[arg(long, default_value = "ndarray", value_parser = parse_backend)]
+    /// Which Burn backend runs the model (flex: the fastest on a CPU; ndarray: the reference
+    /// the course checks the others against; wgpu: a GPU).
+    #[arg(long, default_value = "flex", value_parser = parse_backend)]
     pub backend: Backend,
     /// A UTF-8 text file to train on (default: $GPT_DATA, else Tiny Shakespeare, downloaded
     /// into data/ on first use).

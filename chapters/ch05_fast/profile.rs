@@ -1,0 +1,173 @@
+//! Measuring the operations: each one's forward + backward time with Burn's kernels and with
+//! the fused ones, and how far apart their results are.
+
+use super::{Kernels, fused_attention};
+use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
+use crate::ch03_gpt::GptConfig;
+use burn::nn::{DropoutConfig, LayerNormConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use serde::Serialize;
+use std::time::Instant;
+
+// ANCHOR: op_timing
+/// One operation at one shape: the median time of a forward and backward pass.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpTiming {
+    pub op: &'static str,
+    pub shape: String,
+    pub burn_ms: f64,
+    pub fused_ms: f64,
+}
+
+/// An operation as a test case: builds its inputs (tracked for gradients) and runs it with
+/// the given kernels, returning the output and every input gradient, flattened.
+pub struct OpCase {
+    pub op: &'static str,
+    pub shape: String,
+    run: Box<dyn Fn(Kernels) -> (Vec<f32>, Vec<Vec<f32>>)>,
+}
+
+impl OpCase {
+    pub fn run(&self, kernels: Kernels) -> (Vec<f32>, Vec<Vec<f32>>) {
+        (self.run)(kernels)
+    }
+
+    /// Median milliseconds of `reps` runs with each kernel choice, taken in turns so that a
+    /// busy moment of the machine hits both alike.
+    pub fn time(&self, reps: usize) -> OpTiming {
+        let mut times = [Vec::new(), Vec::new()];
+        for _ in 0..reps.max(1) {
+            for (i, k) in [Kernels::Burn, Kernels::Fused].into_iter().enumerate() {
+                let tick = Instant::now();
+                self.run(k);
+                times[i].push(tick.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let [burn_ms, fused_ms] = times.map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        });
+        OpTiming {
+            op: self.op,
+            shape: self.shape.clone(),
+            burn_ms,
+            fused_ms,
+        }
+    }
+
+    /// The largest difference between the two kernels' outputs and gradients, relative where
+    /// values are larger than 1: `(output, gradients)`.
+    pub fn max_error(&self) -> (f32, f32) {
+        let (burn, fused) = (self.run(Kernels::Burn), self.run(Kernels::Fused));
+        let err = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+                .fold(0.0f32, f32::max)
+        };
+        let grads = fused.1.iter().zip(&burn.1).map(|(f, b)| err(f, b));
+        (err(&fused.0, &burn.0), grads.fold(0.0, f32::max))
+    }
+}
+// ANCHOR_END: op_timing
+
+// ANCHOR: cases
+/// The operations of one layer of `cfg` at batch `b`, on `device` (an autodiff device).
+pub fn model_ops(cfg: &GptConfig, b: usize, device: &Device) -> Vec<OpCase> {
+    let (t, c, nh, v) = (cfg.block_size, cfg.n_embd, cfg.n_head, cfg.vocab_size);
+    vec![
+        matmul_case(b * t, c, 4 * c, device),
+        gelu_case([b, t, 4 * c], device),
+        layer_norm_case([b, t, c], device),
+        attention_case([b, t, 3 * c], nh, device),
+        cross_entropy_case([b, t, v], device),
+    ]
+}
+
+fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().expect("f32 values")
+}
+
+/// Runs `f` on fresh tracked copies of `inputs`, backpropagates `sum(f(..) * w)` with a fixed
+/// random `w` (so every output element gets its own gradient) and returns the output and the
+/// inputs' gradients.
+fn with_grads<const D: usize, const E: usize>(
+    inputs: &[Tensor<D>],
+    w: &Tensor<E>,
+    f: impl Fn(Vec<Tensor<D>>) -> Tensor<E>,
+) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let xs: Vec<Tensor<D>> = inputs.iter().map(|x| x.clone().require_grad()).collect();
+    let y = f(xs.clone());
+    let grads = (y.clone() * w.clone()).sum().backward();
+    let g = xs.iter().map(|x| flat(x.grad(&grads).expect("a gradient")));
+    (flat(y), g.collect())
+}
+
+fn matmul_case(m: usize, k: usize, n: usize, device: &Device) -> OpCase {
+    let (ab, w) = ([random([m, k], device), random([k, n], device)], random([m, n], device));
+    OpCase {
+        op: "matmul (Linear)",
+        shape: format!("[{m}, {k}] @ [{k}, {n}]"),
+        run: Box::new(move |kn| with_grads(&ab, &w, |x| kn.matmul(x[0].clone(), x[1].clone()))),
+    }
+}
+
+fn gelu_case(shape: [usize; 3], device: &Device) -> OpCase {
+    let (x, w) = ([random(shape, device) * 2.0], random(shape, device));
+    OpCase {
+        op: "GELU",
+        shape: format!("{shape:?}"),
+        run: Box::new(move |k| with_grads(&x, &w, |x| k.gelu(x[0].clone()))),
+    }
+}
+
+fn layer_norm_case(shape: [usize; 3], device: &Device) -> OpCase {
+    let mut ln = LayerNormConfig::new(shape[2]).init(device);
+    ln.gamma = burn::module::Param::from_tensor(random([shape[2]], device) + 1.0);
+    let (x, w) = ([random(shape, device) * 3.0 + 0.5], random(shape, device));
+    OpCase {
+        op: "LayerNorm",
+        shape: format!("{shape:?}"),
+        run: Box::new(move |k| with_grads(&x, &w, |x| k.layer_norm(&ln, x[0].clone()))),
+    }
+}
+
+/// Chapter 3's attention core as Burn operations, or the fused one.
+fn attention_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCase {
+    let [b, t, c3] = shape;
+    let (qkv, w) = ([random(shape, device)], random([b, t, c3 / 3], device));
+    let none = DropoutConfig::new(0.0).init();
+    OpCase {
+        op: "attention core",
+        shape: format!("{shape:?}, {nh} heads"),
+        run: Box::new(move |k| {
+            with_grads(&qkv, &w, |x| match k {
+                Kernels::Fused => fused_attention(x[0].clone(), nh, &none),
+                Kernels::Burn => {
+                    let (q, k, v) = split_heads(x[0].clone(), nh);
+                    merge_heads(causal_weights(q, k).matmul(v))
+                }
+            })
+        }),
+    }
+}
+
+fn cross_entropy_case(shape: [usize; 3], device: &Device) -> OpCase {
+    let [b, t, v] = shape;
+    let logits = [random(shape, device) * 2.0];
+    let targets = Tensor::<2, Int>::random([b, t], Distribution::Uniform(0.0, v as f64), device);
+    let w = Tensor::<1>::ones([1], device);
+    OpCase {
+        op: "cross-entropy",
+        shape: format!("{shape:?}"),
+        run: Box::new(move |k| {
+            with_grads(&logits, &w, |x| k.cross_entropy(x[0].clone(), targets.clone()))
+        }),
+    }
+}
+// ANCHOR_END: cases

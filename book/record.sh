@@ -29,6 +29,8 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   BACKEND=wgpu bash "$self" ch01_bigram
   TAG=short ARGS="--steps 500 --eval-interval 250 --eval-iters 20" BACKEND=wgpu bash "$self" ch02_attention
   BACKEND=flex bash "$self" ch04_pretrain
+  # Chapter 5: the profile, the checks and the step times of the fused kernels (flex).
+  BACKEND=flex bash "$self" ch05_fast
   # The medium preset: the smallest model that writes passable Shakespeare (over an hour).
   TAG=medium ARGS="--preset medium" BACKEND=flex bash "$self" ch04_pretrain
   # Chapter 6 on the recorded baby checkpoint, timing the lecture shape too.

@@ -12,7 +12,8 @@ Alternating matters: on a shared machine the same command varies by 5-10% from m
     book/speed.py --preset lecture --rounds 1 --steps 2 --warmup 1 \
                   --backends ndarray,flex,wgpu --name lecture-backends
 
---backends picks the Burn backends (default flex,ndarray); --warmup the untimed steps before
+--backends picks the Burn backends (default flex,ndarray), each optionally with its kernels
+(`flex:burn`, `flex:fused`; without, the binary's default: fused where they run); --warmup the untimed steps before
 the timed ones (default 3); --name the file name (default: the preset).
 
 --before REV builds REV's ch04_pretrain in a temporary git worktree, into its own target
@@ -88,10 +89,12 @@ def build(rev=None):
 
 
 def run_burn(binary, backend, preset, steps, warmup):
+    backend, _, kernels = backend.partition(":")  # e.g. "flex:burn"
     with tempfile.TemporaryDirectory() as d:
         rss = os.path.join(d, "rss")
         sh(["/usr/bin/time", "-f", "%M", "-o", rss, binary, "--preset", preset, "--backend",
-            backend, "--bench", str(steps), "--bench-warmup", str(warmup), "--out", d],
+            backend, "--bench", str(steps), "--bench-warmup", str(warmup), "--out", d]
+           + (["--kernels", kernels] if kernels else []),
            stdout=subprocess.DEVNULL)
         with open(os.path.join(d, "bench.json")) as f:
             b = json.load(f)
@@ -138,7 +141,8 @@ def main():
     bins.append(("this version" if a.before else "", build()))
     for backend in a.backends.split(","):
         for label, binary in bins:
-            programs.append((f"Burn {backend}" + (f", {label}" if label else ""),
+            shown = backend.replace(":fused", ", fused kernels").replace(":burn", ", Burn's kernels")
+            programs.append((f"Burn {shown}" + (f", {label}" if label else ""),
                              lambda b=binary, k=backend: run_burn(b, k, a.preset, a.steps,
                                                                   a.warmup)))
 

@@ -8,9 +8,9 @@
 use rayon::prelude::*;
 
 // ANCHOR: simd
-/// Defines `fn name(..)` whose body is compiled twice: for AVX2 + FMA, used when the CPU has
-/// them (checked once, then cached), and for the baseline target. The body is inlined into
-/// the AVX2 copy, so its loops are vectorised 8 floats at a time.
+/// Defines `fn name(..)` whose body is compiled three times: for AVX-512, for AVX2 + FMA and for
+/// the baseline target; the best one the CPU has is chosen when called (the check is cached).
+/// The body is inlined into each copy, so its loops are vectorised 16 or 8 floats at a time.
 macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])* fn $name($($a: $t),*) $(-> $r)? {
@@ -20,9 +20,19 @@ macro_rules! simd_fn {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2($($a: $t),*) $(-> $r)? { imp($($a),*) }
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has just been checked for both features.
-                return unsafe { avx2($($a),*) };
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($($a: $t),*) $(-> $r)? { imp($($a),*) }
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::is_x86_feature_detected as has;
+                if has!("avx512f") && has!("avx2") && has!("fma") {
+                    // SAFETY: the CPU has just been checked for these features.
+                    return unsafe { avx512($($a),*) };
+                }
+                if has!("avx2") && has!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($a),*) };
+                }
             }
             imp($($a),*)
         }
@@ -40,13 +50,13 @@ pub fn exp(x: f32) -> f32 {
     let k = x * std::f32::consts::LOG2_E + 12_582_912.0; // 1.5 * 2^23: rounds n into the mantissa
     let n = k - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // ln2 split in two for precision
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let e_r = p * r * r + r + 1.0;
+    let mut p: f32 = 1.987_569_1e-4;
+    p = p.mul_add(r, 1.398_2e-3); // p * r + c, one fused instruction
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let e_r = (p * r).mul_add(r, r) + 1.0;
     let two_n = f32::from_bits((k.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
     e_r * two_n
 }
@@ -59,22 +69,25 @@ const CHUNK: usize = 16 * 1024;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// `erf` by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7).
+/// `Φ(x)` through `erf(x / √2)` by Abramowitz and Stegun 7.1.26 (absolute error below
+/// 1.5e-7), and `e^{-x²/2}`, which that formula needs and the normal density reuses.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
-    let a = x.abs();
+fn cdf_and_gauss(x: f32) -> (f32, f32) {
+    let a = x.abs() * FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
         + 0.254_829_6)
         * t;
-    (1.0 - poly * exp(-a * a)).copysign(x)
+    let gauss = exp(-a * a); // e^{-x²/2}
+    let erf = (1.0 - poly * gauss).copysign(x);
+    (0.5 * (1.0 + erf), gauss)
 }
 
 simd_fn! {
     /// `GELU(x) = x Φ(x)`, with `Φ(x) = (1 + erf(x / √2)) / 2` the normal distribution's CDF.
     fn gelu_chunk(x: &[f32], y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            *y = x * cdf_and_gauss(x).0;
         }
     }
 }
@@ -83,9 +96,8 @@ simd_fn! {
     /// `dGELU/dx = Φ(x) + x φ(x)`, with `φ(x) = e^{-x²/2} / √(2π)` the normal density.
     fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-            let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
-            let pdf = FRAC_1_SQRT_2PI * exp(-0.5 * x * x);
-            *dx = dy * (cdf + x * pdf);
+            let (cdf, gauss) = cdf_and_gauss(x);
+            *dx = dy * (cdf + x * FRAC_1_SQRT_2PI * gauss); // φ(x) = e^{-x²/2} / √(2π)
         }
     }
 }
@@ -326,8 +338,8 @@ impl View {
     }
 }
 
-/// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]` (one thread; the
-/// callers run many of these side by side). The `matrixmultiply` crate does the blocking.
+/// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]`. The
+/// `matrixmultiply` crate does the blocking and the vector instructions.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     (m, k, n): (usize, usize, usize),
@@ -342,6 +354,36 @@ pub fn gemm(
     vc.check(c.len(), m, n);
     // SAFETY: the three views were just checked to stay inside their slices, and `c` is a
     // unique borrow, so it overlaps neither `a` nor `b`.
+    unsafe { sgemm((m, k, n), alpha, (a, va), (b, vb), beta, (c.as_mut_ptr(), vc)) }
+}
+
+/// `A @ B` with `A: [m, k]` and `B: [k, n]` read through their views, into a new row-major
+/// `[m, n]`. One call: `matrixmultiply` (feature `threading`) splits a large product over the
+/// cores by itself.
+pub fn matmul((m, k, n): (usize, usize, usize), (a, va): (&[f32], View), (b, vb): (&[f32], View)) -> Vec<f32> {
+    va.check(a.len(), m, k);
+    vb.check(b.len(), k, n);
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: the views of `a` and `b` were just checked; `c` has room for `m * n` values,
+    // and with beta = 0 sgemm writes every one of them without reading any ("If β is zero,
+    // then C does not need to be initialized"), so there is no need to zero them first.
+    unsafe {
+        sgemm((m, k, n), 1.0, (a, va), (b, vb), 0.0, (c.as_mut_ptr(), View::rows(0, n)));
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// # Safety
+/// The views must lie inside `a`, `b` and the `m * n` elements behind `c`.
+unsafe fn sgemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    (a, va): (&[f32], View),
+    (b, vb): (&[f32], View),
+    beta: f32,
+    (c, vc): (*mut f32, View),
+) {
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -355,28 +397,11 @@ pub fn gemm(
             vb.rs as isize,
             vb.cs as isize,
             beta,
-            c.as_mut_ptr().add(vc.offset),
+            c.add(vc.offset),
             vc.rs as isize,
             vc.cs as isize,
         )
     }
-}
-
-/// `A @ B` with `A: [m, k]` and `B: [k, n]` read through their views, into a new row-major
-/// `[m, n]`: the rows of the result are split into one block per core, and each block is one
-/// single-threaded product.
-pub fn matmul((m, k, n): (usize, usize, usize), (a, va): (&[f32], View), (b, vb): (&[f32], View)) -> Vec<f32> {
-    let mut c = vec![0.0; m * n];
-    let rows = m.div_ceil(rayon::current_num_threads()).max(8);
-    c.par_chunks_mut(rows * n).enumerate().for_each(|(i, c)| {
-        let a_rows = View {
-            offset: va.offset + i * rows * va.rs,
-            ..va
-        };
-        let c_view = View::rows(0, n);
-        gemm((c.len() / n, k, n), 1.0, (a, a_rows), (b, vb), 0.0, (c, c_view));
-    });
-    c
 }
 // ANCHOR_END: gemm
 

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])* fn $name($($a: $t),*) $(-> $r)? {
+            #![allow(clippy::too_many_arguments)]
             #[inline(always)]
             fn imp($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]

@@ -49,6 +49,8 @@ struct Summary {
     max_errors: Vec<(String, f32, f32)>,
     training_max_loss_diff: f64,
     steps: Vec<(String, StepTimes)>,
+    /// (n, Burn's GFLOP/s, fused GFLOP/s) of an `n x n` by `n x n` product.
+    peak: Vec<(usize, f64, f64)>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +68,7 @@ fn main() -> std::process::ExitCode {
         let max_errors = checked_against_burn(&ad);
         let training_max_loss_diff = the_same_training(&run, args.train_steps as usize)?;
         let steps = step_times(&cfg, &run, args.bench_steps)?;
+        let peak = the_machines_peak(&run.device, args.reps as usize);
         let summary = Summary {
             machine: Machine::detect(false),
             backend: run.backend.to_string(),
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
             max_errors,
             training_max_loss_diff,
             steps,
+            peak,
         };
         write_json(&run.out.join("summary.json"), &summary)?;
         println!("\nwrote {}", run.out.join("summary.json").display());
@@ -212,3 +216,31 @@ fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, 
     Ok(best)
 }
 // ANCHOR_END: step_times
+
+// ANCHOR: peak
+/// 5.6: what the CPU can do at best: large square products, where the arithmetic dwarfs every
+/// overhead. A training step's GFLOP/s is read against this.
+fn the_machines_peak(device: &Device, reps: usize) -> Vec<(usize, f64, f64)> {
+    section("5.6", "The machine's practical peak: a large matrix product");
+    let mut rows = Vec::new();
+    for n in [512, 1024, 2048] {
+        let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
+        let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
+        let gflops = |kernels: Kernels| {
+            let best = (0..reps.clamp(1, 10))
+                .map(|_| {
+                    let tick = std::time::Instant::now();
+                    let c = kernels.matmul(a.clone(), b.clone());
+                    c.into_data(); // waits for the result on any backend
+                    tick.elapsed().as_secs_f64()
+                })
+                .fold(f64::INFINITY, f64::min);
+            2.0 * (n * n * n) as f64 / best / 1e9
+        };
+        let (burn, fused) = (gflops(Kernels::Burn), gflops(Kernels::Fused));
+        println!("n = {n:>4}: Burn {burn:>6.1} GFLOP/s, fused {fused:>6.1} GFLOP/s (best of {})", reps.clamp(1, 10));
+        rows.push((n, burn, fused));
+    }
+    rows
+}
+// ANCHOR_END: peak

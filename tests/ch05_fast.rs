@@ -31,7 +31,10 @@ fn assert_close<const D: usize>(what: &str, a: &Tensor<D>, b: &Tensor<D>, tol: f
     let b = b.to_data().try_to_vec::<f32>().unwrap();
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         let err = (x - y).abs() / y.abs().max(1.0);
-        assert!(err <= tol, "{what}: element {i} is {x}, Burn's is {y} (error {err:e})");
+        assert!(
+            err <= tol,
+            "{what}: element {i} is {x}, Burn's is {y} (error {err:e})"
+        );
     }
 }
 
@@ -250,9 +253,17 @@ fn a_tiny_model_trains_the_same_with_either_kernels() {
     let (fused, burn) = (losses(Kernels::Fused), losses(Kernels::Burn));
     assert_eq!(fused.len(), 50);
     for (step, (a, b)) in fused.iter().zip(&burn).enumerate() {
-        assert!((a - b).abs() <= 1e-4, "step {step}: loss {a} fused, {b} with Burn's kernels");
+        assert!(
+            (a - b).abs() <= 1e-4,
+            "step {step}: loss {a} fused, {b} with Burn's kernels"
+        );
     }
-    assert!(fused[49] < fused[0] - 0.5, "the model learned: {} -> {}", fused[0], fused[49]);
+    assert!(
+        fused[49] < fused[0] - 0.5,
+        "the model learned: {} -> {}",
+        fused[0],
+        fused[49]
+    );
 }
 
 #[test]

@@ -216,7 +216,9 @@ impl Gpt {
                 let [b, t, c] = x.dims();
                 let wte_t = self.wte.weight.val().transpose(); // [c, vocab]
                 let v = wte_t.dims()[1];
-                self.kernels.matmul(x.reshape([b * t, c]), wte_t).reshape([b, t, v])
+                self.kernels
+                    .matmul(x.reshape([b * t, c]), wte_t)
+                    .reshape([b, t, v])
             }
             None => x.matmul(self.wte.weight.val().transpose().unsqueeze::<3>()),
         }

@@ -12,10 +12,10 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use course::ch03_gpt::Gpt;
 use course::ch04_pretrain::bench::{Bench, time_steps};
 use course::ch04_pretrain::checkpoint::{self, Meta};
-use course::ch05_fast::Kernels;
 use course::ch04_pretrain::{
     Overrides, PretrainConfig, learning_rate, mfu, optimizer, param_groups, train_settings,
 };
+use course::ch05_fast::Kernels;
 use course::common::backend::Backend;
 use course::common::cli::{CommonArgs, SampleArgs, parse_backend};
 use course::common::dataset::{rng_for, stream};
@@ -280,7 +280,11 @@ fn training<'a>(
             "resuming from step {} (best val so far {:.4})",
             meta.step, meta.best_val_loss
         );
-        (model, optim, start) = (m.with_kernels(a.kernels), o.expect("optimizer state"), meta.step);
+        (model, optim, start) = (
+            m.with_kernels(a.kernels),
+            o.expect("optimizer state"),
+            meta.step,
+        );
         (hooks.losses, hooks.steps, hooks.best_val) = (meta.losses, meta.steps, meta.best_val_loss);
     } else if hooks.ckpt.join("last").exists() {
         let dir = hooks.ckpt.display();
@@ -456,7 +460,14 @@ fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize)
         human(times.tokens_per_s),
         times.gflops
     );
-    let result = Bench::new(&cfg, run.backend, a.kernels, trained_steps, parameters, times);
+    let result = Bench::new(
+        &cfg,
+        run.backend,
+        a.kernels,
+        trained_steps,
+        parameters,
+        times,
+    );
     write_json(&run.out.join("bench.json"), &result)?;
     println!("wrote {}", run.out.join("bench.json").display());
     Ok(())

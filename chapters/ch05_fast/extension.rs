@@ -26,8 +26,10 @@ pub trait FusedOps: Backend {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
-    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>)
-    -> FloatTensor<Self>;
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
     fn fused_attention(qkv: FloatTensor<Self>, n_head: usize) -> FloatTensor<Self>;
     fn fused_attention_dropout(
         qkv: FloatTensor<Self>,
@@ -70,7 +72,10 @@ fn indices(t: &FlexTensor, v: usize) -> Vec<usize> {
     };
     ids.into_iter()
         .map(|i| {
-            assert!((0..v as i64).contains(&i), "target {i} outside the vocabulary of {v}");
+            assert!(
+                (0..v as i64).contains(&i),
+                "target {i} outside the vocabulary of {v}"
+            );
             i as usize
         })
         .collect()
@@ -100,7 +105,12 @@ impl FusedOps for Flex {
         tensor(kernels::gelu_forward(floats(&x)), shape(&x))
     }
 
-    fn fused_layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+    fn fused_layer_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> FlexTensor {
         layer_norm(&contiguous(&x), &gamma, &beta, eps).0
     }
 
@@ -133,17 +143,30 @@ fn matmul(a: &FlexTensor, a_t: bool, b: &FlexTensor, b_t: bool) -> FlexTensor {
     };
     let ((m, k, va), (k2, n, vb)) = (view(a, a_t), view(b, b_t));
     assert_eq!(k, k2, "matmul: inner sizes differ");
-    tensor(kernels::matmul((m, k, n), (floats(a), va), (floats(b), vb)), [m, n])
+    tensor(
+        kernels::matmul((m, k, n), (floats(a), va), (floats(b), vb)),
+        [m, n],
+    )
 }
 
-fn layer_norm(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> (FlexTensor, NormStats) {
+fn layer_norm(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    eps: f64,
+) -> (FlexTensor, NormStats) {
     let (gamma, beta) = (contiguous(gamma), contiguous(beta));
-    let (y, stats) = kernels::layer_norm_forward(floats(x), floats(&gamma), floats(&beta), eps as f32);
+    let (y, stats) =
+        kernels::layer_norm_forward(floats(x), floats(&gamma), floats(&beta), eps as f32);
     (tensor(y, shape(x)), stats)
 }
 
 /// Returns `y: [b, t, c]` and the attention weights `[b, nh, t, t]`.
-fn attention(qkv: &FlexTensor, keep: Option<&FlexTensor>, n_head: usize) -> (FlexTensor, FlexTensor) {
+fn attention(
+    qkv: &FlexTensor,
+    keep: Option<&FlexTensor>,
+    n_head: usize,
+) -> (FlexTensor, FlexTensor) {
     let s = attn_shape(qkv, n_head);
     let (y, p) = kernels::attention_forward(floats(qkv), keep.map(floats), s);
     let c = s.nh * s.hs;
@@ -162,7 +185,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         impl Backward<Flex, 2> for MatmulBackward {
             type State = (FlexTensor, FlexTensor); // a, b
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dc = contiguous(&grads.consume::<Flex>(&ops.node));
                 let (a, b) = ops.state;
                 let [pa, pb] = ops.parents;
@@ -175,13 +203,19 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
         }
 
-        match MatmulBackward.prepare::<C>([a.node(), b.node()]).compute_bound().stateful() {
+        match MatmulBackward
+            .prepare::<C>([a.node(), b.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (a, b) = (contiguous(a.primitive()), contiguous(b.primitive()));
                 let c = matmul(&a, false, &b, false);
                 prep.finish((a, b), c)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_matmul(a.into_primitive(), b.into_primitive())),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::fused_matmul(a.into_primitive(), b.into_primitive()))
+            }
         }
     }
 
@@ -192,7 +226,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         impl Backward<Flex, 1> for GeluBackward {
             type State = FlexTensor; // the input x
 
-            fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<FlexTensor, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = contiguous(&grads.consume::<Flex>(&ops.node));
                 let x = ops.state;
                 if let [Some(parent)] = ops.parents {
@@ -202,7 +241,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
         }
 
-        match GeluBackward.prepare::<C>([x.node()]).compute_bound().stateful() {
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let x = contiguous(x.primitive());
                 let y = tensor(kernels::gelu_forward(floats(&x)), shape(&x));
@@ -226,14 +269,23 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         impl Backward<Flex, 3> for LayerNormBackward {
             type State = (FlexTensor, FlexTensor, NormStats); // x, gamma, mean and 1/σ
 
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let dy = contiguous(&grads.consume::<Flex>(&ops.node));
                 let (x, gamma, stats) = ops.state;
                 let (dx, dgamma, dbeta) =
                     kernels::layer_norm_backward(floats(&x), floats(&gamma), &stats, floats(&dy));
                 let c = dgamma.len();
                 let [px, pg, pb] = ops.parents;
-                for (parent, grad, shape) in [(px, dx, shape(&x)), (pg, dgamma, [c].into()), (pb, dbeta, [c].into())] {
+                for (parent, grad, shape) in [
+                    (px, dx, shape(&x)),
+                    (pg, dgamma, [c].into()),
+                    (pb, dbeta, [c].into()),
+                ] {
                     if let Some(parent) = parent {
                         grads.register::<Flex>(parent.id, tensor(grad, shape));
                     }
@@ -242,7 +294,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
 
         let nodes = [x.node(), gamma.node(), beta.node()];
-        match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        match LayerNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let (x, gamma) = (contiguous(x.primitive()), contiguous(gamma.primitive()));
                 let (y, stats) = layer_norm(&x, &gamma, beta.primitive(), eps);
@@ -257,25 +313,38 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct CrossEntropyBackward;
 
         impl Backward<Flex, 1> for CrossEntropyBackward {
             type State = (FlexTensor, Vec<usize>, Vec<f32>); // logits, targets, log-sum-exp
 
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
                 let grad = floats(&contiguous(&grads.consume::<Flex>(&ops.node)))[0];
                 let (logits, targets, lse) = ops.state;
                 if let [Some(parent)] = ops.parents {
                     let v = shape(&logits)[1];
-                    let dx = kernels::cross_entropy_backward(floats(&logits), &targets, &lse, v, grad);
+                    let dx =
+                        kernels::cross_entropy_backward(floats(&logits), &targets, &lse, v, grad);
                     grads.register::<Flex>(parent.id, tensor(dx, shape(&logits)));
                 }
             }
         }
 
-        match CrossEntropyBackward.prepare::<C>([logits.node()]).compute_bound().stateful() {
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => {
                 let logits = contiguous(logits.primitive());
                 let v = shape(&logits)[1];
@@ -321,8 +390,13 @@ fn attention_autodiff<C: CheckpointStrategy>(
             let (qkv, p, keep) = ops.state;
             if let [Some(parent)] = ops.parents {
                 let s = attn_shape(&qkv, self.n_head);
-                let dqkv =
-                    kernels::attention_backward(floats(&qkv), floats(&p), keep.as_ref().map(floats), floats(&dy), s);
+                let dqkv = kernels::attention_backward(
+                    floats(&qkv),
+                    floats(&p),
+                    keep.as_ref().map(floats),
+                    floats(&dy),
+                    s,
+                );
                 grads.register::<Flex>(parent.id, tensor(dqkv, shape(&qkv)));
             }
         }

@@ -153,7 +153,10 @@ pub fn layer_norm_forward(
 
 simd_fn! {
     #[allow(clippy::too_many_arguments)]
-    fn layer_norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+    fn layer_norm_rows(
+        x: &[f32], gamma: &[f32], beta: &[f32], eps: f32,
+        y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]
+    ) {
         let c = gamma.len();
         for (((y, x), mean), rstd) in y.chunks_mut(c).zip(x.chunks(c)).zip(mean).zip(rstd) {
             let mu = sum(x) / c as f32;
@@ -214,7 +217,10 @@ pub fn layer_norm_backward(
 
 simd_fn! {
     #[allow(clippy::too_many_arguments)]
-    fn layer_norm_backward_rows(x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
+    fn layer_norm_backward_rows(
+        x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32],
+        dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]
+    ) {
         let c = gamma.len();
         let mut xhat = vec![0.0f32; c];
         let mut g = vec![0.0f32; c];
@@ -241,7 +247,12 @@ simd_fn! {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -293,12 +304,16 @@ pub fn cross_entropy_backward(
     dx.par_chunks_mut(ROWS * v)
         .zip(logits.par_chunks(ROWS * v))
         .zip(targets.par_chunks(ROWS).zip(lse.par_chunks(ROWS)))
-        .for_each(|((dx, x), (targets, lse))| cross_entropy_backward_rows(x, targets, lse, scale, dx));
+        .for_each(|((dx, x), (targets, lse))| {
+            cross_entropy_backward_rows(x, targets, lse, scale, dx)
+        });
     dx
 }
 
 simd_fn! {
-    fn cross_entropy_backward_rows(x: &[f32], targets: &[usize], lse: &[f32], scale: f32, dx: &mut [f32]) {
+    fn cross_entropy_backward_rows(
+        x: &[f32], targets: &[usize], lse: &[f32], scale: f32, dx: &mut [f32]
+    ) {
         let v = x.len() / targets.len();
         for (((dx, x), &target), &lse) in dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(lse) {
             for (dx, &x) in dx.iter_mut().zip(x) {
@@ -335,7 +350,10 @@ impl View {
     }
     fn check(&self, len: usize, rows: usize, cols: usize) {
         let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(rows > 0 && cols > 0 && last < len, "matrix view out of bounds");
+        assert!(
+            rows > 0 && cols > 0 && last < len,
+            "matrix view out of bounds"
+        );
     }
 }
 
@@ -355,13 +373,26 @@ pub fn gemm(
     vc.check(c.len(), m, n);
     // SAFETY: the three views were just checked to stay inside their slices, and `c` is a
     // unique borrow, so it overlaps neither `a` nor `b`.
-    unsafe { sgemm((m, k, n), alpha, (a, va), (b, vb), beta, (c.as_mut_ptr(), vc)) }
+    unsafe {
+        sgemm(
+            (m, k, n),
+            alpha,
+            (a, va),
+            (b, vb),
+            beta,
+            (c.as_mut_ptr(), vc),
+        )
+    }
 }
 
 /// `A @ B` with `A: [m, k]` and `B: [k, n]` read through their views, into a new row-major
 /// `[m, n]`. One call: `matrixmultiply` (feature `threading`) splits a large product over the
 /// cores by itself.
-pub fn matmul((m, k, n): (usize, usize, usize), (a, va): (&[f32], View), (b, vb): (&[f32], View)) -> Vec<f32> {
+pub fn matmul(
+    (m, k, n): (usize, usize, usize),
+    (a, va): (&[f32], View),
+    (b, vb): (&[f32], View),
+) -> Vec<f32> {
     va.check(a.len(), m, k);
     vb.check(b.len(), k, n);
     let mut c = Vec::with_capacity(m * n);
@@ -369,7 +400,14 @@ pub fn matmul((m, k, n): (usize, usize, usize), (a, va): (&[f32], View), (b, vb)
     // and with beta = 0 sgemm writes every one of them without reading any ("If β is zero,
     // then C does not need to be initialized"), so there is no need to zero them first.
     unsafe {
-        sgemm((m, k, n), 1.0, (a, va), (b, vb), 0.0, (c.as_mut_ptr(), View::rows(0, n)));
+        sgemm(
+            (m, k, n),
+            1.0,
+            (a, va),
+            (b, vb),
+            0.0,
+            (c.as_mut_ptr(), View::rows(0, n)),
+        );
         c.set_len(m * n);
     }
     c
@@ -447,7 +485,14 @@ pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Ve
             for h in 0..nh {
                 let p = &mut p[h * tt..(h + 1) * tt]; // [t, t]
                 let (q, k) = (s.part(0, h), s.part(1, h));
-                gemm((t, hs, t), scale, (qkv, q), (qkv, k.t()), 0.0, (p, View::rows(0, t)));
+                gemm(
+                    (t, hs, t),
+                    scale,
+                    (qkv, q),
+                    (qkv, k.t()),
+                    0.0,
+                    (p, View::rows(0, t)),
+                );
                 causal_softmax(p, t);
                 let weights = match keep {
                     Some(keep) => {
@@ -458,7 +503,14 @@ pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Ve
                     None => &*p,
                 };
                 let out = View::rows(h * hs, c); // head h's columns of y: [t, hs]
-                gemm((t, t, hs), 1.0, (weights, View::rows(0, t)), (qkv, s.part(2, h)), 0.0, (y, out));
+                gemm(
+                    (t, t, hs),
+                    1.0,
+                    (weights, View::rows(0, t)),
+                    (qkv, s.part(2, h)),
+                    0.0,
+                    (y, out),
+                );
             }
         });
     (y, p)
@@ -523,13 +575,34 @@ pub fn attention_backward(
                 let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
                 let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
                 // dv = P̃ᵀ dy
-                gemm((t, t, hs), 1.0, (weights, square.t()), (dy, dout), 0.0, (dqkv, v));
+                gemm(
+                    (t, t, hs),
+                    1.0,
+                    (weights, square.t()),
+                    (dy, dout),
+                    0.0,
+                    (dqkv, v),
+                );
                 // dP = dy vᵀ, then ⊙ keep
-                gemm((t, hs, t), 1.0, (dy, dout), (qkv, v.t()), 0.0, (&mut ds, square));
+                gemm(
+                    (t, hs, t),
+                    1.0,
+                    (dy, dout),
+                    (qkv, v.t()),
+                    0.0,
+                    (&mut ds, square),
+                );
                 softmax_backward(&mut ds, p, keep, t);
                 // dq = dS k / √hs and dk = dSᵀ q / √hs
                 gemm((t, t, hs), scale, (&ds, square), (qkv, k), 0.0, (dqkv, q));
-                gemm((t, t, hs), scale, (&ds, square.t()), (qkv, q), 0.0, (dqkv, k));
+                gemm(
+                    (t, t, hs),
+                    scale,
+                    (&ds, square.t()),
+                    (qkv, q),
+                    0.0,
+                    (dqkv, k),
+                );
             }
         });
     dqkv

@@ -57,9 +57,15 @@ fn main() -> std::process::ExitCode {
     course::common::exit_on_error(|| {
         let args = Args::parse();
         if !PRESETS.contains(&args.preset.as_str()) {
-            bail!("unknown preset {:?}; one of {}", args.preset, PRESETS.join(", "));
+            bail!(
+                "unknown preset {:?}; one of {}",
+                args.preset,
+                PRESETS.join(", ")
+            );
         }
-        let run = args.common.start(CHAPTER, "Chapter 5: fast training", None)?;
+        let run = args
+            .common
+            .start(CHAPTER, "Chapter 5: fast training", None)?;
         let cfg = preset(&args.preset, run.data.tokenizer.vocab_size()).expect("a known preset");
         run.data.check_block_size(cfg.model.block_size)?;
         let ad = run.device.clone().autodiff();
@@ -93,7 +99,10 @@ fn the_profile(cfg: &PretrainConfig, ad: &Device, reps: usize) -> Vec<OpTiming> 
     if !fused_available(ad) {
         println!("(the fused kernels do not run on this backend: both columns are Burn's)");
     }
-    println!("{:<16} {:<30} {:>9} {:>9} {:>8}", "operation", "shape", "Burn ms", "fused ms", "speedup");
+    println!(
+        "{:<16} {:<30} {:>9} {:>9} {:>8}",
+        "operation", "shape", "Burn ms", "fused ms", "speedup"
+    );
     let timings: Vec<OpTiming> = model_ops(&cfg.model, cfg.batch_size, ad)
         .iter()
         .map(|case| case.time(reps))
@@ -101,10 +110,16 @@ fn the_profile(cfg: &PretrainConfig, ad: &Device, reps: usize) -> Vec<OpTiming> 
     for t in &timings {
         println!(
             "{:<16} {:<30} {:>9.2} {:>9.2} {:>7.1}x",
-            t.op, t.shape, t.burn_ms, t.fused_ms, t.burn_ms / t.fused_ms
+            t.op,
+            t.shape,
+            t.burn_ms,
+            t.fused_ms,
+            t.burn_ms / t.fused_ms
         );
     }
-    println!("(forward + backward, median of {reps}; a step runs each once per layer, and matmul six times)");
+    println!(
+        "(forward + backward, median of {reps}; a step runs each once per layer, and matmul six times)"
+    );
     timings
 }
 // ANCHOR_END: profile
@@ -112,7 +127,10 @@ fn the_profile(cfg: &PretrainConfig, ad: &Device, reps: usize) -> Vec<OpTiming> 
 // ANCHOR: tape
 /// 5.2: one fused GELU on five numbers, and the gradient its backward pass hands back.
 fn a_node_on_the_tape(ad: &Device) {
-    section("5.2", "A node on the tape: GELU forward, then its hand-written backward");
+    section(
+        "5.2",
+        "A node on the tape: GELU forward, then its hand-written backward",
+    );
     let x0 = Tensor::<1>::from_floats([-2.0, -1.0, 0.0, 1.0, 2.0], ad);
     for kernels in [Kernels::Burn, Kernels::Fused] {
         let x = x0.clone().require_grad();
@@ -126,7 +144,10 @@ fn a_node_on_the_tape(ad: &Device) {
 
 fn fmt(t: Tensor<1>) -> String {
     let v = t.into_data().try_to_vec::<f32>().expect("f32 values");
-    v.iter().map(|x| format!("{x:>9.6}")).collect::<Vec<_>>().join(" ")
+    v.iter()
+        .map(|x| format!("{x:>9.6}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 // ANCHOR_END: tape
 
@@ -135,12 +156,18 @@ fn fmt(t: Tensor<1>) -> String {
 fn checked_against_burn(ad: &Device) -> Vec<(String, f32, f32)> {
     section("5.3", "Checked against Burn: outputs and every gradient");
     let odd = GptConfig::new(11, 7, 1, 3, 12); // vocabulary 11, block 7, 3 heads of 4
-    println!("{:<16} {:<30} {:>12} {:>12}", "operation", "shape", "output err", "grad err");
+    println!(
+        "{:<16} {:<30} {:>12} {:>12}",
+        "operation", "shape", "output err", "grad err"
+    );
     model_ops(&odd, 3, ad)
         .iter()
         .map(|case| {
             let (out, grad) = case.max_error();
-            println!("{:<16} {:<30} {out:>12.1e} {grad:>12.1e}", case.op, case.shape);
+            println!(
+                "{:<16} {:<30} {out:>12.1e} {grad:>12.1e}",
+                case.op, case.shape
+            );
             (case.op.to_string(), out, grad)
         })
         .collect()
@@ -167,17 +194,47 @@ fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
     for kernels in [Kernels::Burn, Kernels::Fused] {
         let device = run.device.clone().autodiff();
         device.seed(run.seed); // both runs draw the same weights and dropout masks
-        let model = tiny.model.clone().with_dropout(0.1).init(&device).with_kernels(kernels);
+        let model = tiny
+            .model
+            .clone()
+            .with_dropout(0.1)
+            .init(&device)
+            .with_kernels(kernels);
         let mut optim = burn::optim::AdamWConfig::new().init();
-        let (_, report) = train(model, &mut optim, &run.data, &settings, 0, &mut ConstantLr(3e-3))?;
-        let losses: Vec<(f64, f64)> = report.steps.iter().map(|s| (s.step as f64, s.loss)).collect();
+        let (_, report) = train(
+            model,
+            &mut optim,
+            &run.data,
+            &settings,
+            0,
+            &mut ConstantLr(3e-3),
+        )?;
+        let losses: Vec<(f64, f64)> = report
+            .steps
+            .iter()
+            .map(|s| (s.step as f64, s.loss))
+            .collect();
         curves.push((kernels.name(), losses));
     }
-    let diff = curves[0].1.iter().zip(&curves[1].1).map(|(a, b)| (a.1 - b.1).abs()).fold(0.0, f64::max);
+    let diff = curves[0]
+        .1
+        .iter()
+        .zip(&curves[1].1)
+        .map(|(a, b)| (a.1 - b.1).abs())
+        .fold(0.0, f64::max);
     let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
-    println!("{steps} steps: last loss {:.4} (Burn) vs {:.4} (fused); largest difference at any step {diff:.1e}", last(0), last(1));
+    println!(
+        "{steps} steps: last loss {:.4} (Burn) vs {:.4} (fused); largest difference at any step {diff:.1e}",
+        last(0),
+        last(1)
+    );
     let path = run.out.join("same_training.svg");
-    plot_curves(&path, "tiny model, Burn's kernels vs fused", "step", &curves)?;
+    plot_curves(
+        &path,
+        "tiny model, Burn's kernels vs fused",
+        "step",
+        &curves,
+    )?;
     println!("wrote {}", path.display());
     Ok(diff)
 }
@@ -186,7 +243,10 @@ fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
 // ANCHOR: step_times
 /// 5.5: whole training steps of the preset, Burn's kernels against the fused ones, in turns.
 fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, StepTimes)>> {
-    section("5.5", &format!("Whole training steps ({} preset)", cfg.preset));
+    section(
+        "5.5",
+        &format!("Whole training steps ({} preset)", cfg.preset),
+    );
     if n == 0 {
         println!("(skipped: --bench-steps 0)");
         return Ok(Vec::new());
@@ -194,7 +254,10 @@ fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, 
     let mut best: Vec<(String, StepTimes)> = Vec::new();
     for _round in 0..2 {
         for kernels in [Kernels::Burn, Kernels::Fused] {
-            let model = cfg.model.init(&run.device.clone().autodiff()).with_kernels(kernels);
+            let model = cfg
+                .model
+                .init(&run.device.clone().autodiff())
+                .with_kernels(kernels);
             let t = time_steps(cfg, model, &run.data, 3, n.div_ceil(2))?;
             match best.iter_mut().find(|(k, _)| k == kernels.name()) {
                 Some((_, b)) if b.median_ms_per_step <= t.median_ms_per_step => {}
@@ -221,7 +284,10 @@ fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, 
 /// 5.6: what the CPU can do at best: large square products, where the arithmetic dwarfs every
 /// overhead. A training step's GFLOP/s is read against this.
 fn the_machines_peak(device: &Device, reps: usize) -> Vec<(usize, f64, f64)> {
-    section("5.6", "The machine's practical peak: a large matrix product");
+    section(
+        "5.6",
+        "The machine's practical peak: a large matrix product",
+    );
     let mut rows = Vec::new();
     for n in [512, 1024, 2048] {
         let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Default, device);
@@ -238,7 +304,10 @@ fn the_machines_peak(device: &Device, reps: usize) -> Vec<(usize, f64, f64)> {
             2.0 * (n * n * n) as f64 / best / 1e9
         };
         let (burn, fused) = (gflops(Kernels::Burn), gflops(Kernels::Fused));
-        println!("n = {n:>4}: Burn {burn:>6.1} GFLOP/s, fused {fused:>6.1} GFLOP/s (best of {})", reps.clamp(1, 10));
+        println!(
+            "n = {n:>4}: Burn {burn:>6.1} GFLOP/s, fused {fused:>6.1} GFLOP/s (best of {})",
+            reps.clamp(1, 10)
+        );
         rows.push((n, burn, fused));
     }
     rows

@@ -6,9 +6,9 @@ pub mod extension;
 pub mod kernels;
 pub mod profile;
 
+use crate::ch02_attention::LinearRows;
 use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};
-use crate::ch02_attention::LinearRows;
 use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::activation::gelu as burn_gelu;
@@ -44,7 +44,10 @@ impl Kernels {
 
 /// The extension is implemented for Flex, and for autodiff over Flex.
 pub fn fused_available(device: &Device) -> bool {
-    matches!(device.as_dispatch().clone().inner(), DispatchDevice::Flex(_))
+    matches!(
+        device.as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
 }
 // ANCHOR_END: kernels
 
@@ -72,7 +75,9 @@ impl Kernels {
     /// `a @ b` for `a: [m, k]`, `b: [k, n]`.
     pub fn matmul(self, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
         match self.fused_on(&a.device()) {
-            true => Tensor::from_dispatch(Dispatch::fused_matmul(a.into_dispatch(), b.into_dispatch())),
+            true => {
+                Tensor::from_dispatch(Dispatch::fused_matmul(a.into_dispatch(), b.into_dispatch()))
+            }
             false => a.matmul(b),
         }
     }
@@ -126,7 +131,9 @@ pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tens
     let keep = (dropout.prob > 0.0 && device.is_autodiff())
         .then(|| dropout.forward(Tensor::<4>::ones([b, n_head, t, t], &device)));
     let y = match keep {
-        Some(keep) => Dispatch::fused_attention_dropout(qkv.into_dispatch(), keep.into_dispatch(), n_head),
+        Some(keep) => {
+            Dispatch::fused_attention_dropout(qkv.into_dispatch(), keep.into_dispatch(), n_head)
+        }
         None => Dispatch::fused_attention(qkv.into_dispatch(), n_head),
     };
     Tensor::from_dispatch(y)

@@ -109,7 +109,10 @@ fn with_grads<const D: usize, const E: usize>(
 }
 
 fn matmul_case(m: usize, k: usize, n: usize, device: &Device) -> OpCase {
-    let (ab, w) = ([random([m, k], device), random([k, n], device)], random([m, n], device));
+    let (ab, w) = (
+        [random([m, k], device), random([k, n], device)],
+        random([m, n], device),
+    );
     OpCase {
         op: "matmul (Linear)",
         shape: format!("[{m}, {k}] @ [{k}, {n}]"),
@@ -166,7 +169,9 @@ fn cross_entropy_case(shape: [usize; 3], device: &Device) -> OpCase {
         op: "cross-entropy",
         shape: format!("{shape:?}"),
         run: Box::new(move |k| {
-            with_grads(&logits, &w, |x| k.cross_entropy(x[0].clone(), targets.clone()))
+            with_grads(&logits, &w, |x| {
+                k.cross_entropy(x[0].clone(), targets.clone())
+            })
         }),
     }
 }

@@ -56,7 +56,7 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5); // Cephes: 5.0000001e-1, which is 0.5 in f32
     let e_r = (p * r).mul_add(r, r) + 1.0;
     let two_n = f32::from_bits((k.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
     e_r * two_n

@@ -20,16 +20,19 @@ pub struct OpTiming {
     pub fused_ms: f64,
 }
 
+/// One run's output and the gradient of each input, flattened.
+pub type Outcome = (Vec<f32>, Vec<Vec<f32>>);
+
 /// An operation as a test case: builds its inputs (tracked for gradients) and runs it with
 /// the given kernels, returning the output and every input gradient, flattened.
 pub struct OpCase {
     pub op: &'static str,
     pub shape: String,
-    run: Box<dyn Fn(Kernels) -> (Vec<f32>, Vec<Vec<f32>>)>,
+    run: Box<dyn Fn(Kernels) -> Outcome>,
 }
 
 impl OpCase {
-    pub fn run(&self, kernels: Kernels) -> (Vec<f32>, Vec<Vec<f32>>) {
+    pub fn run(&self, kernels: Kernels) -> Outcome {
         (self.run)(kernels)
     }
 
@@ -100,7 +103,7 @@ fn with_grads<const D: usize, const E: usize>(
     inputs: &[Tensor<D>],
     w: &Tensor<E>,
     f: impl Fn(Vec<Tensor<D>>) -> Tensor<E>,
-) -> (Vec<f32>, Vec<Vec<f32>>) {
+) -> Outcome {
     let xs: Vec<Tensor<D>> = inputs.iter().map(|x| x.clone().require_grad()).collect();
     let y = f(xs.clone());
     let grads = (y.clone() * w.clone()).sum().backward();

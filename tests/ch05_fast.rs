@@ -279,6 +279,11 @@ fn fused_kernels_fall_back_to_burn_where_the_extension_does_not_run() {
         let burn = model.clone().forward_logits(x.clone());
         let fused = model.with_kernels(Kernels::Fused).forward_logits(x);
         assert_eq!(max_abs_diff(&burn, &fused), 0.0, "on {device:?}");
+        // The operations called one by one fall back too, instead of panicking.
+        let qkv = Tensor::<3>::ones([1, 3, 6], &device);
+        let none = DropoutConfig::new(0.0).init();
+        let y = fused_attention(qkv.clone(), 2, &none);
+        assert_eq!(max_abs_diff(&y, &burn_attention(qkv, 2, &none)), 0.0);
     }
 }
 
@@ -290,4 +295,60 @@ impl Logits for course::ch03_gpt::Gpt {
     fn forward_logits(&self, x: Tensor<2, Int>) -> Tensor<3> {
         course::common::train::LanguageModel::forward(self, x)
     }
+}
+
+#[test]
+fn the_notebook_runs_and_refuses_bad_input() {
+    let out = support::tempdir();
+    let corpus = support::corpus_path().to_string_lossy().into_owned();
+    let dir = out.path().to_str().unwrap();
+    let bin = env!("CARGO_BIN_EXE_ch05_fast");
+    let fast = [
+        "--preset",
+        "tiny",
+        "--reps",
+        "1",
+        "--bench-steps",
+        "2",
+        "--train-steps",
+        "3",
+    ];
+    let (code, stdout, err) = support::run_bin(
+        bin,
+        &[&fast[..], &["--data", &corpus, "--out", dir]].concat(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    for section in ["5.1", "5.2", "5.3", "5.4", "5.5", "5.6"] {
+        assert!(
+            stdout.contains(&format!("== {section} ")),
+            "section {section} missing"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["fused_runs_here"], true);
+    assert!(out.path().join("same_training.svg").exists());
+    // On ndarray the fused kernels do not run, and the notebook says so instead of failing.
+    let nd = [
+        "--backend",
+        "ndarray",
+        "--data",
+        &corpus,
+        "--out",
+        dir,
+        "--bench-steps",
+        "0",
+    ];
+    let (code, stdout, err) =
+        support::run_bin(bin, &[&fast[..4], &nd[..], &fast[6..]].concat(), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("do not run on this backend"), "{stdout}");
+    let (code, _, err) = support::run_bin(bin, &["--preset", "huge", "--data", &corpus], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown preset") && err.contains("baby"),
+        "{err}"
+    );
 }

@@ -6,7 +6,7 @@ pub mod extension;
 pub mod kernels;
 pub mod profile;
 
-use crate::ch02_attention::LinearRows;
+use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, split_heads};
 use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::{Dropout, LayerNorm, Linear};
@@ -123,10 +123,14 @@ impl Kernels {
 }
 
 /// Causal self-attention of all heads, straight from `qkv: [b, t, 3c]` to `y: [b, t, c]`, with
-/// `dropout` on the weights (the fused path only; chapter 3's path is used elsewhere).
+/// `dropout` on the weights. Where the extension does not run, chapter 3's composed version.
 pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
     let [b, t, _] = qkv.dims();
     let device = qkv.device();
+    if !fused_available(&device) {
+        let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
+        return merge_heads(dropout.forward(causal_weights(q, k)).matmul(v));
+    }
     // Dropout's own mask, drawn the way chapter 3 draws it: 0 or 1 / (1 - p) per weight.
     let keep = (dropout.prob > 0.0 && device.is_autodiff())
         .then(|| dropout.forward(Tensor::<4>::ones([b, n_head, t, t], &device)));

@@ -11,7 +11,8 @@
 #   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
 #   book/record.sh ch04_pretrain-samples   # samples of the recorded baby checkpoint (run it after ch04_pretrain)
 #   ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best" BACKEND=flex book/record.sh ch06_generate
-# The speed tables against PyTorch come from book/speed.py (it needs a Python with torch).
+# The speed tables against PyTorch come from book/speed.py (it needs a Python with torch), the
+# profiles of chapter 5 from book/perf.sh (it needs perf).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 cd "$(dirname "$0")/.."

@@ -7,9 +7,10 @@ mod support;
 use burn::nn::{DropoutConfig, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use course::ch02_attention::{causal_weights, merge_heads, split_heads};
 use course::ch03_gpt::GptConfig;
-use course::ch05_fast::{Kernels, fused_attention, fused_available};
+use course::ch05_fast::{
+    Kernels, composed_attention as burn_attention, fused_attention, fused_available,
+};
 use course::common::max_abs_diff;
 use course::common::train::cross_entropy;
 
@@ -171,13 +172,6 @@ fn cross_entropy_matches_burn_forward_and_backward() {
         &cross_entropy(logits, targets),
         1e-5,
     );
-}
-
-/// Chapter 3's attention, as composed Burn operations: heads apart, weights, dropout, values,
-/// heads together.
-fn burn_attention(qkv: Tensor<3>, n_head: usize, dropout: &burn::nn::Dropout) -> Tensor<3> {
-    let (q, k, v) = split_heads(qkv, n_head);
-    merge_heads(dropout.forward(causal_weights(q, k)).matmul(v))
 }
 
 #[test]

@@ -124,7 +124,7 @@ fn pretrain(a: TrainCmd) -> Result<()> {
         return benchmark(&a, cfg, model, &run, n);
     }
     let (report, hooks) = training(&a, &cfg, model, optim, &run)?;
-    let best = sample_from_best(&run, a.sample_chars)?.with_kernels(a.kernels);
+    let best = sample_from_best(&run, a.sample_chars, a.kernels)?;
     what_the_run_wrote(&run, &cfg, &best, &report, &hooks)
 }
 
@@ -323,9 +323,10 @@ fn clipping_summary(steps: &[StepRecord], clip: f64) {
 }
 // ANCHOR_END: train
 
-fn sample_from_best(run: &Run, chars: usize) -> Result<Gpt> {
+fn sample_from_best(run: &Run, chars: usize, kernels: Kernels) -> Result<Gpt> {
     section("4.6", "Sampling from the best checkpoint");
     let (best, _, meta) = checkpoint::load(&run.out.join("ckpt/best"), &run.device, None)?;
+    let best = best.with_kernels(kernels);
     println!(
         "(step {}, val {:.4}, temperature 0.8)",
         meta.step, meta.val_loss

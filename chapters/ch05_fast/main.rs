@@ -8,7 +8,7 @@ use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::GptConfig;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
-use course::ch04_pretrain::{PRESETS, PretrainConfig, preset};
+use course::ch04_pretrain::{PRESETS, PretrainConfig, preset, train_settings};
 use course::ch05_fast::profile::{OpTiming, model_ops};
 use course::ch05_fast::{Kernels, fused_available};
 use course::common::cli::CommonArgs;
@@ -182,13 +182,10 @@ fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
     let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
     let settings = TrainSettings {
         steps,
-        batch_size: tiny.batch_size,
-        block_size: tiny.model.block_size,
         eval_interval: steps,
         eval_iters: 2,
         seed: run.seed,
-        grad_clip: Some(1.0),
-        stop_after: None,
+        ..train_settings(&tiny, None)
     };
     let mut curves = Vec::new();
     for kernels in [Kernels::Burn, Kernels::Fused] {

@@ -128,8 +128,7 @@ pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tens
     let [b, t, _] = qkv.dims();
     let device = qkv.device();
     if !fused_available(&device) {
-        let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
-        return merge_heads(dropout.forward(causal_weights(q, k)).matmul(v));
+        return composed_attention(qkv, n_head, dropout);
     }
     // Dropout's own mask, drawn the way chapter 3 draws it: 0 or 1 / (1 - p) per weight.
     let keep = (dropout.prob > 0.0 && device.is_autodiff())
@@ -143,3 +142,10 @@ pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tens
     Tensor::from_dispatch(y)
 }
 // ANCHOR_END: ops
+
+/// The same attention as Burn operations, as chapter 3 composes it: heads apart, weights,
+/// dropout, values, heads together. The fallback, and the reference the tests compare with.
+pub fn composed_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
+    let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
+    merge_heads(dropout.forward(causal_weights(q, k)).matmul(v)) // [b, t, c]
+}

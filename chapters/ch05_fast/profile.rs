@@ -1,8 +1,7 @@
 //! Measuring the operations: each one's forward + backward time with Burn's kernels and with
 //! the fused ones, and how far apart their results are.
 
-use super::{Kernels, fused_attention};
-use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
+use super::{Kernels, composed_attention, fused_attention};
 use crate::ch03_gpt::GptConfig;
 use burn::nn::{DropoutConfig, LayerNormConfig};
 use burn::prelude::*;
@@ -154,10 +153,7 @@ fn attention_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCase {
         run: Box::new(move |k| {
             with_grads(&qkv, &w, |x| match k {
                 Kernels::Fused => fused_attention(x[0].clone(), nh, &none),
-                Kernels::Burn => {
-                    let (q, k, v) = split_heads(x[0].clone(), nh);
-                    merge_heads(causal_weights(q, k).matmul(v))
-                }
+                Kernels::Burn => composed_attention(x[0].clone(), nh, &none),
             })
         }),
     }

@@ -14,7 +14,10 @@ Alternating matters: on a shared machine the same command varies by 5-10% from m
 
 --backends picks the Burn backends (default flex,ndarray), each optionally with its kernels
 (`flex:burn`, `flex:fused`; without, the binary's default: fused where they run); --warmup the untimed steps before
-the timed ones (default 3); --name the file name (default: the preset).
+the timed ones (default 3); --name the file name (default: the preset); --peak the machine's
+practical fp32 peak for the "share" column (default 270, this course's machine; measure yours
+with book/torch_peak.py). `book/speed.py --render NAME` runs nothing and writes NAME.md again
+from NAME.json (after a change of --peak, say).
 
 --before REV builds REV's ch04_pretrain in a temporary git worktree, into its own target
 folder ($CARGO_TARGET_DIR/speed-before/<sha>: the first time, a full build), and times it
@@ -32,7 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # As cargo sees it when run in ROOT (a relative CARGO_TARGET_DIR is relative to ROOT).
 TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 TORCH_SCRIPT = os.path.join(ROOT, "..", "shared", "reference", "torch_gpt.py")
-PEAK_GFLOPS = 180.0  # this CPU's practical fp32 peak (2 cores); see the backends page
+# The practical fp32 peak of the course's 2-core Intel Xeon (AVX-512), from `book/torch_peak.py`
+# (PyTorch's square products reach 265-272 GFLOP/s); give --peak for another machine.
+PEAK_GFLOPS = 270.0
 TORCH_PRESETS = {  # torch_gpt.py flags for the course's presets
     "baby": [],
     "medium": ["--n-layer", "6", "--n-head", "6", "--n-embd", "192", "--block-size", "128",
@@ -128,8 +133,25 @@ def main():
     ap.add_argument("--backends", default="flex,ndarray")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--name", help="file name of the table (default: the preset)")
+    ap.add_argument("--peak", type=float, default=PEAK_GFLOPS,
+                    help="the machine's practical fp32 peak, GFLOP/s (book/torch_peak.py)")
+    ap.add_argument("--render", metavar="NAME",
+                    help="run nothing: write NAME.md again from NAME.json's runs and command")
     a = ap.parse_args()
-    name = a.name or a.preset
+    if a.render:
+        with open(os.path.join(ROOT, "book", "src", "recorded", "speed", f"{a.render}.json")) as f:
+            saved = json.load(f)
+        peak = a.peak
+        a = ap.parse_args(saved["command"].replace("--torch-python PY", "").split()[1:])
+        a.peak = peak
+        a.torch_python = "PY" if any(k.startswith("PyTorch") for k in saved["runs"]) else None
+        write_table(a, saved["runs"])
+        return
+    write_table(a, measure(a))
+
+
+def measure(a):
+    """Runs every program ROUNDS times in turns; returns {label: [one run's figures, ...]}."""
 
     programs = []  # (label, function returning one run's figures)
     if a.torch_python:
@@ -151,7 +173,12 @@ def main():
         for label, run in programs:
             runs[label].append(run())
             print(f"round {r + 1}: {label}: {runs[label][-1]['ms']:.1f} ms/step", file=sys.stderr)
+    return runs
 
+
+def write_table(a, runs):
+    """The markdown table of each program's median run, and the raw runs as JSON."""
+    name = a.name or a.preset
     torch_ms = None
     rows = []
     for label, rs in runs.items():
@@ -161,7 +188,7 @@ def main():
         rows.append((label, mid, [x["ms"] for x in rs]))
     unit, scale = ("s", 1e-3) if a.preset == "lecture" else ("ms", 1.0)
     table = (f"| program | first step, s | {unit}/step (median run) | all runs | tokens/s | GFLOP/s "
-             "| share of ~180 GFLOP/s | PyTorch time / this | peak RSS |\n"
+             f"| share of ~{a.peak:.0f} GFLOP/s | PyTorch time / this | peak RSS |\n"
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     for label, m, all_ms in rows:
         ratio = f"{torch_ms / m['ms']:.2f}" if torch_ms else "-"
@@ -169,7 +196,7 @@ def main():
         table += (f"| {label} | {first} | {m['ms'] * scale:.1f} | "
                   f"{' / '.join(f'{x * scale:.1f}' for x in all_ms)} | "
                   f"{m['tokens_per_s']:,.0f} | {m['gflops']:.1f} | "
-                  f"{100 * m['gflops'] / PEAK_GFLOPS:.0f}% | {ratio} | {m['rss_mb']:.0f} MB |\n")
+                  f"{100 * m['gflops'] / a.peak:.0f}% | {ratio} | {m['rss_mb']:.0f} MB |\n")
     cmd = f"book/speed.py --rounds {a.rounds} --steps {a.steps} --preset {a.preset}"
     if a.backends != "flex,ndarray":
         cmd += f" --backends {a.backends}"
@@ -179,6 +206,8 @@ def main():
         cmd += f" --name {a.name}"
     if a.before:
         cmd += f" --before {a.before}"
+    if a.peak != PEAK_GFLOPS:
+        cmd += f" --peak {a.peak:g}"
     if a.torch_python:
         cmd += " --torch-python PY"
     rounds = f"{a.rounds} rounds in turns" if a.rounds > 1 else "1 round"

@@ -7,9 +7,12 @@ mod support;
 use burn::nn::{DropoutConfig, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use course::ch02_attention::{causal_weights, merge_heads, split_heads};
 use course::ch03_gpt::GptConfig;
+use course::ch05_fast::kernels::DropMask;
 use course::ch05_fast::{
-    Kernels, composed_attention as burn_attention, fused_attention, fused_available,
+    Kernels, composed_attention as burn_attention, draw_seed, dropout_mask, fused_attention,
+    fused_available,
 };
 use course::common::max_abs_diff;
 use course::common::train::cross_entropy;
@@ -207,44 +210,116 @@ fn attention_matches_burn_forward_and_backward() {
     }
 }
 
+/// The seed the next dropout on `device` will draw, with the generator left where it was.
+fn next_seed(device: &Device, seed: u64) -> u64 {
+    device.seed(seed);
+    let next = draw_seed(device);
+    device.seed(seed);
+    next
+}
+
 #[test]
-fn attention_dropout_draws_the_same_mask_and_gradients() {
+fn attention_dropout_applies_its_mask_in_both_passes() {
     let _rng = rng_lock();
-    let (b, t, nh, hs) = (2, 8, 2, 4);
+    let (b, t, nh, hs) = (2, 9, 3, 4);
     let qkv0 = random([b, t, 3 * nh * hs], 1.0, &ad());
-    let dropout = DropoutConfig::new(0.3).init();
-    let run = |fused: bool| {
-        ad().seed(7); // the same random stream for the mask in both runs
-        let qkv = qkv0.clone().require_grad();
-        let y = match fused {
-            true => fused_attention(qkv.clone(), nh, &dropout),
-            false => burn_attention(qkv.clone(), nh, &dropout),
-        };
-        let grads = y.clone().sum().backward();
-        (y, qkv.grad(&grads).unwrap())
-    };
-    let (a, r) = (run(true), run(false));
-    assert_close("attention with dropout", &a.0, &r.0, 1e-5);
-    assert_close("attention with dropout, dqkv", &a.1, &r.1, 1e-5);
+    let (dropout, p) = (DropoutConfig::new(0.3).init(), 0.3);
+    let upstream = random([b, t, nh * hs], 1.0, &ad());
+    let seed = next_seed(&ad(), 7);
+    let qkv = qkv0.clone().require_grad();
+    let y = fused_attention(qkv.clone(), nh, &dropout);
+    let dqkv = qkv
+        .grad(&(y.clone() * upstream.clone()).sum().backward())
+        .unwrap();
+    // Chapter 3's composition, with the kernel's own mask multiplied in by hand.
+    let mask = dropout_mask([b, nh, t, t], p, seed, &ad());
+    let qkv = qkv0.clone().require_grad();
+    let (q, k, v) = split_heads(qkv.clone(), nh);
+    let r = merge_heads((causal_weights(q, k) * mask).matmul(v));
+    let dr = qkv.grad(&(r.clone() * upstream).sum().backward()).unwrap();
+    assert_close("attention with dropout", &y, &r, 1e-5);
+    assert_close("attention with dropout, dqkv", &dqkv, &dr, 1e-5);
     let plain = fused_attention(qkv0.clone(), nh, &DropoutConfig::new(0.0).init());
-    assert!(max_abs_diff(&a.0, &plain) > 1e-3, "dropout changed nothing");
+    assert!(max_abs_diff(&y, &plain) > 1e-3, "dropout changed nothing");
+    let inference = qkv0.inner();
+    let unmasked = fused_attention(inference.clone(), nh, &dropout);
+    assert!(max_abs_diff(&unmasked, &burn_attention(inference, nh, &dropout)) < 1e-5);
+}
+
+#[test]
+fn fused_dropout_multiplies_by_its_mask_forward_and_backward() {
+    let _rng = rng_lock();
+    let dropout = DropoutConfig::new(0.25).init();
+    let x0 = random([3, 5, 7], 1.0, &ad());
+    let seed = next_seed(&ad(), 11);
+    let x = x0.clone().require_grad();
+    let y = Kernels::Fused.dropout(&dropout, x.clone());
+    let upstream = random([3, 5, 7], 1.0, &ad());
+    let dx = x
+        .grad(&(y.clone() * upstream.clone()).sum().backward())
+        .unwrap();
+    let mask = dropout_mask([3, 5, 7], 0.25, seed, &ad());
+    assert_close("dropout", &y, &(x0.clone() * mask.clone()), 1e-6);
+    assert_close("dropout, dx", &dx, &(upstream * mask), 1e-6);
+    // Off the training device, as Burn's: the identity.
+    let x = x0.inner();
+    assert_eq!(
+        max_abs_diff(&Kernels::Fused.dropout(&dropout, x.clone()), &x),
+        0.0
+    );
+}
+
+#[test]
+fn the_dropout_mask_keeps_one_minus_p_independently() {
+    let n = 1 << 20;
+    let mask = |p: f64, seed: u64| {
+        let mut keep = vec![0.0f32; n];
+        DropMask::new(p, seed).fill(0, &mut keep);
+        keep
+    };
+    let a = mask(0.2, 1);
+    assert!(a.iter().all(|&k| k == 0.0 || k == 1.25), "0 or 1 / (1 - p)");
+    let kept = |m: &[f32]| m.iter().filter(|&&k| k > 0.0).count() as f64 / m.len() as f64;
+    // 1M draws: the standard deviation of the kept share is 0.0004; allow 5 of them.
+    assert!((kept(&a) - 0.8).abs() < 0.002, "kept {}", kept(&a));
+    let pairs = a.windows(2).filter(|w| w[0] > 0.0 && w[1] > 0.0).count() as f64 / n as f64;
+    assert!(
+        (pairs - 0.64).abs() < 0.003,
+        "neighbours kept together {pairs}"
+    );
+    // Any part of the mask can be made alone (the backward pass and each core rely on it).
+    let mut part = vec![0.0f32; 1000];
+    DropMask::new(0.2, 1).fill(12_345, &mut part);
+    assert_eq!(part, a[12_345..13_345]);
+    // Every bit of the seed matters, the high ones too.
+    for other in [2, 1 | 1 << 40] {
+        let b = mask(0.2, other);
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / n as f64;
+        assert!((same - 0.68).abs() < 0.003, "seed {other}: {same} agree"); // .8² + .2²
+    }
+    assert!(mask(0.0, 5).iter().all(|&k| k == 1.0));
 }
 
 #[test]
 fn a_tiny_model_trains_the_same_with_either_kernels() {
     let _rng = rng_lock();
     let data = course::common::dataset::Dataset::new(&support::corpus()).unwrap();
-    let config = GptConfig::new(data.tokenizer.vocab_size(), 16, 2, 2, 32).with_dropout(0.1);
+    // No dropout: the fused kernels draw their masks their own way (the tests above).
+    let config = GptConfig::new(data.tokenizer.vocab_size(), 16, 2, 2, 32);
     let settings = support::settings(50, 1000, 1, 42);
-    let losses = |k: Kernels| {
+    let losses = |k: Kernels, dropout: f64| {
         let device = ad();
         device.seed(42);
-        let model = config.init(&device).with_kernels(k);
+        let model = config
+            .clone()
+            .with_dropout(dropout)
+            .init(&device)
+            .with_kernels(k);
         let (model, report) = support::train_constant(model, &data, &settings, 3e-3);
         assert_eq!(model.kernels, k, "the optimizer kept the kernel choice");
         report.steps.iter().map(|s| s.loss).collect::<Vec<_>>()
     };
-    let (fused, burn) = (losses(Kernels::Fused), losses(Kernels::Burn));
+    let (fused, burn) = (losses(Kernels::Fused, 0.0), losses(Kernels::Burn, 0.0));
     assert_eq!(fused.len(), 50);
     for (step, (a, b)) in fused.iter().zip(&burn).enumerate() {
         assert!(
@@ -258,6 +333,14 @@ fn a_tiny_model_trains_the_same_with_either_kernels() {
         fused[0],
         fused[49]
     );
+    // With dropout, the seed still decides everything, and the masks do act.
+    let dropped = losses(Kernels::Fused, 0.1);
+    assert_eq!(
+        dropped,
+        losses(Kernels::Fused, 0.1),
+        "the same seed, the same run"
+    );
+    assert!(dropped.iter().zip(&fused).all(|(a, b)| a != b));
 }
 
 #[test]

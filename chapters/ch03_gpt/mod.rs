@@ -43,12 +43,14 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let k = self.kernels; // k.linear(layer, x) is layer.forward_rows(x) until chapter 5
+        // Until chapter 5, k.linear(layer, x) is layer.forward_rows(x) and
+        // k.dropout(dropout, x) is dropout.forward(x).
+        let k = self.kernels;
         let h = match k {
             Kernels::Burn => self.gelu.forward(self.c_fc.forward_rows(x)), // [b, t, 4c]
             fused => fused.gelu(fused.linear(&self.c_fc, x)),
         };
-        self.dropout.forward(k.linear(&self.c_proj, h)) // [b, t, c]
+        k.dropout(&self.dropout, k.linear(&self.c_proj, h)) // [b, t, c]
     }
 }
 // ANCHOR_END: feed_forward
@@ -84,7 +86,7 @@ impl CausalSelfAttention {
         // Chapter 5: the same computation as one operation, from [b, t, 3c] to [b, t, c].
         let k = self.kernels;
         let y = fused_attention(k.linear(&self.c_attn, x), self.n_head, &self.attn_dropout);
-        self.resid_dropout.forward(k.linear(&self.c_proj, y))
+        k.dropout(&self.resid_dropout, k.linear(&self.c_proj, y))
     }
 }
 // ANCHOR_END: attention
@@ -185,9 +187,8 @@ impl LanguageModel for Gpt {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
         let [_, t] = idx.dims();
         let pos = positions(t, self.block_size, &idx.device()); // [1, t]
-        let mut x = self
-            .drop
-            .forward(self.wte.forward(idx) + self.wpe.forward(pos)); // [b, t, c]
+        let x = self.wte.forward(idx) + self.wpe.forward(pos); // [b, t, c]
+        let mut x = self.kernels.dropout(&self.drop, x); // self.drop.forward(x) until chapter 5
         for block in &self.blocks {
             x = block.forward(x);
         }

@@ -2,7 +2,7 @@
 //! backend (forward only) and for `Autodiff<Flex>` (forward, plus a node on the tape whose
 //! `Backward` calls the hand-written gradient).
 
-use super::kernels::{self, AttnShape, NormStats, View};
+use super::kernels::{self, AttnShape, DropMask, NormStats, View};
 use burn::backend::autodiff::{
     Autodiff,
     checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -30,12 +30,14 @@ pub trait FusedOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
-    fn fused_attention(qkv: FloatTensor<Self>, n_head: usize) -> FloatTensor<Self>;
-    fn fused_attention_dropout(
+    /// Dropout with probability `dropout` on the weights (none at 0), its mask drawn by `seed`.
+    fn fused_attention(
         qkv: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
         n_head: usize,
+        dropout: f64,
+        seed: u64,
     ) -> FloatTensor<Self>;
+    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64) -> FloatTensor<Self>;
 }
 // ANCHOR_END: trait
 
@@ -81,6 +83,11 @@ fn indices(t: &FlexTensor, v: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The dropout mask of probability `prob` drawn by `seed`; none when `prob` is 0.
+fn drop_mask(prob: f64, seed: u64) -> Option<DropMask> {
+    (prob > 0.0).then(|| DropMask::new(prob, seed))
+}
+
 fn attn_shape(qkv: &FlexTensor, n_head: usize) -> AttnShape {
     let s = shape(qkv);
     let (b, t, c3) = (s[0], s[1], s[2]);
@@ -121,12 +128,16 @@ impl FusedOps for Flex {
         tensor(vec![loss], [1])
     }
 
-    fn fused_attention(qkv: FlexTensor, n_head: usize) -> FlexTensor {
-        attention(&contiguous(&qkv), None, n_head).0
+    fn fused_attention(qkv: FlexTensor, n_head: usize, dropout: f64, seed: u64) -> FlexTensor {
+        attention(&contiguous(&qkv), drop_mask(dropout, seed), n_head).0
     }
 
-    fn fused_attention_dropout(qkv: FlexTensor, keep: FlexTensor, n_head: usize) -> FlexTensor {
-        attention(&contiguous(&qkv), Some(&contiguous(&keep)), n_head).0
+    fn fused_dropout(x: FlexTensor, prob: f64, seed: u64) -> FlexTensor {
+        let x = contiguous(&x);
+        tensor(
+            kernels::dropout(floats(&x), DropMask::new(prob, seed)),
+            shape(&x),
+        )
     }
 }
 
@@ -162,13 +173,9 @@ fn layer_norm(
 }
 
 /// Returns `y: [b, t, c]` and the attention weights `[b, nh, t, t]`.
-fn attention(
-    qkv: &FlexTensor,
-    keep: Option<&FlexTensor>,
-    n_head: usize,
-) -> (FlexTensor, FlexTensor) {
+fn attention(qkv: &FlexTensor, mask: Option<DropMask>, n_head: usize) -> (FlexTensor, FlexTensor) {
     let s = attn_shape(qkv, n_head);
-    let (y, p) = kernels::attention_forward(floats(qkv), keep.map(floats), s);
+    let (y, p) = kernels::attention_forward(floats(qkv), mask, s);
     let c = s.nh * s.hs;
     (tensor(y, [s.b, s.t, c]), tensor(p, [s.b, s.nh, s.t, s.t]))
 }
@@ -358,64 +365,87 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_attention(qkv: FloatTensor<Self>, n_head: usize) -> FloatTensor<Self> {
-        attention_autodiff::<C>(qkv, None, n_head)
-    }
-
-    fn fused_attention_dropout(
+    /// Attention's node saves `qkv` and the weights `P`; of the dropout mask only its seed.
+    fn fused_attention(
         qkv: FloatTensor<Self>,
-        keep: FloatTensor<Self>,
         n_head: usize,
+        dropout: f64,
+        seed: u64,
     ) -> FloatTensor<Self> {
-        attention_autodiff::<C>(qkv, Some(keep), n_head)
-    }
-}
+        #[derive(Debug)]
+        struct AttentionBackward {
+            n_head: usize,
+            mask: Option<DropMask>,
+        }
 
-/// Attention's node: saves `qkv`, the weights `P` and the dropout mask.
-fn attention_autodiff<C: CheckpointStrategy>(
-    qkv: FloatTensor<Autodiff<Flex, C>>,
-    keep: Option<FloatTensor<Autodiff<Flex, C>>>,
-    n_head: usize,
-) -> FloatTensor<Autodiff<Flex, C>> {
-    #[derive(Debug)]
-    struct AttentionBackward {
-        n_head: usize,
-    }
+        impl Backward<Flex, 1> for AttentionBackward {
+            type State = (FlexTensor, FlexTensor); // qkv, P
 
-    impl Backward<Flex, 1> for AttentionBackward {
-        type State = (FlexTensor, FlexTensor, Option<FlexTensor>); // qkv, P, keep
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+                let (qkv, p) = ops.state;
+                if let [Some(parent)] = ops.parents {
+                    let s = attn_shape(&qkv, self.n_head);
+                    let dqkv = kernels::attention_backward(
+                        floats(&qkv),
+                        floats(&p),
+                        self.mask,
+                        floats(&dy),
+                        s,
+                    );
+                    grads.register::<Flex>(parent.id, tensor(dqkv, shape(&qkv)));
+                }
+            }
+        }
 
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let dy = contiguous(&grads.consume::<Flex>(&ops.node));
-            let (qkv, p, keep) = ops.state;
-            if let [Some(parent)] = ops.parents {
-                let s = attn_shape(&qkv, self.n_head);
-                let dqkv = kernels::attention_backward(
-                    floats(&qkv),
-                    floats(&p),
-                    keep.as_ref().map(floats),
-                    floats(&dy),
-                    s,
-                );
-                grads.register::<Flex>(parent.id, tensor(dqkv, shape(&qkv)));
+        let mask = drop_mask(dropout, seed);
+        match (AttentionBackward { n_head, mask })
+            .prepare::<C>([qkv.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let qkv = contiguous(qkv.primitive());
+                let (y, p) = attention(&qkv, mask, n_head);
+                prep.finish((qkv, p), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(attention(&contiguous(&qkv.into_primitive()), mask, n_head).0)
             }
         }
     }
 
-    let keep = keep.map(|k| contiguous(&k.into_primitive()));
-    match (AttentionBackward { n_head })
-        .prepare::<C>([qkv.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let qkv = contiguous(qkv.primitive());
-            let (y, p) = attention(&qkv, keep.as_ref(), n_head);
-            prep.finish((qkv, p, keep), y)
+    /// Dropout's node saves nothing but the mask's seed: `dx = dy ⊙ mask`, the mask made again.
+    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DropoutBackward {
+            mask: DropMask,
         }
-        OpsKind::UnTracked(prep) => {
-            prep.finish(attention(&contiguous(&qkv.into_primitive()), keep.as_ref(), n_head).0)
+
+        impl Backward<Flex, 1> for DropoutBackward {
+            type State = ();
+
+            fn backward(self, ops: Ops<(), 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+                if let [Some(parent)] = ops.parents {
+                    let dx = kernels::dropout(floats(&dy), self.mask);
+                    grads.register::<Flex>(parent.id, tensor(dx, shape(&dy)));
+                }
+            }
         }
+
+        let mask = DropMask::new(prob, seed);
+        let input = contiguous(x.primitive());
+        let y = tensor(kernels::dropout(floats(&input), mask), shape(&input));
+        (DropoutBackward { mask })
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateless(y)
     }
 }
 // ANCHOR_END: autodiff_rest

@@ -122,6 +122,84 @@ pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
 }
 // ANCHOR_END: gelu
 
+// ANCHOR: dropout
+/// Dropout's mask, never stored: whether element `i` is kept is a hash of `i` and a seed, so the
+/// backward pass computes the very same mask again, any core can compute any part of it, and the
+/// loop vectorises. Element `i` is kept when `hash(i) >= p * 2^32`, which happens with
+/// probability `1 - p`; a kept element is scaled by `1 / (1 - p)`, dropout's rule.
+#[derive(Clone, Copy, Debug)]
+pub struct DropMask {
+    threshold: u32,
+    scale: f32,
+    key: [u32; 2],
+}
+
+/// Chris Wellons' `lowbias32`: a bijection of `u32` in which every input bit flips about half of
+/// the output bits. Two rounds with a key in between make a counter-based generator.
+#[inline(always)]
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
+
+impl DropMask {
+    /// The mask that drops with probability `prob` (in `[0, 1)`), drawn by `seed`.
+    pub fn new(prob: f64, seed: u64) -> Self {
+        assert!(
+            (0.0..1.0).contains(&prob),
+            "dropout probability {prob} outside [0, 1)"
+        );
+        DropMask {
+            threshold: (prob * 4_294_967_296.0) as u32,
+            scale: (1.0 / (1.0 - prob)) as f32,
+            key: [mix32(seed as u32), mix32((seed >> 32) as u32 ^ 0x9e37_79b9)],
+        }
+    }
+
+    /// `out[j]` = the factor (0 or `1 / (1 - p)`) of element `offset + j` of the masked tensor.
+    pub fn fill(&self, offset: usize, out: &mut [f32]) {
+        assert!(
+            offset + out.len() <= 1 << 32,
+            "a dropout mask covers at most 2^32 elements"
+        );
+        let (t, s, [k0, k1]) = (self.threshold, self.scale, self.key);
+        fill_mask(out, offset as u32, t, s, k0, k1);
+    }
+}
+
+simd_fn! {
+    fn fill_mask(out: &mut [f32], start: u32, threshold: u32, scale: f32, k0: u32, k1: u32) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let h = mix32(mix32(start.wrapping_add(j as u32) ^ k0).wrapping_add(k1));
+            *o = if h >= threshold { scale } else { 0.0 };
+        }
+    }
+}
+
+/// `x ⊙ mask`: dropout's forward pass, and (applied to `dy`) its backward pass.
+pub fn dropout(x: &[f32], mask: DropMask) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(i, (y, x))| {
+            mask.fill(i * CHUNK, y);
+            mul_in_place(y, x);
+        });
+    y
+}
+
+simd_fn! {
+    /// `y = y ⊙ x`.
+    fn mul_in_place(y: &mut [f32], x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y *= x);
+    }
+}
+// ANCHOR_END: dropout
+
 /// Rows per rayon task in the row-wise kernels (LayerNorm, cross-entropy).
 const ROWS: usize = 32;
 
@@ -466,10 +544,15 @@ impl AttnShape {
 }
 
 /// Causal self-attention of every head, reading `q`, `k`, `v` from `qkv: [b, t, 3c]` in place:
-/// `S = q kᵀ / √hs`, softmax over the keys `j <= i`, `P ⊙ keep` (dropout, when given) times `v`.
+/// `S = q kᵀ / √hs`, softmax over the keys `j <= i`, `P ⊙ mask` (dropout, when given; the mask's
+/// element `(b, h, i, j)` is that of a `[b, nh, t, t]` tensor) times `v`.
 /// Returns `y: [b, t, c]` (the heads side by side, as `merge_heads` would leave them) and the
 /// weights `P: [b, nh, t, t]` before dropout, which the backward pass needs.
-pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+pub fn attention_forward(
+    qkv: &[f32],
+    mask: Option<DropMask>,
+    s: AttnShape,
+) -> (Vec<f32>, Vec<f32>) {
     let AttnShape { t, nh, hs, .. } = s;
     let (c, tt) = (s.c(), t * t);
     let scale = 1.0 / (hs as f32).sqrt();
@@ -494,10 +577,10 @@ pub fn attention_forward(qkv: &[f32], keep: Option<&[f32]>, s: AttnShape) -> (Ve
                     (p, View::rows(0, t)),
                 );
                 causal_softmax(p, t);
-                let weights = match keep {
-                    Some(keep) => {
-                        let keep = &keep[(bi * nh + h) * tt..][..tt];
-                        mul(&*p, keep, &mut dropped);
+                let weights = match mask {
+                    Some(mask) => {
+                        mask.fill((bi * nh + h) * tt, &mut dropped);
+                        mul_in_place(&mut dropped, p);
                         &dropped
                     }
                     None => &*p,
@@ -531,23 +614,17 @@ simd_fn! {
     }
 }
 
-simd_fn! {
-    /// `out = a ⊙ b`.
-    fn mul(a: &[f32], b: &[f32], out: &mut [f32]) {
-        out.iter_mut().zip(a).zip(b).for_each(|((o, a), b)| *o = a * b);
-    }
-}
 // ANCHOR_END: attention_forward
 
 // ANCHOR: attention_backward
 /// The gradient of [`attention_forward`] with respect to `qkv`, from `dy: [b, t, c]`. With
-/// `P̃ = P ⊙ keep` the weights that multiplied `v`:
+/// `P̃ = P ⊙ keep` the weights that multiplied `v` (`keep` the dropout mask, computed again):
 /// `dv = P̃ᵀ dy`, `dP = (dy vᵀ) ⊙ keep`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))` (softmax's
 /// derivative), then `dq = dS k / √hs` and `dk = dSᵀ q / √hs`. Returns `dqkv: [b, t, 3c]`.
 pub fn attention_backward(
     qkv: &[f32],
     p: &[f32],
-    keep: Option<&[f32]>,
+    mask: Option<DropMask>,
     dy: &[f32],
     s: AttnShape,
 ) -> Vec<f32> {
@@ -561,13 +638,20 @@ pub fn attention_backward(
         .for_each(|(bi, dqkv)| {
             let qkv = &qkv[bi * t * 3 * c..][..t * 3 * c]; // [t, 3c]
             let dy = &dy[bi * t * c..][..t * c]; // [t, c]
-            let (mut dropped, mut ds) = (vec![0.0; tt], vec![0.0; tt]);
+            let (mut mask_buf, mut dropped, mut ds) = (vec![0.0; tt], vec![0.0; tt], vec![0.0; tt]);
             for h in 0..nh {
                 let p = &p[(bi * nh + h) * tt..][..tt]; // [t, t]
-                let keep = keep.map(|keep| &keep[(bi * nh + h) * tt..][..tt]);
+                let keep = match mask {
+                    Some(mask) => {
+                        mask.fill((bi * nh + h) * tt, &mut mask_buf); // the forward's mask again
+                        Some(&mask_buf[..])
+                    }
+                    None => None,
+                };
                 let weights = match keep {
                     Some(keep) => {
-                        mul(p, keep, &mut dropped);
+                        dropped.copy_from_slice(keep);
+                        mul_in_place(&mut dropped, p);
                         &dropped[..]
                     }
                     None => p,

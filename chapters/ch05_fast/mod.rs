@@ -11,6 +11,7 @@ use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::prelude::*;
+use burn::tensor::Distribution;
 use burn::tensor::activation::gelu as burn_gelu;
 use extension::FusedOps;
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,21 @@ impl Kernels {
         ))
     }
 
+    /// `dropout.forward(x)`: the fused version draws its mask from a hash (`kernels::DropMask`)
+    /// instead of a stored random tensor.
+    pub fn dropout<const D: usize>(self, dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
+        let device = x.device();
+        if !self.fused_on(&device) || !dropout_active(dropout, &device) {
+            return dropout.forward(x);
+        }
+        let seed = draw_seed(&device);
+        Tensor::from_dispatch(Dispatch::fused_dropout(
+            x.into_dispatch(),
+            dropout.prob,
+            seed,
+        ))
+    }
+
     /// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
     pub fn cross_entropy(self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
         if !self.fused_on(&logits.device()) {
@@ -125,23 +141,52 @@ impl Kernels {
 /// Causal self-attention of all heads, straight from `qkv: [b, t, 3c]` to `y: [b, t, c]`, with
 /// `dropout` on the weights. Where the extension does not run, chapter 3's composed version.
 pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
-    let [b, t, _] = qkv.dims();
     let device = qkv.device();
     if !fused_available(&device) {
         return composed_attention(qkv, n_head, dropout);
     }
-    // Dropout's own mask, drawn the way chapter 3 draws it: 0 or 1 / (1 - p) per weight.
-    let keep = (dropout.prob > 0.0 && device.is_autodiff())
-        .then(|| dropout.forward(Tensor::<4>::ones([b, n_head, t, t], &device)));
-    let y = match keep {
-        Some(keep) => {
-            Dispatch::fused_attention_dropout(qkv.into_dispatch(), keep.into_dispatch(), n_head)
-        }
-        None => Dispatch::fused_attention(qkv.into_dispatch(), n_head),
+    let (prob, seed) = match dropout_active(dropout, &device) {
+        true => (dropout.prob, draw_seed(&device)),
+        false => (0.0, 0),
     };
-    Tensor::from_dispatch(y)
+    Tensor::from_dispatch(Dispatch::fused_attention(
+        qkv.into_dispatch(),
+        n_head,
+        prob,
+        seed,
+    ))
 }
 // ANCHOR_END: ops
+
+// ANCHOR: seed
+/// Burn's own rule for when `Dropout` acts: while training, on a device that records gradients.
+fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
+    dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
+}
+
+/// A seed for one dropout mask, drawn from Burn's random generator: the one `device.seed(..)`
+/// seeds, so a run with fused dropout is as reproducible as one with Burn's.
+pub fn draw_seed(device: &Device) -> u64 {
+    let u = Tensor::<1>::random([2], Distribution::Uniform(0.0, 1.0), device);
+    let u = u.into_data().try_to_vec::<f32>().expect("f32 values");
+    let bits = |u: f32| (u * (1 << 24) as f32) as u64; // the 24 random bits of an f32 in [0, 1)
+    (bits(u[0]) << 24) | bits(u[1])
+}
+
+// ANCHOR_END: seed
+
+/// The mask that the fused kernels apply for `(prob, seed)` to a tensor of `shape`, as a
+/// tensor of 0s and `1 / (1 - prob)`: for the tests and the notebook, which multiply by it.
+pub fn dropout_mask<const D: usize>(
+    shape: [usize; D],
+    prob: f64,
+    seed: u64,
+    device: &Device,
+) -> Tensor<D> {
+    let mut keep = vec![0.0; shape.iter().product()];
+    kernels::DropMask::new(prob, seed).fill(0, &mut keep);
+    Tensor::from_data(TensorData::new(keep, shape), device)
+}
 
 /// The same attention as Burn operations, as chapter 3 composes it: heads apart, weights,
 /// dropout, values, heads together. The fallback, and the reference the tests compare with.

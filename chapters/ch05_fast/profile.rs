@@ -1,8 +1,11 @@
 //! Measuring the operations: each one's forward + backward time with Burn's kernels and with
 //! the fused ones, and how far apart their results are.
 
-use super::{Kernels, composed_attention, fused_attention};
+use super::extension::FusedOps;
+use super::{Kernels, composed_attention, dropout_mask, fused_attention};
+use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
 use crate::ch03_gpt::GptConfig;
+use burn::backend::Dispatch;
 use burn::nn::{DropoutConfig, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -154,6 +157,61 @@ fn attention_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCase {
             with_grads(&qkv, &w, |x| match k {
                 Kernels::Fused => fused_attention(x[0].clone(), nh, &none),
                 Kernels::Burn => composed_attention(x[0].clone(), nh, &none),
+            })
+        }),
+    }
+}
+
+/// Dropout at probability [`P`] with the fixed seed [`SEED`], checked against Burn's operations
+/// multiplying by the same mask ([`dropout_mask`]): the fused kernels draw their masks from a
+/// hash, not from Burn's generator, so only the same mask can give the same numbers.
+pub fn dropout_ops(cfg: &GptConfig, b: usize, device: &Device) -> Vec<OpCase> {
+    let (t, c, nh) = (cfg.block_size, cfg.n_embd, cfg.n_head);
+    vec![
+        dropout_case([b, t, c], device),
+        attention_dropout_case([b, t, 3 * c], nh, device),
+    ]
+}
+
+const P: f64 = 0.2;
+const SEED: u64 = 2024;
+
+fn dropout_case(shape: [usize; 3], device: &Device) -> OpCase {
+    let (x, w) = ([random(shape, device)], random(shape, device));
+    let mask = dropout_mask(shape, P, SEED, device);
+    OpCase {
+        op: "dropout",
+        shape: format!("{shape:?}, p = {P}"),
+        run: Box::new(move |k| {
+            with_grads(&x, &w, |x| {
+                let x = x[0].clone();
+                match k.fused_on(&x.device()) {
+                    true => {
+                        Tensor::from_dispatch(Dispatch::fused_dropout(x.into_dispatch(), P, SEED))
+                    }
+                    false => x * mask.clone(),
+                }
+            })
+        }),
+    }
+}
+
+fn attention_dropout_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCase {
+    let [b, t, c3] = shape;
+    let (qkv, w) = ([random(shape, device)], random([b, t, c3 / 3], device));
+    let mask = dropout_mask([b, nh, t, t], P, SEED, device);
+    OpCase {
+        op: "attention+drop",
+        shape: format!("{shape:?}, p = {P}"),
+        run: Box::new(move |k| {
+            with_grads(&qkv, &w, |x| {
+                let qkv = x[0].clone();
+                if k.fused_on(&qkv.device()) {
+                    let y = Dispatch::fused_attention(qkv.into_dispatch(), nh, P, SEED);
+                    return Tensor::from_dispatch(y);
+                }
+                let (q, k, v) = split_heads(qkv, nh); // [b, nh, t, hs]
+                merge_heads((causal_weights(q, k) * mask.clone()).matmul(v))
             })
         }),
     }

@@ -12,6 +12,7 @@ pub mod ch03_gpt;
 pub mod ch04_pretrain;
 pub mod ch05_fast;
 pub mod ch06_generate;
+pub mod ch07_bpe;
 pub mod compare_backends;
 pub mod exercises;
 

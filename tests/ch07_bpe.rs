@@ -65,6 +65,17 @@ fn decode_inverts_encode_on_arbitrary_utf8() {
             assert_eq!(bpe.decode(&bpe.encode(&text)).unwrap(), text);
         }
     }
+    // A pattern that skips text, or matches nothing, loses nothing.
+    let bytes: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    for pattern in ["a+", "x*", r"\d"] {
+        let bpe = Bpe::new(bytes.clone(), vec![], pattern).unwrap();
+        let text = "xaay 12 aa\n";
+        assert_eq!(
+            bpe.decode(&bpe.encode(text)).unwrap(),
+            text,
+            "pattern {pattern:?}"
+        );
+    }
     // A token may hold part of a character: GPT-2 splits this emoji's 4 bytes into tokens
     // that are not UTF-8 on their own, and only their concatenation is.
     let g = gpt2().unwrap();

@@ -70,7 +70,7 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
         // The default: nanoGPT's "baby GPT" for CPUs, about 0.8M parameters.
         "baby" => base(4, 4, 128, 64, 12, 2000),
         // Between the two (about 2.7M parameters): the smallest model here that writes
-        // passable Shakespeare (val 1.69; about 40 minutes on flex on 2 cores with chapter 5's
+        // passable Shakespeare (val 1.69-1.71; about 30 minutes on flex on 2 cores with chapter 5's
         // fused kernels).
         "medium" => {
             let mut c = base(6, 6, 192, 128, 32, 1500);

@@ -119,7 +119,7 @@ fn the_pre_split() -> Result<()> {
     section("7.2", "The pre-split: merges stay inside a piece");
     let bytes_only = Bpe::new((0..=255u8).map(|b| vec![b]).collect(), vec![], GPT2_PATTERN)?;
     let line = "I'll see thee, Romeo,  at 10 o'clock!\n\nJULIET:";
-    let pieces: Vec<&str> = bytes_only.split(line).collect();
+    let pieces = bytes_only.split(line);
     println!("{line:?}\n-> {pieces:?}");
     Ok(())
 }

@@ -59,6 +59,9 @@ impl Bpe {
             .enumerate()
             .map(|(i, s)| (s, n + i as u32))
             .collect();
+        if pattern.contains('\n') {
+            bail!("the pattern must fit on one line (write a newline as \\n)");
+        }
         let pattern = Regex::new(pattern).with_context(|| format!("pattern {pattern:?}"))?;
         Ok(Self {
             vocab,
@@ -86,13 +89,26 @@ impl Bpe {
         self.pattern.as_str()
     }
 
-    /// The pieces the pattern cuts `text` into (merges stay inside a piece).
-    pub fn split<'t>(&self, text: &'t str) -> impl Iterator<Item = &'t str> + use<'_, 't> {
-        // Each match is at most the rest of the text, and the pattern has no back-references,
-        // so fancy-regex's backtracking limit is never reached on any input.
-        self.pattern
-            .find_iter(text)
-            .map(|m| m.expect("the pre-split pattern matches").as_str())
+    /// The pieces the pattern cuts `text` into (merges stay inside a piece). Text that the
+    /// pattern skips becomes a piece too, so that `decode(encode(s)) == s` for any pattern.
+    pub fn split<'t>(&self, text: &'t str) -> Vec<&'t str> {
+        let (mut pieces, mut end) = (Vec::new(), 0);
+        // fancy-regex gives up (an error) only when a pattern backtracks more than a million
+        // times at one position; GPT-2's look-ahead backtracks at most one character.
+        for m in self.pattern.find_iter(text) {
+            let m = m.expect("the pre-split pattern backtracks too much");
+            if m.start() > end {
+                pieces.push(&text[end..m.start()]);
+            }
+            if !m.as_str().is_empty() {
+                pieces.push(m.as_str());
+            }
+            end = m.end();
+        }
+        if end < text.len() {
+            pieces.push(&text[end..]);
+        }
+        pieces
     }
 }
 // ANCHOR_END: bpe

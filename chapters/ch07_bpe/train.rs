@@ -69,9 +69,76 @@ fn merge_pair(ids: &[u32], pair: Pair, new: u32) -> Vec<u32> {
 }
 // ANCHOR_END: words
 
+// ANCHOR: pairs
+/// The count of every adjacent pair over all words, which words hold each pair, and a max-heap
+/// of `(count, pair)`. A changed count is pushed again; entries whose count is out of date
+/// ("stale") are skipped when they come to the top.
+struct PairCounts {
+    counts: HashMap<Pair, i64>,
+    holders: HashMap<Pair, HashSet<usize>>,
+    heap: BinaryHeap<(i64, Reverse<Pair>)>,
+}
+
+impl PairCounts {
+    fn new(words: &Words) -> Self {
+        let (mut counts, mut holders) = (HashMap::new(), HashMap::<Pair, HashSet<usize>>::new());
+        for (w, ids) in words.ids.iter().enumerate() {
+            count_pairs(ids, words.counts[w] as i64, &mut counts);
+            for p in ids.windows(2) {
+                holders.entry((p[0], p[1])).or_default().insert(w);
+            }
+        }
+        let heap = counts.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
+        PairCounts {
+            counts,
+            holders,
+            heap,
+        }
+    }
+
+    /// The most frequent pair and its count; ties go to the smaller pair of ids.
+    fn most_frequent(&mut self) -> Option<(Pair, i64)> {
+        while let Some((count, Reverse(pair))) = self.heap.pop() {
+            if count > 0 && self.counts.get(&pair) == Some(&count) {
+                return Some((pair, count));
+            }
+        }
+        None
+    }
+
+    /// Replaces `pair` by `new` in every word that holds it, and updates the counts of the pairs
+    /// that this changed (the pairs around each merged occurrence), and only those.
+    fn merge(&mut self, words: &mut Words, pair: Pair, new: u32) {
+        let mut delta = HashMap::new();
+        let mut held: Vec<usize> = self
+            .holders
+            .remove(&pair)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        held.sort_unstable(); // the same order every run
+        for w in held {
+            let merged = merge_pair(&words.ids[w], pair, new);
+            let count = words.counts[w] as i64;
+            count_pairs(&words.ids[w], -count, &mut delta);
+            count_pairs(&merged, count, &mut delta);
+            for p in merged.windows(2).filter(|p| p[0] == new || p[1] == new) {
+                self.holders.entry((p[0], p[1])).or_default().insert(w);
+            }
+            words.ids[w] = merged;
+        }
+        for (p, d) in delta.into_iter().filter(|&(_, d)| d != 0) {
+            let c = self.counts.entry(p).or_default();
+            *c += d;
+            self.heap.push((*c, Reverse(p)));
+        }
+        self.counts.remove(&pair);
+    }
+}
+// ANCHOR_END: pairs
+
 // ANCHOR: train
-/// Learns `vocab_size - 256` merges on `text`, splitting it with `pattern` first. Ties between
-/// equally frequent pairs go to the smaller pair of ids, so training is deterministic.
+/// Learns `vocab_size - 256` merges on `text`, splitting it with `pattern` first.
 pub fn train(
     text: &str,
     vocab_size: usize,
@@ -83,24 +150,11 @@ pub fn train(
     }
     let start = Instant::now();
     let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    let words = Words::new(&Bpe::new(vocab.clone(), vec![], pattern)?, text);
-    let Words { mut ids, counts } = words;
-    // Pair counts, which words hold each pair, and a max-heap of (count, pair) whose stale
-    // entries (the count has changed since) are skipped when they come up.
-    let mut pairs: HashMap<Pair, i64> = HashMap::new();
-    let mut holders: HashMap<Pair, HashSet<usize>> = HashMap::new();
-    for (w, word) in ids.iter().enumerate() {
-        count_pairs(word, counts[w] as i64, &mut pairs);
-        for p in word.windows(2) {
-            holders.entry((p[0], p[1])).or_default().insert(w);
-        }
-    }
-    let mut heap: BinaryHeap<(i64, Reverse<Pair>)> =
-        pairs.iter().map(|(&p, &c)| (c, Reverse(p))).collect();
-    let mut merges = Vec::new();
-    let mut stopped_early = None;
+    let mut words = Words::new(&Bpe::new(vocab.clone(), vec![], pattern)?, text);
+    let mut pairs = PairCounts::new(&words);
+    let (mut merges, mut stopped_early) = (Vec::new(), None);
     while vocab.len() < vocab_size {
-        let Some((count, Reverse(pair))) = heap.pop() else {
+        let Some((pair, count)) = pairs.most_frequent() else {
             stopped_early = Some(format!(
                 "the text has no adjacent pairs left to merge after {} merges: the vocabulary \
                  stops at {} tokens instead of {vocab_size}",
@@ -109,41 +163,14 @@ pub fn train(
             ));
             break;
         };
-        if pairs.get(&pair) != Some(&count) || count <= 0 {
-            continue; // stale
-        }
         let new = vocab.len() as u32;
         vocab.push([&vocab[pair.0 as usize][..], &vocab[pair.1 as usize]].concat());
         merges.push((pair, new, count as u64));
-        let mut delta = HashMap::new();
-        let mut held: Vec<usize> = holders
-            .remove(&pair)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        held.sort_unstable();
-        for w in held {
-            let merged = merge_pair(&ids[w], pair, new);
-            if merged.len() == ids[w].len() {
-                continue;
-            }
-            count_pairs(&ids[w], -(counts[w] as i64), &mut delta);
-            count_pairs(&merged, counts[w] as i64, &mut delta);
-            for p in merged.windows(2).filter(|p| p[0] == new || p[1] == new) {
-                holders.entry((p[0], p[1])).or_default().insert(w);
-            }
-            ids[w] = merged;
-        }
-        for (p, d) in delta.into_iter().filter(|&(_, d)| d != 0) {
-            let c = pairs.entry(p).or_default();
-            *c += d;
-            heap.push((*c, Reverse(p)));
-        }
-        pairs.remove(&pair);
+        pairs.merge(&mut words, pair, new);
     }
     let report = TrainReport {
         merges,
-        unique_pieces: ids.len(),
+        unique_pieces: words.ids.len(),
         stopped_early,
         seconds: start.elapsed().as_secs_f64(),
     };

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::Parser;
 use course::ch07_bpe::{Bpe, END_OF_TEXT, GPT2_PATTERN, TrainReport, gpt2, train};
 use course::common::cli::CommonArgs;
-use course::common::report::{Machine, plot_curves, write_json};
+use course::common::report::{Machine, plot_bars, plot_curves, write_json};
 use course::common::{Run, section};
 use serde::Serialize;
 use std::time::Instant;
@@ -320,28 +320,27 @@ fn compression(run: &Run, val: &str, trained: &[(Bpe, TrainReport)]) -> Result<V
         &[("BPE trained here", ratio_curve)],
     )?;
     println!("wrote {}", path.display());
-    let curves: Vec<(&str, Vec<(f64, f64)>)> = lengths
+    let bars: Vec<(&str, Vec<(f64, f64)>)> = lengths
         .iter()
-        .rev() // the largest vocabularies: the longest tokens
-        .take(3)
+        .skip(lengths.len().saturating_sub(3)) // the three largest vocabularies
         .map(|(name, h)| (name.as_str(), h.clone()))
         .collect();
     let path = run.out.join("token_lengths.svg");
-    plot_curves(
+    plot_bars(
         &path,
         "share of validation tokens by length in bytes",
-        "bytes",
-        &curves,
+        "bytes (12: 12 or more)",
+        &bars,
     )?;
     println!("wrote {}", path.display());
     Ok(rows)
 }
 
-/// The share of `ids` whose token is 1, 2, ... bytes long.
+/// The share of `ids` whose token is 1, 2, ..., 12 or more bytes long.
 fn length_histogram(bpe: &Bpe, ids: &[u32]) -> Vec<(f64, f64)> {
-    let mut counts = [0usize; 17];
+    let mut counts = [0usize; 13];
     for &id in ids {
-        let len = bpe.token_bytes(id).map_or(0, <[u8]>::len).min(16);
+        let len = bpe.token_bytes(id).map_or(0, <[u8]>::len).min(12);
         counts[len] += 1;
     }
     (1..counts.len())

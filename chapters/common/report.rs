@@ -380,6 +380,60 @@ pub fn plot_curves(
     Ok(())
 }
 
+/// Named series of bars side by side at whole-number `x` (a grouped histogram, SVG).
+pub fn plot_bars(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let points = || series.iter().flat_map(|(_, s)| s.iter());
+    let x0 = points().map(|p| p.0).fold(f64::MAX, f64::min);
+    let x1 = points().map(|p| p.0).fold(f64::MIN, f64::max);
+    let y1 = points().map(|p| p.1).fold(0.0, f64::max);
+    let path_str = path.to_string_lossy().to_string();
+    let root = SVGBackend::new(&path_str, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(45)
+        .build_cartesian_2d((x0 - 0.5)..(x1 + 0.5), 0.0..(y1 * 1.05))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc(x_desc)
+        .draw()?;
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+    ];
+    let width = 0.8 / series.len().max(1) as f64;
+    for (i, (name, bars)) in series.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let left = -0.4 + i as f64 * width;
+        chart
+            .draw_series(bars.iter().map(|&(x, y)| {
+                Rectangle::new(
+                    [(x + left, 0.0), (x + left + width * 0.9, y)],
+                    color.filled(),
+                )
+            }))?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
 /// The machine a benchmark ran on.
 #[derive(Serialize, Clone, Debug)]
 pub struct Machine {

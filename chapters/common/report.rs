@@ -334,6 +334,13 @@ pub fn plot_schedule(
     Ok(())
 }
 
+/// The first colours of the Tableau palette, for charts of a few named series.
+const PALETTE: [RGBColor; 3] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+];
+
 /// Named curves `(x, y)` on one chart (SVG), e.g. activation functions.
 pub fn plot_curves(
     path: &Path,
@@ -355,13 +362,8 @@ pub fn plot_curves(
         .y_label_area_size(45)
         .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
     chart.configure_mesh().x_desc(x_desc).draw()?;
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-    ];
     for (i, (name, curve)) in curves.iter().enumerate() {
-        let color = palette[i % palette.len()];
+        let color = PALETTE[i % PALETTE.len()];
         chart
             .draw_series(LineSeries::new(
                 curve.iter().copied(),
@@ -405,14 +407,9 @@ pub fn plot_bars(
         .disable_x_mesh()
         .x_desc(x_desc)
         .draw()?;
-    let palette = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-    ];
     let width = 0.8 / series.len().max(1) as f64;
     for (i, (name, bars)) in series.iter().enumerate() {
-        let color = palette[i % palette.len()];
+        let color = PALETTE[i % PALETTE.len()];
         let left = -0.4 + i as f64 * width;
         chart
             .draw_series(bars.iter().map(|&(x, y)| {

@@ -236,7 +236,18 @@ fn the_notebook_runs_and_refuses_bad_input() {
             .output()
             .unwrap()
     };
-    let ok = run(&["--vocab-sizes", "300,400", "--reps", "1"]);
+    let ok = run(&[
+        "--vocab-sizes",
+        "300,400",
+        "--reps",
+        "1",
+        "--gpt-vocab-sizes",
+        "300",
+        "--gpt-preset",
+        "tiny",
+        "--gpt-steps",
+        "20",
+    ]);
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(
         ok.status.success(),
@@ -249,6 +260,19 @@ fn the_notebook_runs_and_refuses_bad_input() {
     );
     assert!(out.path().join("bpe-400.txt").exists());
     assert!(out.path().join("token_lengths.svg").exists());
+    assert!(out.path().join("bits_per_char.svg").exists());
+    let summary = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let gpts = summary["gpt_on_tokens"].as_array().unwrap();
+    assert_eq!(gpts.len(), 2, "characters and BPE 300");
+    for g in gpts {
+        let bits = g["whole_val_bits_per_char"].as_f64().unwrap();
+        assert!(bits > 1.0 && bits < 8.0, "{g}");
+    }
+    let bad = run(&["--vocab-sizes", "300", "--gpt-vocab-sizes", "512"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("not one of --vocab-sizes"), "{err}");
     let bad = run(&["--vocab-sizes", "100"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);

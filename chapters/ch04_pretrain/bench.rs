@@ -26,10 +26,10 @@ pub struct StepTimes {
 
 /// Runs `warmup + n` real training steps of `model` (on an autodiff device) and times each;
 /// reading the loss back every step makes each time include all of the step's device work.
-pub fn time_steps(
+pub fn time_steps<T>(
     cfg: &PretrainConfig,
     mut model: Gpt,
-    data: &Dataset,
+    data: &Dataset<T>,
     warmup: usize,
     n: usize,
 ) -> anyhow::Result<StepTimes> {

@@ -5,7 +5,7 @@
 use super::PretrainConfig;
 use crate::ch03_gpt::Gpt;
 use crate::common::report::{write_atomic, write_json};
-use crate::common::tokenizer::CharTokenizer;
+use crate::common::tokenizer::Tokenizer;
 use crate::common::train::{LossRecord, StepRecord};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 const MODEL: &str = "model.bpk";
 const OPTIMIZER: &str = "optimizer.bpk";
 const META: &str = "meta.json";
-/// Bumped whenever the layout of a checkpoint changes.
-pub const FORMAT: u32 = 2;
+/// Bumped whenever the layout of a checkpoint changes (3: the whole tokenizer, not only
+/// a character vocabulary).
+pub const FORMAT: u32 = 3;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Meta {
@@ -28,8 +29,8 @@ pub struct Meta {
     /// Steps completed.
     pub step: usize,
     pub config: PretrainConfig,
-    /// The tokenizer's characters, in id order.
-    pub vocab: String,
+    /// The tokenizer the model reads: its characters in id order, or chapter 7's whole BPE file.
+    pub tokenizer: Tokenizer,
     /// Val loss at this step, and the best seen so far.
     pub val_loss: f64,
     pub best_val_loss: f64,
@@ -116,12 +117,11 @@ pub fn load(
     optim: Option<ModuleOptimizer>,
 ) -> Result<(Gpt, Option<ModuleOptimizer>, Meta)> {
     let (dir, meta) = read_meta(dir)?;
-    let tokenizer = CharTokenizer::from_chars(meta.vocab.chars().collect());
-    if tokenizer.vocab_size() != meta.config.model.vocab_size {
+    if meta.tokenizer.vocab_size() != meta.config.model.vocab_size {
         bail!(
-            "the checkpoint in {} is inconsistent: {} characters for a {}-token model",
+            "the checkpoint in {} is inconsistent: a tokenizer of {} for a {}-token model",
             dir.display(),
-            tokenizer.vocab_size(),
+            meta.tokenizer.describe(),
             meta.config.model.vocab_size
         );
     }
@@ -165,13 +165,9 @@ pub fn load(
     Ok((model, optim, meta))
 }
 
-/// Refuses to resume a checkpoint made with another config or vocabulary, naming what differs.
-pub fn check_compatible(
-    meta: &Meta,
-    config: &PretrainConfig,
-    tokenizer: &CharTokenizer,
-) -> Result<()> {
-    check_vocab(meta, tokenizer)?;
+/// Refuses to resume a checkpoint made with another config or tokenizer, naming what differs.
+pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &Tokenizer) -> Result<()> {
+    check_tokenizer(meta, tokenizer)?;
     if &meta.config != config {
         let a = serde_json::to_value(&meta.config)?;
         let b = serde_json::to_value(config)?;
@@ -185,17 +181,23 @@ pub fn check_compatible(
     Ok(())
 }
 
-/// Checks only that the checkpoint was trained on text with this vocabulary.
-pub fn check_vocab(meta: &Meta, tokenizer: &CharTokenizer) -> Result<()> {
-    if meta.vocab != tokenizer.vocab_string() {
-        bail!(
+/// Checks only that the checkpoint reads the same tokens with the same ids.
+pub fn check_tokenizer(meta: &Meta, tokenizer: &Tokenizer) -> Result<()> {
+    match (&meta.tokenizer, tokenizer) {
+        (a, b) if a.same_as(b) => Ok(()),
+        (Tokenizer::Char(a), Tokenizer::Char(b)) => bail!(
             "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
              it was trained on another corpus",
-            meta.vocab.chars().count(),
-            tokenizer.vocab_size()
-        );
+            a.vocab_size(),
+            b.vocab_size()
+        ),
+        (a, b) => bail!(
+            "the checkpoint was trained with another tokenizer ({}) than this run's ({}): \
+             pass the --tokenizer it was trained with",
+            a.describe(),
+            b.describe()
+        ),
     }
-    Ok(())
 }
 
 fn diff_json(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {

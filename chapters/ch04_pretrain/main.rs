@@ -4,7 +4,7 @@
 //! Train:  `cargo run --release --bin ch04_pretrain -- --preset baby`
 //! Sample: `cargo run --release --bin ch04_pretrain -- sample --prompt "ROMEO:"`
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
@@ -16,12 +16,13 @@ use course::ch04_pretrain::{
     Overrides, PretrainConfig, learning_rate, mfu, optimizer, param_groups, train_settings,
 };
 use course::ch05_fast::Kernels;
+use course::ch07_bpe::Bpe;
 use course::common::backend::Backend;
 use course::common::cli::{CommonArgs, SampleArgs, parse_backend};
-use course::common::dataset::{rng_for, stream};
+use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Curve, Summary, plot_schedule, write_json, write_run};
 use course::common::sample::{SampleOptions, generate_fixed_shape};
-use course::common::tokenizer::CharTokenizer;
+use course::common::tokenizer::{StreamDecoder, Tokenizer};
 use course::common::train::{
     LossRecord, StepRecord, TrainHooks, TrainReport, human, model_device, train,
 };
@@ -74,9 +75,14 @@ struct TrainCmd {
     /// about the fp32 peak of the 2-core AVX-512 CPU the course was measured on).
     #[arg(long, default_value_t = 180.0)]
     peak_gflops: f64,
-    /// Characters to sample from the best checkpoint after training.
+    /// Tokens to sample from the best checkpoint after training (characters, with the
+    /// character tokenizer).
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+    /// What the model reads: `char` (every character of the text is a token) or a BPE
+    /// tokenizer file made by chapter 7 (`runs/ch07_bpe/bpe-1024.txt`).
+    #[arg(long, value_name = "char|FILE", default_value = "char")]
+    tokenizer: String,
     /// Burn's operations, or chapter 5's fused kernels (used where the backend runs them:
     /// flex; elsewhere this falls back to Burn's).
     #[arg(long, value_enum, default_value_t = Kernels::Fused)]
@@ -88,9 +94,14 @@ struct SampleCmd {
     /// Checkpoint folder (default: runs/ch04_pretrain/ckpt/best).
     #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
-    /// Text to continue (every character must be in the model's vocabulary).
+    /// Text to continue (with a character tokenizer, every character must be in the model's
+    /// vocabulary).
     #[arg(long, default_value = "")]
     prompt: String,
+    /// The tokenizer file the model should have been trained with (checked against the one
+    /// the checkpoint stores, which is the one used).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
     #[command(flatten)]
     sampling: SampleArgs,
     /// Seed of the first sample (sample i uses seed + i).
@@ -116,29 +127,34 @@ fn main() -> std::process::ExitCode {
 
 fn pretrain(a: TrainCmd) -> Result<()> {
     let run = a.common.start(CHAPTER, "Chapter 4: pre-training", None)?;
-    let cfg = data_and_configuration(&a, &run)?;
+    let (cfg, data) = data_and_configuration(&a, &run)?;
     let model = the_model(&cfg, &run.device).with_kernels(a.kernels);
     let optim = optimizer_groups(&cfg, &model);
     schedule(&cfg);
     if let Some(n) = a.bench {
-        return benchmark(&a, cfg, model, &run, n);
+        return benchmark(&a, cfg, model, &run, &data, n);
     }
-    let (report, hooks) = training(&a, &cfg, model, optim, &run)?;
-    let best = sample_from_best(&run, a.sample_chars, a.kernels)?;
+    let (report, hooks) = training(&a, &cfg, model, optim, &run, &data)?;
+    let best = sample_from_best(&run, &data, a.sample_chars, a.kernels)?;
     what_the_run_wrote(&run, &cfg, &best, &report, &hooks)
 }
 
 // ANCHOR: build_config
-fn data_and_configuration(a: &TrainCmd, run: &Run) -> Result<PretrainConfig> {
+fn data_and_configuration(a: &TrainCmd, run: &Run) -> Result<(PretrainConfig, Dataset<Tokenizer>)> {
     section("4.1", "Data and presets");
-    let tok = &run.data.tokenizer;
+    let tok = Tokenizer::choose(&a.tokenizer, &run.corpus.text)?;
     let cfg = PretrainConfig::build(&a.preset, tok.vocab_size(), &a.overrides, run.seed)?;
-    run.data.check_block_size(cfg.model.block_size)?;
-    let chars = run.corpus.text.chars().count();
+    let data = Dataset::tokenized(&run.corpus.text, tok)?;
+    data.check_block_size(cfg.model.block_size)?;
+    let (chars, tokens) = (
+        data.train_chars + data.val_chars,
+        data.train.len() + data.val.len(),
+    );
     println!(
-        "{}: {chars} characters, vocabulary {}",
+        "{}: {chars} characters; tokenizer: {} -> {tokens} tokens ({:.3} characters per token)",
         run.corpus.path.display(),
-        tok.vocab_size()
+        data.tokenizer.describe(),
+        chars as f64 / tokens as f64
     );
     let m = &cfg.model;
     println!(
@@ -155,7 +171,7 @@ fn data_and_configuration(a: &TrainCmd, run: &Run) -> Result<PretrainConfig> {
         m.tie_weights,
         m.gpt2_init
     );
-    Ok(cfg)
+    Ok((cfg, data))
 }
 // ANCHOR_END: build_config
 
@@ -203,7 +219,7 @@ fn schedule(cfg: &PretrainConfig) {
 /// with the learning rate and model FLOPs utilisation.
 struct Pretrain<'a> {
     config: &'a PretrainConfig,
-    tokenizer: &'a CharTokenizer,
+    tokenizer: &'a Tokenizer,
     ckpt: PathBuf,
     backend: Backend,
     losses: Vec<LossRecord>,
@@ -229,7 +245,7 @@ impl TrainHooks<Gpt> for Pretrain<'_> {
             format: checkpoint::FORMAT,
             step: record.step,
             config: self.config.clone(),
-            vocab: self.tokenizer.vocab_string(),
+            tokenizer: self.tokenizer.clone(),
             val_loss: record.val,
             best_val_loss: self.best_val,
             losses: self.losses.clone(),
@@ -259,11 +275,12 @@ fn training<'a>(
     model: Gpt,
     mut optim: ModuleOptimizer,
     run: &'a Run,
+    data: &'a Dataset<Tokenizer>,
 ) -> Result<(TrainReport, Pretrain<'a>)> {
     section("4.5", "Training, with gradient clipping and checkpoints");
     let mut hooks = Pretrain {
         config: cfg,
-        tokenizer: &run.data.tokenizer,
+        tokenizer: &data.tokenizer,
         ckpt: run.out.join("ckpt"),
         backend: run.backend,
         losses: Vec::new(),
@@ -275,7 +292,7 @@ fn training<'a>(
     if a.resume {
         let (m, o, meta) =
             checkpoint::load(&hooks.ckpt.join("last"), &model_device(&model), Some(optim))?;
-        checkpoint::check_compatible(&meta, cfg, &run.data.tokenizer)?;
+        checkpoint::check_compatible(&meta, cfg, &data.tokenizer)?;
         println!(
             "resuming from step {} (best val so far {:.4})",
             meta.step, meta.best_val_loss
@@ -293,7 +310,7 @@ fn training<'a>(
         );
     }
     let settings = train_settings(cfg, a.stop_after);
-    let (_, report) = train(model, &mut optim, &run.data, &settings, start, &mut hooks)?;
+    let (_, report) = train(model, &mut optim, data, &settings, start, &mut hooks)?;
     let last = hooks.losses.last().expect("evaluated");
     let gflops = cfg.model.flops_per_token() * report.tokens_per_second / 1e9;
     println!(
@@ -304,6 +321,11 @@ fn training<'a>(
         hooks.best_val,
         report.wall_seconds,
         human(report.tokens_per_second)
+    );
+    println!(
+        "val {:.4} nats per token = {:.4} bits per character of the validation text",
+        last.val,
+        data.bits_per_char(Split::Val, last.val)
     );
     clipping_summary(&hooks.steps, cfg.grad_clip);
     Ok((report, hooks))
@@ -323,7 +345,12 @@ fn clipping_summary(steps: &[StepRecord], clip: f64) {
 }
 // ANCHOR_END: train
 
-fn sample_from_best(run: &Run, chars: usize, kernels: Kernels) -> Result<Gpt> {
+fn sample_from_best(
+    run: &Run,
+    data: &Dataset<Tokenizer>,
+    tokens: usize,
+    kernels: Kernels,
+) -> Result<Gpt> {
     section("4.6", "Sampling from the best checkpoint");
     let (best, _, meta) = checkpoint::load(&run.out.join("ckpt/best"), &run.device, None)?;
     let best = best.with_kernels(kernels);
@@ -336,7 +363,7 @@ fn sample_from_best(run: &Run, chars: usize, kernels: Kernels) -> Result<Gpt> {
         top_k: None,
         top_p: None,
     };
-    stream_sample(&best, &run.data.tokenizer, "\n", chars, opts, run.seed)?;
+    stream_sample(&best, &data.tokenizer, "\n", tokens, opts, run.seed)?;
     Ok(best)
 }
 
@@ -378,7 +405,17 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let device = cmd.backend.device();
     let (model, _, meta) = checkpoint::load(&dir, &device, None)?;
     let model = model.with_kernels(cmd.kernels);
-    let tok = CharTokenizer::from_chars(meta.vocab.chars().collect());
+    if let Some(file) = &cmd.tokenizer {
+        let asked = Tokenizer::Bpe(Bpe::load(file)?);
+        checkpoint::check_tokenizer(&meta, &asked).with_context(|| {
+            format!(
+                "the checkpoint {} does not read {}",
+                dir.display(),
+                file.display()
+            )
+        })?;
+    }
+    let tok = meta.tokenizer.clone();
     let prompt = if cmd.prompt.is_empty() {
         "\n"
     } else {
@@ -409,11 +446,11 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     Ok(())
 }
 
-/// Prints `prompt`, then the characters the model generates, as they come. The model always
+/// Prints `prompt`, then the text the model generates, as it comes. The model always
 /// sees one shape (see `generate_fixed_shape`), so wgpu compiles its kernels only once.
 fn stream_sample(
     model: &Gpt,
-    tok: &CharTokenizer,
+    tok: &Tokenizer,
     prompt: &str,
     n: usize,
     opts: SampleOptions,
@@ -422,12 +459,13 @@ fn stream_sample(
     let context = tok.encode(prompt)?;
     let mut rng = rng_for(seed, stream::SAMPLE, 4);
     let mut stdout = std::io::stdout();
+    let mut text = StreamDecoder::default();
     print!("{prompt}");
     generate_fixed_shape(model, &context, n, opts, &mut rng, |t| {
-        print!("{}", tok.decode(&[t]));
+        print!("{}", text.push(tok, t));
         let _ = stdout.flush();
     });
-    println!();
+    println!("{}", text.finish());
     Ok(())
 }
 // ANCHOR_END: sample
@@ -437,12 +475,19 @@ fn stream_sample(
 /// bench.json. With
 /// `--resume`, the trained weights of DIR/ckpt/last (with the settings they were trained with):
 /// on the CPU backends some operations (GELU's erf) slow down as the activations widen.
-fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize) -> Result<()> {
+fn benchmark(
+    a: &TrainCmd,
+    cfg: PretrainConfig,
+    model: Gpt,
+    run: &Run,
+    data: &Dataset<Tokenizer>,
+    n: usize,
+) -> Result<()> {
     let (cfg, model, trained_steps) = if a.resume {
         let ckpt = run.out.join("ckpt/last");
         let (trained, _, meta) = checkpoint::load(&ckpt, &model_device(&model), None)?;
-        checkpoint::check_vocab(&meta, &run.data.tokenizer)?;
-        run.data.check_block_size(meta.config.model.block_size)?;
+        checkpoint::check_tokenizer(&meta, &data.tokenizer)?;
+        data.check_block_size(meta.config.model.block_size)?;
         (meta.config, trained.with_kernels(a.kernels), meta.step)
     } else {
         (cfg, model, 0)
@@ -453,7 +498,7 @@ fn benchmark(a: &TrainCmd, cfg: PretrainConfig, model: Gpt, run: &Run, n: usize)
     };
     section("4.8", &format!("Benchmark: {n} steps from {weights}"));
     let parameters = model.num_params();
-    let times = time_steps(&cfg, model, &run.data, a.bench_warmup, n)?;
+    let times = time_steps(&cfg, model, data, a.bench_warmup, n)?;
     println!(
         "first step {:.1} ms; median of {n}: {:.1} ms/step, {} tokens/s, {:.1} GFLOP/s",
         times.first_step_ms,

@@ -6,7 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 
 use crate::ch03_gpt::{GptConfig, Norm};
-use crate::common::train::TrainSettings;
+use crate::common::train::{TrainHooks, TrainSettings};
 use anyhow::{Result, bail};
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
@@ -125,6 +125,16 @@ pub fn learning_rate(cfg: &PretrainConfig, step: usize) -> f64 {
     cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)
 }
 // ANCHOR_END: schedule
+
+/// The only hook a run needs when it keeps no checkpoints (chapter 7's comparison): the
+/// schedule.
+pub struct Schedule<'a>(pub &'a PretrainConfig);
+
+impl<M> TrainHooks<M> for Schedule<'_> {
+    fn learning_rate(&self, step: usize) -> f64 {
+        learning_rate(self.0, step)
+    }
+}
 
 // ANCHOR: optimizer
 /// The parameters that get weight decay: the weight matrices of Linear layers (and of an

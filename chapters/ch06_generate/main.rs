@@ -19,7 +19,7 @@ use course::common::dataset::{rng_for, stream};
 use course::common::report::{plot_curves, write_atomic, write_json};
 use course::common::sample::SampleOptions;
 use course::common::section;
-use course::common::tokenizer::CharTokenizer;
+use course::common::tokenizer::{StreamDecoder, Tokenizer};
 use course::common::train::{LanguageModel, human, model_device};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -104,7 +104,7 @@ fn main() -> std::process::ExitCode {
 }
 
 /// The checkpoint's model and tokenizer; with no checkpoint, how to make one.
-fn load(args: &Args, device: &Device) -> Result<(Gpt, CharTokenizer)> {
+fn load(args: &Args, device: &Device) -> Result<(Gpt, Tokenizer)> {
     if !args.checkpoint.exists() {
         bail!(
             "no checkpoint at {}: train one with `cargo run --release --bin ch04_pretrain` \
@@ -120,10 +120,7 @@ fn load(args: &Args, device: &Device) -> Result<(Gpt, CharTokenizer)> {
         meta.step,
         meta.val_loss
     );
-    Ok((
-        model,
-        CharTokenizer::from_chars(meta.vocab.chars().collect()),
-    ))
+    Ok((model, meta.tokenizer))
 }
 
 /// The window and cache settings the flags ask for, checked against the model.
@@ -164,14 +161,14 @@ fn bench_preset(args: &Args, model: &Gpt) -> Result<Option<(String, Gpt)>> {
 
 /// The prompt's tokens: an empty prompt starts from a newline; one the model cannot read is
 /// an error.
-fn encode_prompt(tok: &CharTokenizer, prompt: &str, block: usize) -> Result<Vec<usize>> {
+fn encode_prompt(tok: &Tokenizer, prompt: &str, block: usize) -> Result<Vec<usize>> {
     let text = if prompt.is_empty() { "\n" } else { prompt };
     let ids = tok
         .encode(text)
         .map_err(|e| anyhow::anyhow!("the prompt cannot be encoded: {e}"))?;
     if ids.len() > block {
         bail!(
-            "the prompt has {} characters, more than the model's block size of {block}",
+            "the prompt has {} tokens, more than the model's block size of {block}",
             ids.len()
         );
     }
@@ -345,27 +342,21 @@ fn past_the_block(model: &Gpt, prompt: &[usize], how: Generation) {
 
 // ANCHOR: sampling
 /// Streams one sample (or prints a batch of them) and returns the tokens per second.
-fn sampling(
-    model: &Gpt,
-    tok: &CharTokenizer,
-    prompt: &[usize],
-    how: Generation,
-    args: &Args,
-) -> f64 {
+fn sampling(model: &Gpt, tok: &Tokenizer, prompt: &[usize], how: Generation, args: &Args) -> f64 {
     section("6.5", "Sampling: streaming, batched");
     let (batch, n) = (args.sampling.num_samples, args.sampling.max_new_tokens);
     let mut rng = rng_for(args.seed, stream::SAMPLE, 6);
-    let mut stdout = std::io::stdout();
+    let (mut stdout, mut text) = (std::io::stdout(), StreamDecoder::default());
     print!("{}", tok.decode(prompt));
     let start = Instant::now();
     let rows = generate(model, prompt, batch, n, how, &mut rng, |row, t| {
         if row == 0 {
-            print!("{}", tok.decode(&[t])); // as soon as it exists
+            print!("{}", text.push(tok, t)); // as soon as it exists
             let _ = stdout.flush();
         }
     });
     let secs = start.elapsed().as_secs_f64();
-    println!();
+    println!("{}", text.finish());
     for (r, row) in rows.iter().enumerate().skip(1) {
         println!(
             "--- sample {} ---\n{}{}",
@@ -492,7 +483,7 @@ fn what_the_run_wrote(
 // ANCHOR: interactive
 /// Reads a prompt per line and continues it; a line the model cannot read is reported and
 /// skipped. EOF ends.
-fn interactive(model: &Gpt, tok: &CharTokenizer, how: Generation, args: &Args) -> Result<()> {
+fn interactive(model: &Gpt, tok: &Tokenizer, how: Generation, args: &Args) -> Result<()> {
     let mut rng = rng_for(args.seed, stream::SAMPLE, 6);
     let mut stdout = std::io::stdout();
     eprintln!("type a prompt and press Enter; Ctrl-D ends");
@@ -506,6 +497,7 @@ fn interactive(model: &Gpt, tok: &CharTokenizer, how: Generation, args: &Args) -
             }
         };
         print!("{}", tok.decode(&prompt));
+        let mut text = StreamDecoder::default();
         generate(
             model,
             &prompt,
@@ -514,11 +506,11 @@ fn interactive(model: &Gpt, tok: &CharTokenizer, how: Generation, args: &Args) -
             how,
             &mut rng,
             |_, t| {
-                print!("{}", tok.decode(&[t]));
+                print!("{}", text.push(tok, t));
                 let _ = stdout.flush();
             },
         );
-        println!();
+        println!("{}", text.finish());
     }
     Ok(())
 }

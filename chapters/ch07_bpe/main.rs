@@ -5,10 +5,14 @@
 
 use anyhow::{Result, bail};
 use clap::Parser;
+use course::ch04_pretrain::{Overrides, PRESETS};
+use course::ch07_bpe::gpt::{Outcome, Race, compete};
 use course::ch07_bpe::{Bpe, END_OF_TEXT, GPT2_PATTERN, TrainReport, gpt2, train};
 use course::common::cli::CommonArgs;
-use course::common::report::{Machine, plot_bars, plot_curves, write_json};
+use course::common::report::{Machine, plot_bars, plot_curves, plot_curves_at, write_json};
+use course::common::tokenizer::Tokenizer;
 use course::common::{Run, section};
+use plotters::prelude::SeriesLabelPosition;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -26,6 +30,16 @@ struct Args {
     /// Timed encodings per tokenizer in 7.5 (median).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     reps: u64,
+    /// 7.7 trains chapter 4's GPT on these BPE vocabularies (each one of --vocab-sizes),
+    /// and on characters.
+    #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+    gpt_vocab_sizes: Vec<usize>,
+    /// Chapter 4's preset for 7.7.
+    #[arg(long, default_value = "baby")]
+    gpt_preset: String,
+    /// Steps for 7.7 (default: the preset's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    gpt_steps: Option<u64>,
 }
 
 /// One trained vocabulary: its size, training time and what it does to the validation text.
@@ -51,6 +65,8 @@ struct Summary {
     machine: Machine,
     trained: Vec<Trained>,
     gpt2: Gpt2Check,
+    gpt_preset: String,
+    gpt_on_tokens: Vec<Outcome>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +74,18 @@ fn main() -> std::process::ExitCode {
         let args = Args::parse();
         if let Some(n) = args.vocab_sizes.iter().find(|&&n| n < 256) {
             bail!("--vocab-sizes: {n} is below 256, the byte vocabulary every size starts from");
+        }
+        if let Some(n) = (args.gpt_vocab_sizes.iter()).find(|n| !args.vocab_sizes.contains(n)) {
+            bail!(
+                "--gpt-vocab-sizes: {n} is not one of --vocab-sizes, the vocabularies 7.4 trains"
+            );
+        }
+        if !PRESETS.contains(&args.gpt_preset.as_str()) {
+            bail!(
+                "unknown --gpt-preset '{}'; choose one of {}",
+                args.gpt_preset,
+                PRESETS.join(", ")
+            );
         }
         let run = args
             .common
@@ -69,12 +97,16 @@ fn main() -> std::process::ExitCode {
         let tokenizers = train_on_the_corpus(&run, train_text, &args.vocab_sizes)?;
         let gpt2 = checked_against_gpt2(&run.corpus.text, args.reps as usize)?;
         let trained = compression(&run, val_text, &tokenizers)?;
+        let outcomes = a_gpt_on_tokens(&args, &run, &tokenizers)?;
+        side_by_side(&run, &outcomes)?;
         write_json(
             &run.out.join("summary.json"),
             &Summary {
                 machine: Machine::detect(false),
                 trained,
                 gpt2,
+                gpt_preset: args.gpt_preset.clone(),
+                gpt_on_tokens: outcomes,
             },
         )?;
         Ok(())
@@ -347,3 +379,107 @@ fn length_histogram(bpe: &Bpe, ids: &[u32]) -> Vec<(f64, f64)> {
         .collect()
 }
 // ANCHOR_END: compression
+
+// ANCHOR: gpt_on_tokens
+/// 7.7: chapter 4's GPT, one preset, trained on characters and on BPE tokens.
+fn a_gpt_on_tokens(
+    args: &Args,
+    run: &Run,
+    tokenizers: &[(Bpe, TrainReport)],
+) -> Result<Vec<Outcome>> {
+    section("7.7", "A GPT on tokens");
+    let race = Race {
+        text: &run.corpus.text,
+        preset: &args.gpt_preset,
+        overrides: Overrides {
+            steps: args.gpt_steps.map(|n| n as usize),
+            ..Overrides::default()
+        },
+        seed: run.seed,
+        device: run.device.clone(),
+        sample_chars: 300,
+    };
+    let mut contenders = vec![(
+        "characters".to_string(),
+        Tokenizer::choose("char", race.text)?,
+    )];
+    for (bpe, _) in tokenizers {
+        let n = bpe.vocab_size() - 1; // without <|endoftext|>
+        if args.gpt_vocab_sizes.contains(&n) {
+            contenders.push((format!("BPE {n}"), Tokenizer::Bpe(bpe.clone())));
+        }
+    }
+    let mut outcomes = Vec::new();
+    for (name, tokenizer) in contenders {
+        println!(
+            "-- preset {} on {name} ({}) --",
+            race.preset,
+            tokenizer.describe()
+        );
+        let outcome = compete(&race, &name, tokenizer)?;
+        println!(
+            "val {:.4} nats per token x {:.3} tokens per character / ln 2 = {:.4} bits per character",
+            outcome.val_loss,
+            1.0 / outcome.chars_per_token,
+            outcome.val_bits_per_char
+        );
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+// ANCHOR_END: gpt_on_tokens
+
+/// The comparison as a table, the samples one after the other, and the validation curves.
+fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
+    println!();
+    println!(
+        "{:<12} {:>6} {:>9} {:>11} {:>10} {:>10} {:>11} {:>10} {:>10} {:>8}",
+        "tokenizer",
+        "vocab",
+        "params",
+        "chars/tok",
+        "GFLOP/st",
+        "chars/st",
+        "val nats/t",
+        "val bits/c",
+        "whole b/c",
+        "train s"
+    );
+    for o in outcomes {
+        println!(
+            "{:<12} {:>6} {:>9} {:>11.3} {:>10.3} {:>10.0} {:>11.4} {:>10.4} {:>10.4} {:>8.1}",
+            o.name,
+            o.vocab_size,
+            o.parameters,
+            o.chars_per_token,
+            o.gflop_per_step,
+            o.chars_per_step,
+            o.val_loss,
+            o.val_bits_per_char,
+            o.whole_val_bits_per_char,
+            o.train_seconds
+        );
+    }
+    for o in outcomes {
+        println!("\n--- sample: {} ---\n{}", o.name, o.sample.trim_end());
+    }
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = (outcomes.iter())
+        .map(|o| {
+            (
+                o.name.as_str(),
+                o.curve.iter().map(|&(s, b)| (s as f64, b)).collect(),
+            )
+        })
+        .collect();
+    let path = run.out.join("bits_per_char.svg");
+    let title = "validation loss, bits per character";
+    plot_curves_at(
+        &path,
+        title,
+        "step",
+        &curves,
+        SeriesLabelPosition::UpperRight,
+    )?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}

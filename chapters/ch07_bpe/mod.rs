@@ -2,6 +2,7 @@
 //! Text becomes UTF-8 bytes; training merges the most frequent adjacent pair into a new token,
 //! again and again; encoding replays those merges, lowest rank first.
 
+pub mod gpt;
 pub mod train;
 
 use anyhow::{Context, Result, bail};

@@ -1,6 +1,6 @@
 //! Train/validation split and random batches of (input, target) blocks.
 
-use crate::common::tokenizer::CharTokenizer;
+use crate::common::tokenizer::{CharTokenizer, Tokenizer};
 use anyhow::{Result, bail};
 use burn::prelude::*;
 use rand::rngs::StdRng;
@@ -12,11 +12,15 @@ pub enum Split {
     Val,
 }
 
-/// The encoded corpus, split 90/10 into a training and a validation part.
-pub struct Dataset {
-    pub tokenizer: CharTokenizer,
+/// The encoded corpus, split 90/10 into a training and a validation part. Chapters 1 to 6
+/// read characters; chapter 4's trainer can also read chapter 7's tokens (`Dataset<Tokenizer>`).
+pub struct Dataset<T = CharTokenizer> {
+    pub tokenizer: T,
     pub train: Vec<usize>,
     pub val: Vec<usize>,
+    /// How many characters of text each split's tokens stand for.
+    pub train_chars: usize,
+    pub val_chars: usize,
 }
 
 impl Dataset {
@@ -30,9 +34,45 @@ impl Dataset {
             tokenizer,
             val: data[n..].to_vec(),
             train: data[..n].to_vec(),
+            train_chars: n,
+            val_chars: data.len() - n,
         })
     }
     // ANCHOR_END: split
+}
+
+impl Dataset<Tokenizer> {
+    // ANCHOR: tokenized
+    /// Splits `text` at 90% of its characters, then encodes each part: the same training
+    /// and validation text as `Dataset::new`, whatever the tokenizer, so that losses can be
+    /// compared per character.
+    pub fn tokenized(text: &str, tokenizer: Tokenizer) -> Result<Self> {
+        let chars = text.chars().count();
+        let n = chars * 9 / 10;
+        let at = text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
+        Ok(Self {
+            train: tokenizer.encode(&text[..at])?,
+            val: tokenizer.encode(&text[at..])?,
+            tokenizer,
+            train_chars: n,
+            val_chars: chars - n,
+        })
+    }
+    // ANCHOR_END: tokenized
+}
+
+impl<T> Dataset<T> {
+    // ANCHOR: bits_per_char
+    /// A loss in nats per token of `split`, as bits per character of its text: the
+    /// measure that does not depend on how the text was cut into tokens.
+    pub fn bits_per_char(&self, split: Split, loss: f64) -> f64 {
+        let (tokens, chars) = match split {
+            Split::Train => (self.train.len(), self.train_chars),
+            Split::Val => (self.val.len(), self.val_chars),
+        };
+        loss * tokens as f64 / chars.max(1) as f64 / std::f64::consts::LN_2
+    }
+    // ANCHOR_END: bits_per_char
 
     pub fn split(&self, split: Split) -> &[usize] {
         match split {
@@ -50,7 +90,7 @@ impl Dataset {
         if shortest < block_size + 1 {
             bail!(
                 "the text is too short for block size {block_size}: the validation split has {} \
-                 characters and the training split {}, each needs at least {} \
+                 tokens and the training split {}, each needs at least {} \
                  (use a longer text or a smaller --block-size)",
                 self.val.len(),
                 self.train.len(),

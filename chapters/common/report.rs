@@ -348,6 +348,17 @@ pub fn plot_curves(
     x_desc: &str,
     curves: &[(&str, Vec<(f64, f64)>)],
 ) -> Result<()> {
+    plot_curves_at(path, title, x_desc, curves, SeriesLabelPosition::UpperLeft)
+}
+
+/// `plot_curves` with the legend where the curves leave room (falling curves: upper right).
+pub fn plot_curves_at(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    curves: &[(&str, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> Result<()> {
     let points = || curves.iter().flat_map(|(_, c)| c.iter());
     let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let (y0, y1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
@@ -374,7 +385,7 @@ pub fn plot_curves(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend)
         .border_style(BLACK)
         .background_style(WHITE.mix(0.8))
         .draw()?;

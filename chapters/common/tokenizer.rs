@@ -1,7 +1,11 @@
-//! A character-level tokenizer: every distinct character of the corpus is one token.
+//! A character-level tokenizer: every distinct character of the corpus is one token. And
+//! the choice between it and chapter 7's byte-pair encoding, for chapter 4's trainer.
 
-use anyhow::{Result, bail};
+use crate::ch07_bpe::Bpe;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
 
 // ANCHOR: tokenizer
 #[derive(Clone, Debug, PartialEq)]
@@ -65,3 +69,158 @@ impl CharTokenizer {
     }
 }
 // ANCHOR_END: tokenizer
+
+// ANCHOR: tokenizers
+/// The tokenizers a GPT of this course can read: chapter 1's characters, or chapter 7's
+/// byte-level BPE. A checkpoint stores its tokenizer whole (see `Saved`), so sampling from it
+/// never has to guess which one it was trained with.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(into = "Saved", try_from = "Saved")]
+pub enum Tokenizer {
+    Char(CharTokenizer),
+    Bpe(Bpe),
+}
+
+impl Tokenizer {
+    /// `--tokenizer char` (the characters of `text`) or `--tokenizer FILE` (a tokenizer file
+    /// written by chapter 7).
+    pub fn choose(choice: &str, text: &str) -> Result<Self> {
+        Ok(match choice {
+            "char" => Self::Char(CharTokenizer::from_text(text)),
+            file => Self::Bpe(Bpe::load(Path::new(file)).with_context(|| {
+                format!("--tokenizer takes `char` or a tokenizer file made by ch07_bpe; {file}")
+            })?),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Char(t) => t.vocab_size(),
+            Self::Bpe(t) => t.vocab_size(),
+        }
+    }
+
+    /// "65 characters" or "byte-level BPE, 1024 tokens".
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Char(t) => format!("{} characters", t.vocab_size()),
+            Self::Bpe(t) => format!("byte-level BPE, {} tokens", t.vocab_size()),
+        }
+    }
+
+    /// Text to ids. Only the character tokenizer can meet text it cannot encode; BPE's
+    /// 256 byte tokens cover everything.
+    pub fn encode(&self, text: &str) -> Result<Vec<usize>> {
+        match self {
+            Self::Char(t) => t.encode(text),
+            Self::Bpe(t) => Ok(t.encode(text).into_iter().map(|id| id as usize).collect()),
+        }
+    }
+
+    /// Ids to the bytes of their text (an id the tokenizer lacks becomes U+FFFD's bytes).
+    pub fn decode_bytes(&self, ids: &[usize]) -> Vec<u8> {
+        match self {
+            Self::Char(t) => t.decode(ids).into_bytes(),
+            Self::Bpe(t) => ids
+                .iter()
+                .flat_map(|&id| {
+                    t.decode_bytes(&[id as u32])
+                        .unwrap_or_else(|_| "\u{FFFD}".into())
+                })
+                .collect(),
+        }
+    }
+
+    /// Ids to text; a sequence cut inside a character shows U+FFFD there.
+    pub fn decode(&self, ids: &[usize]) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
+    }
+
+    /// The same tokens with the same ids (compared through the saved form).
+    pub fn same_as(&self, other: &Self) -> bool {
+        Saved::from(self.clone()) == Saved::from(other.clone())
+    }
+}
+// ANCHOR_END: tokenizers
+
+// ANCHOR: stream_decoder
+/// Decodes ids one at a time for printing as they are generated. A BPE token can end
+/// inside a character (the first two of an emoji's four bytes), so bytes that do not yet
+/// make a whole character wait for the next token.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// The text that `id` completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: usize) -> String {
+        self.pending.extend(tokenizer.decode_bytes(&[id]));
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out += s;
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out += std::str::from_utf8(&self.pending[..valid]).expect("valid");
+                    match e.error_len() {
+                        // Bytes that can never be a character: show U+FFFD, go on.
+                        Some(bad) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..valid + bad);
+                        }
+                        // The start of a character: wait for the rest.
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is left at the end (an unfinished character, as U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let rest = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        rest
+    }
+}
+// ANCHOR_END: stream_decoder
+
+/// How a checkpoint's `meta.json` stores a tokenizer: the characters in id order, or the
+/// whole chapter 7 tokenizer file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Saved {
+    Char { chars: String },
+    Bpe { file: String },
+}
+
+impl From<Tokenizer> for Saved {
+    fn from(t: Tokenizer) -> Self {
+        match t {
+            Tokenizer::Char(t) => Saved::Char {
+                chars: t.vocab_string(),
+            },
+            Tokenizer::Bpe(t) => Saved::Bpe {
+                file: t.to_file_string(),
+            },
+        }
+    }
+}
+
+impl TryFrom<Saved> for Tokenizer {
+    type Error = anyhow::Error;
+    fn try_from(s: Saved) -> Result<Self> {
+        Ok(match s {
+            Saved::Char { chars } => Self::Char(CharTokenizer::from_chars(chars.chars().collect())),
+            Saved::Bpe { file } => Self::Bpe(Bpe::from_file_string(&file)?),
+        })
+    }
+}

@@ -56,9 +56,9 @@ pub struct EvalSettings {
 
 /// Estimates the loss on both splits with the inference copy of `model` (no autodiff,
 /// dropout off). Batches depend only on (seed, step), so every backend sees the same ones.
-pub fn estimate_loss<M: LanguageModel>(
+pub fn estimate_loss<M: LanguageModel, T>(
     model: &M,
-    data: &Dataset,
+    data: &Dataset<T>,
     eval: &EvalSettings,
     step: usize,
 ) -> LossRecord {
@@ -174,10 +174,10 @@ pub fn model_device<M: Module>(model: &M) -> Device {
 /// Trains `model` (whose parameters live on an autodiff device) from `start_step` to
 /// `settings.steps`. Losses are estimated at every multiple of `eval_interval` and after the
 /// last step. A loss that is not finite stops the run with an error.
-pub fn train<M: LanguageModel>(
+pub fn train<M: LanguageModel, T>(
     mut model: M,
     optim: &mut ModuleOptimizer,
-    data: &Dataset,
+    data: &Dataset<T>,
     settings: &TrainSettings,
     start_step: usize,
     hooks: &mut dyn TrainHooks<M>,
@@ -293,10 +293,10 @@ pub fn fit<M: LanguageModel>(
 // ANCHOR: train_step
 /// One optimizer step on the training batch of `step`. Returns the new model, the batch
 /// loss and the gradient norm before clipping.
-pub fn train_step<M: LanguageModel>(
+pub fn train_step<M: LanguageModel, T>(
     model: M,
     optim: &mut ModuleOptimizer,
-    data: &Dataset,
+    data: &Dataset<T>,
     settings: &TrainSettings,
     step: usize,
     lr: f64,

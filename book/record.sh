@@ -39,8 +39,9 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
     BACKEND=flex bash "$self" ch06_generate
   TAG=short ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best --max-new-tokens 200 --bench-tokens 200" \
     BACKEND=wgpu bash "$self" ch06_generate
-  # Chapter 7: the tokenizer, trained and checked against GPT-2's (a few seconds).
-  bash "$self" ch07_bpe
+  # Chapter 7: the tokenizer, trained and checked against GPT-2's, then the baby GPT on
+  # characters and on BPE tokens (about 7 minutes on flex).
+  BACKEND=flex bash "$self" ch07_bpe
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain

@@ -9,7 +9,9 @@ use course::ch04_pretrain::{Overrides, PRESETS};
 use course::ch07_bpe::gpt::{Outcome, Race, compete};
 use course::ch07_bpe::{Bpe, END_OF_TEXT, GPT2_PATTERN, TrainReport, gpt2, train};
 use course::common::cli::CommonArgs;
-use course::common::report::{Machine, plot_bars, plot_curves, plot_curves_at, write_json};
+use course::common::report::{
+    Machine, plot_bars, plot_curves, plot_curves_at, write_atomic, write_json,
+};
 use course::common::tokenizer::Tokenizer;
 use course::common::{Run, section};
 use plotters::prelude::SeriesLabelPosition;
@@ -463,6 +465,8 @@ fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
     for o in outcomes {
         println!("\n--- sample: {} ---\n{}", o.name, o.sample.trim_end());
     }
+    let table = run.out.join("gpt_on_tokens.md");
+    write_atomic(&table, markdown_table(outcomes).as_bytes())?;
     let curves: Vec<(&str, Vec<(f64, f64)>)> = (outcomes.iter())
         .map(|o| {
             (
@@ -480,6 +484,32 @@ fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
         &curves,
         SeriesLabelPosition::UpperRight,
     )?;
-    println!("\nwrote {}", path.display());
+    println!("\nwrote {} and {}", table.display(), path.display());
     Ok(())
+}
+
+/// The comparison as the book shows it.
+fn markdown_table(outcomes: &[Outcome]) -> String {
+    let mut md = String::from(
+        "| tokenizer | vocabulary | parameters | characters per token | GFLOP per step \
+         | characters per step | val loss (nats per token) | val bits per character \
+         | whole val text, bits per character | training time |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        md += &format!(
+            "| {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.4} | {:.4} | **{:.4}** | {:.1} s |\n",
+            o.name,
+            o.vocab_size,
+            o.parameters,
+            o.chars_per_token,
+            o.gflop_per_step,
+            o.chars_per_step,
+            o.val_loss,
+            o.val_bits_per_char,
+            o.whole_val_bits_per_char,
+            o.train_seconds
+        );
+    }
+    md
 }

@@ -121,7 +121,11 @@ fn whole_split_bits_is_the_summed_loss_per_character() {
             nats -= logp[i * v + ids[k * t + i + 1]] as f64;
         }
     }
-    let chars = data.tokenizer.decode(&ids[1..blocks * t + 1]).chars().count();
+    let chars = data
+        .tokenizer
+        .decode(&ids[1..blocks * t + 1])
+        .chars()
+        .count();
     let expected = nats / chars as f64 / std::f64::consts::LN_2;
     assert!(
         (bits - expected).abs() < 1e-4 * expected,

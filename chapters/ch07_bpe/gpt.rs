@@ -120,7 +120,11 @@ pub fn whole_split_bits<M: LanguageModel>(
         nats += mean * (b * t) as f64;
     }
     // Decoded in one piece: a character cut between two blocks still counts once.
-    let chars = data.tokenizer.decode(&ids[1..blocks * t + 1]).chars().count();
+    let chars = data
+        .tokenizer
+        .decode(&ids[1..blocks * t + 1])
+        .chars()
+        .count();
     nats / chars as f64 / std::f64::consts::LN_2
 }
 // ANCHOR_END: whole_split

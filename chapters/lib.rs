@@ -13,6 +13,7 @@ pub mod ch04_pretrain;
 pub mod ch05_fast;
 pub mod ch06_generate;
 pub mod ch07_bpe;
+pub mod ch08_pretrained;
 pub mod compare_backends;
 pub mod exercises;
 

@@ -46,9 +46,11 @@ impl FeedForward {
         // Until chapter 5, k.linear(layer, x) is layer.forward_rows(x) and
         // k.dropout(dropout, x) is dropout.forward(x).
         let k = self.kernels;
-        let h = match k {
-            Kernels::Burn => self.gelu.forward(self.c_fc.forward_rows(x)), // [b, t, 4c]
-            fused => fused.gelu(fused.linear(&self.c_fc, x)),
+        let h = k.linear(&self.c_fc, x); // [b, t, 4c]
+        let h = match (k, self.gelu.approximate) {
+            // GPT-2's tanh form (chapter 8) has no fused kernel: Burn's.
+            (Kernels::Burn, _) | (_, true) => self.gelu.forward(h),
+            (fused, false) => fused.gelu(h),
         };
         k.dropout(&self.dropout, k.linear(&self.c_proj, h)) // [b, t, c]
     }
@@ -164,6 +166,10 @@ pub struct GptConfig {
     /// 1/sqrt(2 * n_layer) smaller than the others. Off: every weight N(0, 0.02), as GPT-1.
     #[config(default = false)]
     pub gpt2_init: bool,
+    /// GPT-2's tanh approximation of GELU instead of the exact erf form (GPT-1, and this
+    /// course's own models); only for GPT-2's published weights (chapter 8).
+    #[config(default = false)]
+    pub gelu_tanh: bool,
 }
 // ANCHOR_END: config
 
@@ -290,7 +296,10 @@ impl GptConfig {
             ln_2: ln(),
             mlp: FeedForward {
                 c_fc: linear(c, 4 * c, std),
-                gelu: Gelu::new(),
+                gelu: match self.gelu_tanh {
+                    true => Gelu::new_approximate(),
+                    false => Gelu::new(),
+                },
                 c_proj: linear(4 * c, c, proj_std),
                 dropout: dropout(),
                 kernels: Kernels::Burn,

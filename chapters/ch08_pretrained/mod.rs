@@ -1,0 +1,102 @@
+//! Chapter 8: OpenAI's GPT-2 in the course's own decoder. Hugging Face's `model.safetensors`
+//! is read by Burn's store into chapter 3's `Gpt`, with only what GPT-2 needs switched on:
+//! biases, pre-LN, the tied head and the tanh form of GELU.
+
+use crate::ch03_gpt::{Gpt, GptConfig, Norm};
+use anyhow::{Context, Result, anyhow, bail};
+use burn::prelude::*;
+use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
+use std::path::Path;
+
+// ANCHOR: names
+/// GPT-2's tensor names, made the course's. nanoGPT named its layers after GPT-2's, and this
+/// course after nanoGPT's, so only two things differ: the blocks are `h.N` there and
+/// `blocks.N` here, and a LayerNorm's `weight`/`bias` are Burn's `gamma`/`beta`. GPT-2's
+/// `Conv1D` stores its weight as `[in, out]`, as Burn's `Linear` does: nothing is transposed.
+pub fn gpt2_store(path: &Path) -> SafetensorsStore {
+    SafetensorsStore::from_file(path)
+        .with_key_remapping(r"^transformer\.", "") // a file saved from GPT2LMHeadModel
+        .with_key_remapping(r"^h\.(\d+)\.", "blocks.$1.")
+        .with_key_remapping(r"(ln_1|ln_2|ln_f)\.weight$", "$1.gamma")
+        .with_key_remapping(r"(ln_1|ln_2|ln_f)\.bias$", "$1.beta")
+}
+// ANCHOR_END: names
+
+// ANCHOR: config
+/// GPT-2's shape, read from the file: vocabulary and width from `wte`, positions from `wpe`,
+/// layers from the block numbers. The number of heads is not in the file: `n_head`, else
+/// the `config.json` beside it, else 64 dimensions per head, as in every published size.
+pub fn gpt2_config(store: &mut SafetensorsStore, n_head: Option<usize>) -> Result<GptConfig> {
+    let tensors = store.get_all_tensors().map_err(|e| anyhow!("{e}"))?;
+    let dims = |name: &str| match tensors.get(name).map(|t| t.shape.as_slice()) {
+        Some(&[rows, cols]) => Ok((rows, cols)),
+        Some(other) => bail!("tensor {name} has shape {other:?}, not [rows, width]"),
+        None => bail!("the file has no tensor {name}: is it a GPT-2 checkpoint?"),
+    };
+    let ((vocab, c), (positions, c_pos)) = (dims("wte.weight")?, dims("wpe.weight")?);
+    if c != c_pos {
+        bail!("wte.weight is {c} wide but wpe.weight {c_pos}");
+    }
+    let n_layer = (tensors.keys())
+        .filter_map(|k| {
+            k.strip_prefix("blocks.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
+    let config = GptConfig::new(vocab, positions, n_layer, n_head.unwrap_or(c / 64), c)
+        .with_bias(true)
+        .with_norm(Norm::Pre)
+        .with_tie_weights(true)
+        .with_gelu_tanh(true);
+    config.validate()?;
+    Ok(config)
+}
+// ANCHOR_END: config
+
+/// `n_head` from the Hugging Face `config.json` next to `weights`, if there is one.
+pub fn n_head_beside(weights: &Path) -> Result<Option<usize>> {
+    let path = weights.with_file_name("config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(json["n_head"].as_u64().map(|n| n as usize))
+}
+
+// ANCHOR: load
+/// GPT-2 from a `model.safetensors` file, on `device`. A tensor the model needs that the
+/// file lacks, or one of another shape, is an error naming it; tensors the model does not
+/// use (the causal masks `h.N.attn.bias` older files carry) are left alone.
+pub fn load_gpt2(path: &Path, n_head: Option<usize>, device: &Device) -> Result<Gpt> {
+    if !path.is_file() {
+        bail!("no weights file at {}", path.display());
+    }
+    let mut store = gpt2_store(path);
+    let n_head = match n_head {
+        Some(n) => Some(n),
+        None => n_head_beside(path)?,
+    };
+    let config = gpt2_config(&mut store, n_head)
+        .with_context(|| format!("{} does not hold GPT-2's weights", path.display()))?;
+    let mut model = config.init(device);
+    let result = (model.load_from(&mut store))
+        .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
+    if !result.missing.is_empty() || !result.errors.is_empty() {
+        let missing = result.missing.iter().map(|(name, _)| name.as_str());
+        bail!(
+            "{}: missing tensors [{}]; errors {:?}",
+            path.display(),
+            missing.collect::<Vec<_>>().join(", "),
+            result.errors
+        );
+    }
+    Ok(model)
+}
+// ANCHOR_END: load

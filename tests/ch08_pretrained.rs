@@ -1,0 +1,120 @@
+//! Chapter 8: GPT-2's weights in the course's decoder give the logits Hugging Face's
+//! `transformers` gives (fixtures made by `tests/fixtures/ch08/make_fixtures.py`).
+
+mod support;
+
+use course::ch05_fast::Kernels;
+use course::ch08_pretrained::load_gpt2;
+use course::common::backend::Backend;
+use course::common::dataset::ids_tensor;
+use course::common::train::LanguageModel;
+use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, TensorView};
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ch08")
+        .join(name)
+}
+
+/// The reference input ids `[2, 16]` and transformers' logits for them, flattened.
+fn reference() -> (Vec<i64>, [usize; 2], Vec<f32>) {
+    let bytes = std::fs::read(fixture("gpt2-tiny/reference.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let ids = file.tensor("ids").unwrap();
+    let shape = [ids.shape()[0], ids.shape()[1]];
+    let ids = (ids.data().chunks_exact(8))
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let logits = file.tensor("logits").unwrap();
+    let logits = (logits.data().chunks_exact(4))
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (ids, shape, logits)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn gpt2_weights_give_transformers_logits_on_every_backend() {
+    let (ids, shape, expected) = reference();
+    let mut devices = vec![
+        ("ndarray", support::ndarray_device(), Kernels::Burn),
+        ("flex", Backend::Flex.device(), Kernels::Burn),
+        ("flex fused", Backend::Flex.device(), Kernels::Fused),
+    ];
+    if let Some(wgpu) = support::wgpu_device() {
+        devices.push(("wgpu", wgpu, Kernels::Burn));
+    }
+    for (name, device, kernels) in devices {
+        let model = load_gpt2(&fixture("gpt2-tiny/model.safetensors"), None, &device)
+            .unwrap()
+            .with_kernels(kernels);
+        let logits = model.forward(ids_tensor(ids.clone(), shape, &device)); // [2, 16, 1000]
+        assert_eq!(logits.dims(), [2, 16, 1000]);
+        let logits = logits.into_data().try_to_vec::<f32>().unwrap();
+        let diff = max_diff(&logits, &expected);
+        assert!(
+            diff < 1e-4,
+            "{name}: logits differ from transformers' by {diff}"
+        );
+    }
+}
+
+/// The fixture's tensors with `edit` applied, written to a new file.
+fn edited(dir: &Path, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) -> PathBuf {
+    let bytes = std::fs::read(fixture("gpt2-tiny/model.safetensors")).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (name, view) in file.tensors() {
+        if let Some(shape) = edit(&name, view.shape()) {
+            let n: usize = shape.iter().product();
+            kept.push((name, shape, view.data()[..n * 4].to_vec()));
+        }
+    }
+    let views: Vec<(String, TensorView)> = (kept.iter())
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), data).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    let path = dir.join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+#[test]
+fn a_missing_or_misshapen_tensor_is_an_error_naming_it() {
+    let dir = support::tempdir();
+    let device = support::ndarray_device();
+    let load = |path: &Path| load_gpt2(path, Some(4), &device).map(|_| ()).unwrap_err();
+
+    let missing = edited(dir.path(), |name, shape| {
+        (name != "h.1.mlp.c_fc.bias").then(|| shape.to_vec())
+    });
+    let err = format!("{:#}", load(&missing));
+    assert!(err.contains("blocks.1.mlp.c_fc.bias"), "{err}");
+
+    let misshapen = edited(dir.path(), |name, shape| match name {
+        "h.0.attn.c_proj.weight" => Some(vec![shape[0], shape[1] - 1]),
+        _ => Some(shape.to_vec()),
+    });
+    let err = format!("{:#}", load(&misshapen));
+    assert!(err.contains("blocks.0.attn.c_proj.weight"), "{err}");
+
+    let no_wte = edited(dir.path(), |name, shape| {
+        (name != "wte.weight").then(|| shape.to_vec())
+    });
+    let err = format!("{:#}", load(&no_wte));
+    assert!(err.contains("no tensor wte.weight"), "{err}");
+
+    let err = format!("{:#}", load(&dir.path().join("absent.safetensors")));
+    assert!(err.contains("no weights file"), "{err}");
+}

@@ -42,6 +42,10 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # Chapter 7: the tokenizer, trained and checked against GPT-2's, then the baby GPT on
   # characters and on BPE tokens (about 7 minutes on flex).
   BACKEND=flex bash "$self" ch07_bpe
+  # Chapter 8 on the test fixture (random weights of GPT-2's layout: these machines cannot
+  # download the real ones).
+  TAG=fixture ARGS="--weights tests/fixtures/ch08/gpt2-tiny/model.safetensors --tokenizer tests/fixtures/ch08/gpt2-tiny/tokenizer.txt --max-new-tokens 60" \
+    BACKEND=flex bash "$self" ch08_pretrained
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain

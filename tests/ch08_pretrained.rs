@@ -118,3 +118,87 @@ fn a_missing_or_misshapen_tensor_is_an_error_naming_it() {
     let err = format!("{:#}", load(&dir.path().join("absent.safetensors")));
     assert!(err.contains("no weights file"), "{err}");
 }
+
+#[test]
+fn cached_generation_of_gpt2_matches_recomputing() {
+    use course::ch06_generate::{Generation, Window, generate};
+    use course::common::sample::SampleOptions;
+    let device = Backend::Flex.device();
+    let model = load_gpt2(&fixture("gpt2-tiny/model.safetensors"), None, &device).unwrap();
+    let greedy = |cached| Generation {
+        opts: SampleOptions {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+        },
+        window: Window::Slide,
+        cached,
+        fixed_shape: false,
+    };
+    let mut rng = course::common::dataset::rng_for(1, 2, 3);
+    let prompt = [5, 17, 923];
+    let with = generate(&model, &prompt, 1, 80, greedy(true), &mut rng, |_, _| {});
+    let without = generate(&model, &prompt, 1, 80, greedy(false), &mut rng, |_, _| {});
+    assert_eq!(with, without, "past the 64 positions too");
+}
+
+fn notebook(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let corpus = support::corpus_path();
+    let mut all = vec!["--data", corpus.to_str().unwrap()];
+    all.extend(args);
+    support::run_bin(env!("CARGO_BIN_EXE_ch08_pretrained"), &all, envs)
+}
+
+#[test]
+fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
+    let dir = support::tempdir();
+    let out = dir.path().to_str().unwrap();
+    let weights = fixture("gpt2-tiny/model.safetensors");
+    let weights = weights.to_str().unwrap();
+    let tokenizer = fixture("gpt2-tiny/tokenizer.txt");
+    let tokenizer = tokenizer.to_str().unwrap();
+    let (code, stdout, err) = notebook(
+        &[
+            "--tokenizer",
+            tokenizer,
+            "--max-new-tokens",
+            "10",
+            "--eval-chars",
+            "5000",
+            "--out",
+            out,
+        ],
+        &[("GPT2_WEIGHTS", weights)],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("h.0.ln_1.weight") && stdout.contains("blocks.0.ln_1.gamma"),
+        "{stdout}"
+    );
+    let summary = std::fs::read_to_string(dir.path().join("summary.json")).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let bits = summary["val_bits_per_char"].as_f64().unwrap();
+    assert!(bits > 2.0 && bits < 12.0, "random weights: {bits}");
+
+    let (code, _, err) = notebook(&["--out", out], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--weights") && err.contains("huggingface.co"),
+        "{err}"
+    );
+    let (code, _, err) = notebook(&["--weights", weights, "--out", out], &[]);
+    assert_ne!(
+        code, 0,
+        "GPT-2's 50,257 tokens do not fit a 1,000-token model"
+    );
+    assert!(
+        err.contains("50257 tokens but the model only 1000"),
+        "{err}"
+    );
+    let (code, _, err) = notebook(&["--weights", "nothing.safetensors", "--out", out], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("no weights file") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -9,16 +9,33 @@ use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
 use std::path::Path;
 
 // ANCHOR: names
-/// GPT-2's tensor names, made the course's. nanoGPT named its layers after GPT-2's, and this
-/// course after nanoGPT's, so only two things differ: the blocks are `h.N` there and
-/// `blocks.N` here, and a LayerNorm's `weight`/`bias` are Burn's `gamma`/`beta`. GPT-2's
-/// `Conv1D` stores its weight as `[in, out]`, as Burn's `Linear` does: nothing is transposed.
+/// GPT-2's tensor names, made the course's (patterns applied in order). nanoGPT named its
+/// layers after GPT-2's, and this course after nanoGPT's, so only two things differ: the
+/// blocks are `h.N` there and `blocks.N` here, and a LayerNorm's `weight`/`bias` are Burn's
+/// `gamma`/`beta`. GPT-2's `Conv1D` stores its weight as `[in, out]`, as Burn's `Linear`
+/// does: nothing is transposed.
+pub const RENAMES: [(&str, &str); 4] = [
+    (r"^transformer\.", ""), // a file saved from GPT2LMHeadModel rather than GPT2Model
+    (r"^h\.(\d+)\.", "blocks.$1."),
+    (r"(ln_1|ln_2|ln_f)\.weight$", "$1.gamma"),
+    (r"(ln_1|ln_2|ln_f)\.bias$", "$1.beta"),
+];
+
+/// Burn's store for a GPT-2 file, renaming as it reads.
 pub fn gpt2_store(path: &Path) -> SafetensorsStore {
-    SafetensorsStore::from_file(path)
-        .with_key_remapping(r"^transformer\.", "") // a file saved from GPT2LMHeadModel
-        .with_key_remapping(r"^h\.(\d+)\.", "blocks.$1.")
-        .with_key_remapping(r"(ln_1|ln_2|ln_f)\.weight$", "$1.gamma")
-        .with_key_remapping(r"(ln_1|ln_2|ln_f)\.bias$", "$1.beta")
+    (RENAMES.iter()).fold(SafetensorsStore::from_file(path), |store, (from, to)| {
+        store.with_key_remapping(from, *to)
+    })
+}
+
+/// The course's name for one of GPT-2's tensors (what `gpt2_store` does to each).
+pub fn course_name(gpt2_name: &str) -> String {
+    RENAMES
+        .iter()
+        .fold(gpt2_name.to_string(), |name, (from, to)| {
+            let re = fancy_regex::Regex::new(from).expect("a valid pattern");
+            re.replace(&name, *to).into_owned()
+        })
 }
 // ANCHOR_END: names
 

@@ -1,0 +1,244 @@
+//! Chapter 8 as a notebook: OpenAI's GPT-2 in chapter 3's decoder, tokenized by chapter 7's
+//! encoder with GPT-2's ranks, generating with chapter 6's cache.
+//!
+//! Run: `cargo run --release --bin ch08_pretrained -- --weights model.safetensors --prompt "..."`
+
+use anyhow::{Result, bail};
+use burn::module::Module;
+use burn::store::{ModuleStore, SafetensorsStore};
+use clap::Parser;
+use course::ch03_gpt::Gpt;
+use course::ch05_fast::Kernels;
+use course::ch06_generate::{Generation, Window, generate};
+use course::ch07_bpe::gpt::whole_split_bits;
+use course::ch07_bpe::{Bpe, gpt2};
+use course::ch08_pretrained::{course_name, load_gpt2};
+use course::common::cli::{CommonArgs, SampleArgs};
+use course::common::dataset::{Dataset, Split, rng_for, stream};
+use course::common::report::write_json;
+use course::common::tokenizer::{StreamDecoder, Tokenizer};
+use course::common::{Run, section};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const CHAPTER: &str = "ch08_pretrained";
+/// Where Hugging Face publishes GPT-2 124M's weights (548 MB).
+const GPT2_URL: &str =
+    "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors";
+
+/// Chapter 8: OpenAI's GPT-2 in the course's own decoder.
+#[derive(Parser, Debug)]
+#[command(name = CHAPTER, version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// GPT-2's `model.safetensors` from Hugging Face (or set GPT2_WEIGHTS).
+    #[arg(long, value_name = "FILE")]
+    weights: Option<PathBuf>,
+    /// Attention heads (default: n_head of the config.json beside the weights, else width/64).
+    #[arg(long)]
+    n_head: Option<usize>,
+    /// A chapter 7 tokenizer file instead of GPT-2's own (for models with another vocabulary).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// Text to continue.
+    #[arg(long, default_value = "ROMEO:")]
+    prompt: String,
+    #[command(flatten)]
+    sampling: SampleArgs,
+    /// Characters of the validation text to measure in 8.4 (0: all of it).
+    #[arg(long, default_value_t = 0)]
+    eval_chars: usize,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    weights: String,
+    parameters: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_embd: usize,
+    block_size: usize,
+    vocab_size: usize,
+    load_seconds: f64,
+    tokens_per_second: f64,
+    val_chars: usize,
+    val_bits_per_char: f64,
+}
+
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(|| {
+        let args = Args::parse();
+        let options = args.sampling.options()?;
+        let run = args
+            .common
+            .start(CHAPTER, "Chapter 8: GPT-2's weights", None)?;
+        let weights = weights_path(&args)?;
+        let (model, load_seconds) = the_weights(&weights, args.n_head, &run)?;
+        the_names(&weights)?;
+        let tokenizer = the_tokenizer(&args, &model)?;
+        let how = Generation {
+            opts: options,
+            window: Window::Slide,
+            cached: true,
+            fixed_shape: !run.backend.is_cpu(),
+        };
+        let tokens_per_second = text_in_text_out(&model, &tokenizer, &args, how)?;
+        let (val_chars, bits) = bits_per_character(&model, tokenizer, &run, args.eval_chars)?;
+        let cfg = course::ch06_generate::config_of(&model);
+        let summary = Summary {
+            weights: weights.display().to_string(),
+            parameters: model.num_params(),
+            n_layer: cfg.n_layer,
+            n_head: cfg.n_head,
+            n_embd: cfg.n_embd,
+            block_size: cfg.block_size,
+            vocab_size: cfg.vocab_size,
+            load_seconds,
+            tokens_per_second,
+            val_chars,
+            val_bits_per_char: bits,
+        };
+        write_json(&run.out.join("summary.json"), &summary)
+    })
+}
+
+/// `--weights`, else `$GPT2_WEIGHTS`; neither is an error that says where the file is.
+fn weights_path(args: &Args) -> Result<PathBuf> {
+    let env = std::env::var_os("GPT2_WEIGHTS").filter(|p| !p.is_empty());
+    match args.weights.clone().or(env.map(PathBuf::from)) {
+        Some(path) => Ok(path),
+        None => bail!(
+            "no GPT-2 weights: pass --weights FILE (or set GPT2_WEIGHTS) to Hugging Face's \
+             model.safetensors for gpt2 ({GPT2_URL}, 548 MB)"
+        ),
+    }
+}
+
+// ANCHOR: the_weights
+/// 8.1: the file's tensors into chapter 3's decoder, configured by their shapes.
+fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, f64)> {
+    section("8.1", "The weights");
+    let start = Instant::now();
+    let model = load_gpt2(path, n_head, &run.device)?.with_kernels(Kernels::Fused);
+    let seconds = start.elapsed().as_secs_f64();
+    let cfg = course::ch06_generate::config_of(&model);
+    println!(
+        "{}: {} parameters in {seconds:.2} s",
+        path.display(),
+        model.num_params()
+    );
+    println!(
+        "{} layers, {} heads, {} wide, {} positions, {} tokens; pre-LN, biases, tied head, tanh GELU",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size
+    );
+    Ok((model, seconds))
+}
+// ANCHOR_END: the_weights
+
+// ANCHOR: the_names
+/// 8.2: what each of the first block's tensors is called here, and its shape.
+fn the_names(path: &Path) -> Result<()> {
+    section("8.2", "GPT-2's names, the course's names");
+    let mut store = SafetensorsStore::from_file(path);
+    let tensors = store
+        .get_all_tensors()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (name, tensor) in tensors {
+        if name.starts_with("h.0.") || !name.starts_with("h.") {
+            let shape = format!("{:?}", tensor.shape.as_slice());
+            let ours = match name.ends_with(".attn.bias") || name.ends_with(".masked_bias") {
+                true => "(unused: the causal mask, which the decoder makes itself)".into(),
+                false => course_name(name),
+            };
+            println!("{name:<26} {shape:<14} -> {ours}");
+        }
+    }
+    println!("(blocks 1 and up: the same names with their own number)");
+    Ok(())
+}
+// ANCHOR_END: the_names
+
+/// GPT-2's tokenizer (chapter 7, with tiktoken-rs's ranks), or `--tokenizer FILE`; either
+/// must fit the model's vocabulary.
+fn the_tokenizer(args: &Args, model: &Gpt) -> Result<Tokenizer> {
+    let tokenizer = Tokenizer::Bpe(match &args.tokenizer {
+        Some(file) => Bpe::load(file)?,
+        None => gpt2()?,
+    });
+    let vocab = course::ch06_generate::config_of(model).vocab_size;
+    if tokenizer.vocab_size() > vocab {
+        bail!(
+            "the tokenizer has {} tokens but the model only {vocab}: pass the tokenizer it \
+             was trained with (--tokenizer FILE)",
+            tokenizer.vocab_size()
+        );
+    }
+    Ok(tokenizer)
+}
+
+// ANCHOR: text_in_text_out
+/// 8.3: prompt -> ids -> generation with the cache -> text, printed as it comes.
+fn text_in_text_out(model: &Gpt, tok: &Tokenizer, args: &Args, how: Generation) -> Result<f64> {
+    section("8.3", "Text in, text out");
+    let prompt = tok.encode(&args.prompt)?;
+    if prompt.is_empty() || prompt.len() >= model.block_size {
+        bail!(
+            "the prompt is {} tokens; it must have 1 to {}",
+            prompt.len(),
+            model.block_size - 1
+        );
+    }
+    println!("{:?} -> {} tokens {prompt:?}", args.prompt, prompt.len());
+    let n = args.sampling.max_new_tokens;
+    let (mut rng, mut text) = (
+        rng_for(args.common.seed, stream::SAMPLE, 8),
+        StreamDecoder::default(),
+    );
+    let mut stdout = std::io::stdout();
+    print!("{}", args.prompt);
+    let start = Instant::now();
+    generate(model, &prompt, 1, n, how, &mut rng, |_, t| {
+        print!("{}", text.push(tok, t));
+        let _ = stdout.flush();
+    });
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    println!(
+        "{}\n({n} tokens, {rate:.1} tokens/s with the cache)",
+        text.finish()
+    );
+    Ok(rate)
+}
+// ANCHOR_END: text_in_text_out
+
+// ANCHOR: bits_per_character
+/// 8.4: the model's code length for Tiny Shakespeare's validation text (chapter 7's
+/// measure), to set beside the course's own models.
+fn bits_per_character(
+    model: &Gpt,
+    tokenizer: Tokenizer,
+    run: &Run,
+    eval_chars: usize,
+) -> Result<(usize, f64)> {
+    section("8.4", "Bits per character on the validation text");
+    let mut data = Dataset::tokenized(&run.corpus.text, tokenizer)?;
+    if eval_chars > 0 {
+        // The first `eval_chars` characters' worth of validation tokens (at least one block).
+        let keep = (eval_chars as f64 * data.val.len() as f64 / data.val_chars as f64) as usize;
+        data.val.truncate(keep.max(model.block_size + 1));
+        data.val_chars = data.tokenizer.decode(&data.val).chars().count();
+    }
+    data.check_block_size(model.block_size)?;
+    let start = Instant::now();
+    let bits = whole_split_bits(model, &data, Split::Val, 4);
+    println!(
+        "{} characters, {} tokens: {bits:.4} bits per character ({:.1} s)",
+        data.val_chars,
+        data.val.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok((data.val_chars, bits))
+}
+// ANCHOR_END: bits_per_character

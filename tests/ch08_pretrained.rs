@@ -180,12 +180,35 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
     let bits = summary["val_bits_per_char"].as_f64().unwrap();
     assert!(bits > 2.0 && bits < 12.0, "random weights: {bits}");
 
-    let (code, _, err) = notebook(&["--out", out], &[]);
+    // No --weights: the download, here from a port where nothing answers.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{dead}/model.safetensors");
+    let cache = dir.path().join("cache");
+    let offline = [
+        ("GPT2_WEIGHTS_URL", url.as_str()),
+        ("GPT_CACHE", cache.to_str().unwrap()),
+    ];
+    let (code, _, err) = notebook(&["--out", out], &offline);
     assert_ne!(code, 0);
     assert!(
-        err.contains("--weights") && err.contains("huggingface.co"),
+        err.contains("could not download") && err.contains("--weights"),
         "{err}"
     );
+    let files = walk(&cache);
+    assert!(files.is_empty(), "nothing left in the cache: {files:?}");
+
+    // A server that sends the wrong file: the checksum refuses it, and nothing is kept.
+    let junk = serve_once(b"not GPT-2".to_vec());
+    let (code, _, err) = notebook(
+        &["--out", out],
+        &[("GPT2_WEIGHTS_URL", junk.as_str()), offline[1]],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(walk(&cache).is_empty(), "{:?}", walk(&cache));
     let (code, _, err) = notebook(&["--weights", weights, "--out", out], &[]);
     assert_ne!(
         code, 0,
@@ -201,4 +224,36 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
         err.contains("no weights file") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    (entries.flatten())
+        .flat_map(|e| match e.path().is_dir() {
+            true => walk(&e.path()),
+            false => vec![e.path()],
+        })
+        .collect()
+}
+
+/// Serves `body` to one request on a loopback port; returns the URL.
+fn serve_once(body: Vec<u8>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            let _ = stream.read(&mut [0u8; 4096]);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    format!("http://{addr}/model.safetensors")
 }

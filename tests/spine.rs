@@ -3,7 +3,7 @@
 mod support;
 
 use course::common::backend::Backend;
-use course::common::data::{download, load_corpus, read_text};
+use course::common::data::{Remote, download, download_remote, load_corpus, read_text};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::sample::{SampleOptions, pick_token};
 use course::common::tokenizer::CharTokenizer;
@@ -309,4 +309,77 @@ fn top_p_keeps_the_smallest_set_that_reaches_p() {
         seen.iter().all(|&n| n > 0),
         "1.0 keeps everything: {seen:?}"
     );
+}
+
+/// Serves `body` twice: the first connection breaks off after `cut` bytes, the second must
+/// ask for the rest with a range and gets it as 206 Partial Content. Returns the URL and
+/// the range header the second request carried.
+fn serve_with_a_cut(body: Vec<u8>, cut: usize) -> (String, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for attempt in 0..2 {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+            if attempt == 0 {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body[..cut]);
+                continue; // dropped: the connection closes mid-body
+            }
+            let range = (request.lines())
+                .find_map(|l| l.strip_prefix("range: bytes="))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let _ = tx.send(range.clone());
+            let from: usize = range.trim_end_matches('-').parse().unwrap_or(0);
+            let head = format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+                body.len() - from,
+                body.len() - 1,
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body[from..]);
+        }
+    });
+    (format!("http://{addr}/model.safetensors"), rx)
+}
+
+#[test]
+fn an_interrupted_download_resumes_where_it_stopped() {
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (url, range) = serve_with_a_cut(body.clone(), 70_000);
+    let dir = support::tempdir();
+    let dest = dir.path().join("model.safetensors");
+    let sha = sha256_hex(&body);
+    let remote = Remote {
+        url: &url,
+        sha256: &sha,
+        size: Some(body.len() as u64),
+        offline_hint: "pass --weights",
+    };
+    let err = download_remote(&remote, &dest).unwrap_err().to_string();
+    assert!(err.contains("run again to resume"), "{err}");
+    assert!(
+        !dest.exists(),
+        "nothing at the destination until whole and verified"
+    );
+    let part = dest.with_extension("part");
+    assert_eq!(std::fs::read(&part).unwrap(), &body[..70_000]);
+
+    download_remote(&remote, &dest).unwrap();
+    assert_eq!(
+        range.recv().unwrap(),
+        "70000-",
+        "only the missing bytes were asked for"
+    );
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert!(!part.exists());
 }

@@ -1,7 +1,8 @@
 //! Chapter 8 as a notebook: OpenAI's GPT-2 in chapter 3's decoder, tokenized by chapter 7's
 //! encoder with GPT-2's ranks, generating with chapter 6's cache.
 //!
-//! Run: `cargo run --release --bin ch08_pretrained -- --weights model.safetensors --prompt "..."`
+//! Run: `cargo run --release --bin ch08_pretrained -- --prompt "..."` (downloads GPT-2 124M,
+//! 548 MB, on first use; `--weights FILE` for a local copy or another size).
 
 use anyhow::{Result, bail};
 use burn::module::Module;
@@ -12,7 +13,7 @@ use course::ch05_fast::Kernels;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::{Bpe, gpt2};
-use course::ch08_pretrained::{course_name, load_gpt2};
+use course::ch08_pretrained::{course_name, gpt2_weights, load_gpt2};
 use course::common::cli::{CommonArgs, SampleArgs};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::write_json;
@@ -24,9 +25,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const CHAPTER: &str = "ch08_pretrained";
-/// Where Hugging Face publishes GPT-2 124M's weights (548 MB).
-const GPT2_URL: &str =
-    "https://huggingface.co/openai-community/gpt2/resolve/main/model.safetensors";
 
 /// Chapter 8: OpenAI's GPT-2 in the course's own decoder.
 #[derive(Parser, Debug)]
@@ -34,7 +32,8 @@ const GPT2_URL: &str =
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// GPT-2's `model.safetensors` from Hugging Face (or set GPT2_WEIGHTS).
+    /// A `model.safetensors` of GPT-2's layout (or set GPT2_WEIGHTS; default: GPT-2 124M,
+    /// downloaded on first use into the cache folder, 548 MB).
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
     /// Attention heads (default: n_head of the config.json beside the weights, else width/64).
@@ -75,7 +74,7 @@ fn main() -> std::process::ExitCode {
         let run = args
             .common
             .start(CHAPTER, "Chapter 8: GPT-2's weights", None)?;
-        let weights = weights_path(&args)?;
+        let weights = gpt2_weights(args.weights.as_deref())?;
         let (model, load_seconds) = the_weights(&weights, args.n_head, &run)?;
         the_names(&weights)?;
         let tokenizer = the_tokenizer(&args, &model)?;
@@ -103,18 +102,6 @@ fn main() -> std::process::ExitCode {
         };
         write_json(&run.out.join("summary.json"), &summary)
     })
-}
-
-/// `--weights`, else `$GPT2_WEIGHTS`; neither is an error that says where the file is.
-fn weights_path(args: &Args) -> Result<PathBuf> {
-    let env = std::env::var_os("GPT2_WEIGHTS").filter(|p| !p.is_empty());
-    match args.weights.clone().or(env.map(PathBuf::from)) {
-        Some(path) => Ok(path),
-        None => bail!(
-            "no GPT-2 weights: pass --weights FILE (or set GPT2_WEIGHTS) to Hugging Face's \
-             model.safetensors for gpt2 ({GPT2_URL}, 548 MB)"
-        ),
-    }
 }
 
 // ANCHOR: the_weights

@@ -3,10 +3,11 @@
 //! biases, pre-LN, the tied head and the tanh form of GELU.
 
 use crate::ch03_gpt::{Gpt, GptConfig, Norm};
+use crate::common::data::{Remote, download_remote};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 // ANCHOR: names
 /// GPT-2's tensor names, made the course's (patterns applied in order). nanoGPT named its
@@ -117,3 +118,58 @@ pub fn load_gpt2(path: &Path, n_head: Option<usize>, device: &Device) -> Result<
     Ok(model)
 }
 // ANCHOR_END: load
+
+// ANCHOR: download
+/// GPT-2 124M as Hugging Face publishes it, pinned to one revision of the repository, with
+/// the size and SHA-256 of that file.
+pub const GPT2_REVISION: &str = "607a30d783dfa663caf39e06633721c8d4cfcd7e";
+pub const GPT2_SIZE: u64 = 548_105_171;
+pub const GPT2_SHA256: &str = "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707";
+
+/// Where the file is downloaded from (`GPT2_WEIGHTS_URL` replaces it, e.g. for a mirror).
+pub fn gpt2_url() -> String {
+    std::env::var("GPT2_WEIGHTS_URL").unwrap_or_else(|_| {
+        format!(
+            "https://huggingface.co/openai-community/gpt2/resolve/{GPT2_REVISION}/model.safetensors"
+        )
+    })
+}
+
+/// Where downloads are kept: `$GPT_CACHE`, else `$XDG_CACHE_HOME/gpt-from-scratch`, else
+/// `~/.cache/gpt-from-scratch`.
+pub fn cache_dir() -> PathBuf {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("GPT_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("gpt-from-scratch")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/gpt-from-scratch")))
+        .unwrap_or_else(|| PathBuf::from(".cache/gpt-from-scratch"))
+}
+
+/// `weights` (`--weights FILE`), else `$GPT2_WEIGHTS`, else GPT-2 124M in the cache folder,
+/// downloaded there on first use (548 MB; an interrupted download resumes).
+pub fn gpt2_weights(weights: Option<&Path>) -> Result<PathBuf> {
+    let env = std::env::var_os("GPT2_WEIGHTS").filter(|p| !p.is_empty());
+    if let Some(path) = weights.map(Path::to_path_buf).or(env.map(PathBuf::from)) {
+        return Ok(path);
+    }
+    let path = cache_dir().join(format!("gpt2-{GPT2_REVISION}/model.safetensors"));
+    if !path.exists() {
+        let url = gpt2_url();
+        let hint = "No network? Download model.safetensors for gpt2 elsewhere and pass \
+                    --weights FILE (or set GPT2_WEIGHTS).";
+        let remote = Remote {
+            url: &url,
+            sha256: GPT2_SHA256,
+            size: Some(GPT2_SIZE),
+            offline_hint: hint,
+        };
+        eprintln!("GPT-2 124M's weights (548 MB) into {}", path.display());
+        download_remote(&remote, &path)?;
+    }
+    Ok(path)
+}
+// ANCHOR_END: download

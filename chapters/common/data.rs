@@ -64,69 +64,140 @@ pub fn read_text(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// Downloads `url` to `dest`, verifying its SHA-256. The bytes go to a temporary file
-/// beside `dest` that is renamed only when complete and verified, so an interrupted or
-/// corrupt download never leaves a file that looks valid.
+/// A file to download and what it must be.
+pub struct Remote<'a> {
+    pub url: &'a str,
+    pub sha256: &'a str,
+    /// Its size in bytes, when known in advance.
+    pub size: Option<u64>,
+    /// What to do without a network (said when the download cannot start).
+    pub offline_hint: &'a str,
+}
+
+/// Downloads the corpus from `url` to `dest`, verifying its SHA-256 (see `download_remote`).
 pub fn download(url: &str, dest: &Path, sha256_hex: &str) -> Result<()> {
+    let hint = format!(
+        "No network? Pass --data FILE (or set {ENV_DATA}) to use a local copy of any UTF-8 text."
+    );
+    let remote = Remote {
+        url,
+        sha256: sha256_hex,
+        size: None,
+        offline_hint: &hint,
+    };
+    download_remote(&remote, dest)
+}
+
+// ANCHOR: download
+/// Downloads `remote` to `dest`. The bytes go to `dest.part`, renamed to `dest` only when
+/// whole and verified, so a file at `dest` is always a good one. A transfer that breaks off
+/// keeps `dest.part`, and the next call asks the server for the rest only (an HTTP range);
+/// a checksum mismatch deletes it.
+pub fn download_remote(remote: &Remote, dest: &Path) -> Result<()> {
     if let Some(dir) = dest.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = dest.with_extension("part");
-    let result = fetch_verified(url, &tmp, sha256_hex);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let part = dest.with_extension("part");
+    fetch(remote, &part)?;
+    let got = sha256_of(&part)?;
+    if got != remote.sha256 {
+        let _ = fs::remove_file(&part);
+        bail!(
+            "checksum mismatch for {}: expected sha256 {}, got {got}; nothing was saved",
+            remote.url,
+            remote.sha256
+        );
     }
-    result?;
-    fs::rename(&tmp, dest)
+    fs::rename(&part, dest)
         .with_context(|| format!("cannot move the download into {}", dest.display()))?;
     eprintln!("saved {}", dest.display());
     Ok(())
 }
+// ANCHOR_END: download
 
-fn fetch_verified(url: &str, tmp: &Path, sha256_hex: &str) -> Result<()> {
-    eprintln!("downloading {url}");
+/// Appends the missing bytes of `remote` to `part` (all of them when it does not exist).
+fn fetch(remote: &Remote, part: &Path) -> Result<()> {
+    let have = fs::metadata(part).map_or(0, |m| m.len());
+    if remote.size == Some(have) {
+        return Ok(()); // complete already; only the checksum is left
+    }
+    eprintln!("downloading {}", remote.url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(120)))
+        .timeout_connect(Some(Duration::from_secs(30)))
         .build()
         .into();
-    let mut response = agent.get(url).call().map_err(|e| {
+    let mut request = agent.get(remote.url);
+    if have > 0 {
+        eprintln!("resuming after {have} bytes");
+        request = request.header("Range", format!("bytes={have}-"));
+    }
+    let mut response = request.call().map_err(|e| {
         anyhow::anyhow!(
-            "could not download the corpus from {url}: {e}.\n\
-             No network? Pass --data FILE (or set {ENV_DATA}) to use a local copy of any UTF-8 text."
+            "could not download {}: {e}.\n{}",
+            remote.url,
+            remote.offline_hint
         )
     })?;
-    let total = response.body().content_length();
-    let bar = match total {
+    // 206: the rest, as asked; 200: the server sent the whole file again.
+    let resumed = have > 0 && response.status().as_u16() == 206;
+    let start = if resumed { have } else { 0 };
+    let expected = response.body().content_length().map(|n| n + start);
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(resumed)
+        .write(true)
+        .truncate(!resumed)
+        .open(part)
+        .with_context(|| format!("cannot write {}", part.display()))?;
+    let bar = match expected.or(remote.size) {
         Some(n) => ProgressBar::new(n),
         None => ProgressBar::no_length(),
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
             .expect("valid template"),
     );
-    let mut reader = response.body_mut().as_reader();
-    let mut file =
-        fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    bar.set_position(start);
+    let copied = copy_with_progress(&mut response.body_mut().as_reader(), &mut file, &bar);
+    file.sync_all()?;
+    bar.finish_and_clear();
+    let got = start + copied?;
+    match expected {
+        Some(n) if got < n => bail!(
+            "the download of {} broke off after {got} of {n} bytes; run again to resume",
+            remote.url
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Copies until the end of `reader`; returns the bytes copied. A broken connection is an
+/// error that says the download can resume.
+fn copy_with_progress(
+    reader: &mut impl Read,
+    file: &mut fs::File,
+    bar: &ProgressBar,
+) -> Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut copied = 0;
     loop {
         let n = reader
             .read(&mut buf)
-            .with_context(|| format!("the download from {url} broke off"))?;
+            .context("the download broke off; run again to resume")?;
         if n == 0 {
-            break;
+            return Ok(copied);
         }
-        hasher.update(&buf[..n]);
         file.write_all(&buf[..n])?;
+        copied += n as u64;
         bar.inc(n as u64);
     }
-    file.sync_all()?;
-    bar.finish_and_clear();
-    let got = format!("{:x}", hasher.finalize());
-    if got != sha256_hex {
-        bail!(
-            "checksum mismatch for {url}: expected sha256 {sha256_hex}, got {got}; nothing was saved"
-        );
-    }
-    Ok(())
+}
+
+/// The SHA-256 of a file, in hex.
+pub fn sha256_of(path: &Path) -> Result<String> {
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
 }

@@ -3,8 +3,9 @@
 
 mod support;
 
+use course::ch03_gpt::Norm;
 use course::ch05_fast::Kernels;
-use course::ch08_pretrained::load_gpt2;
+use course::ch08_pretrained::load_openai;
 use course::common::backend::Backend;
 use course::common::dataset::ids_tensor;
 use course::common::train::LanguageModel;
@@ -18,9 +19,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The reference input ids `[2, 16]` and transformers' logits for them, flattened.
-fn reference() -> (Vec<i64>, [usize; 2], Vec<f32>) {
-    let bytes = std::fs::read(fixture("gpt2-tiny/reference.safetensors")).unwrap();
+/// The reference input ids `[2, 16]` of fixture `model` and transformers' logits for them,
+/// flattened.
+fn reference(model: &str) -> (Vec<i64>, [usize; 2], Vec<f32>) {
+    let bytes = std::fs::read(fixture(&format!("{model}/reference.safetensors"))).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let ids = file.tensor("ids").unwrap();
     let shape = [ids.shape()[0], ids.shape()[1]];
@@ -42,9 +44,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// GPT-2 (pre-LN) and GPT-1 (post-LN, other embedding names), each against the logits
+/// `transformers` computed, on every backend.
 #[test]
-fn gpt2_weights_give_transformers_logits_on_every_backend() {
-    let (ids, shape, expected) = reference();
+fn openai_weights_give_transformers_logits_on_every_backend() {
     let mut devices = vec![
         ("ndarray", support::ndarray_device(), Kernels::Burn),
         ("flex", Backend::Flex.device(), Kernels::Burn),
@@ -53,18 +56,22 @@ fn gpt2_weights_give_transformers_logits_on_every_backend() {
     if let Some(wgpu) = support::wgpu_device() {
         devices.push(("wgpu", wgpu, Kernels::Burn));
     }
-    for (name, device, kernels) in devices {
-        let model = load_gpt2(&fixture("gpt2-tiny/model.safetensors"), None, &device)
-            .unwrap()
-            .with_kernels(kernels);
-        let logits = model.forward(ids_tensor(ids.clone(), shape, &device)); // [2, 16, 1000]
-        assert_eq!(logits.dims(), [2, 16, 1000]);
-        let logits = logits.into_data().try_to_vec::<f32>().unwrap();
-        let diff = max_diff(&logits, &expected);
-        assert!(
-            diff < 1e-4,
-            "{name}: logits differ from transformers' by {diff}"
-        );
+    for (fixture_name, norm) in [("gpt2-tiny", Norm::Pre), ("gpt1-tiny", Norm::Post)] {
+        let (ids, shape, expected) = reference(fixture_name);
+        let weights = fixture(&format!("{fixture_name}/model.safetensors"));
+        for (name, device, kernels) in &devices {
+            let (model, config) = load_openai(&weights, None, device).unwrap();
+            assert_eq!(config.norm, norm, "{fixture_name}");
+            let model = model.with_kernels(*kernels);
+            let logits = model.forward(ids_tensor(ids.clone(), shape, device)); // [2, 16, 1000]
+            assert_eq!(logits.dims(), [2, 16, 1000]);
+            let logits = logits.into_data().try_to_vec::<f32>().unwrap();
+            let diff = max_diff(&logits, &expected);
+            assert!(
+                diff < 1e-4,
+                "{fixture_name} on {name}: logits differ by {diff}"
+            );
+        }
     }
 }
 
@@ -94,7 +101,7 @@ fn edited(dir: &Path, edit: impl Fn(&str, &[usize]) -> Option<Vec<usize>>) -> Pa
 fn a_missing_or_misshapen_tensor_is_an_error_naming_it() {
     let dir = support::tempdir();
     let device = support::ndarray_device();
-    let load = |path: &Path| load_gpt2(path, Some(4), &device).map(|_| ()).unwrap_err();
+    let load = |path: &Path| load_openai(path, Some(4), &device).map(|_| ()).unwrap_err();
 
     let missing = edited(dir.path(), |name, shape| {
         (name != "h.1.mlp.c_fc.bias").then(|| shape.to_vec())
@@ -124,7 +131,7 @@ fn cached_generation_of_gpt2_matches_recomputing() {
     use course::ch06_generate::{Generation, Window, generate};
     use course::common::sample::SampleOptions;
     let device = Backend::Flex.device();
-    let model = load_gpt2(&fixture("gpt2-tiny/model.safetensors"), None, &device).unwrap();
+    let (model, _) = load_openai(&fixture("gpt2-tiny/model.safetensors"), None, &device).unwrap();
     let greedy = |cached| Generation {
         opts: SampleOptions {
             temperature: 0.0,

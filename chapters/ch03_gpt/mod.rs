@@ -166,8 +166,8 @@ pub struct GptConfig {
     /// 1/sqrt(2 * n_layer) smaller than the others. Off: every weight N(0, 0.02), as GPT-1.
     #[config(default = false)]
     pub gpt2_init: bool,
-    /// GPT-2's tanh approximation of GELU instead of the exact erf form (GPT-1, and this
-    /// course's own models); only for GPT-2's published weights (chapter 8).
+    /// GELU's tanh approximation, which OpenAI's code for GPT-1 and GPT-2 used, instead of
+    /// the exact erf form of the course's own models; for the published weights (chapter 8).
     #[config(default = false)]
     pub gelu_tanh: bool,
 }

@@ -13,7 +13,7 @@ use course::ch05_fast::Kernels;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::{Bpe, gpt2};
-use course::ch08_pretrained::{course_name, gpt2_weights, load_gpt2};
+use course::ch08_pretrained::{course_name, gpt2_weights, load_openai};
 use course::common::cli::{CommonArgs, SampleArgs};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::write_json;
@@ -109,17 +109,18 @@ fn main() -> std::process::ExitCode {
 fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, f64)> {
     section("8.1", "The weights");
     let start = Instant::now();
-    let model = load_gpt2(path, n_head, &run.device)?.with_kernels(Kernels::Fused);
+    let (model, cfg) = load_openai(path, n_head, &run.device)?;
+    let model = model.with_kernels(Kernels::Fused);
     let seconds = start.elapsed().as_secs_f64();
-    let cfg = course::ch06_generate::config_of(&model);
     println!(
         "{}: {} parameters in {seconds:.2} s",
         path.display(),
         model.num_params()
     );
+    let gelu = if cfg.gelu_tanh { "tanh" } else { "exact" };
     println!(
-        "{} layers, {} heads, {} wide, {} positions, {} tokens; pre-LN, biases, tied head, tanh GELU",
-        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size
+        "{} layers, {} heads, {} wide, {} positions, {} tokens; {:?}-LN, biases, tied head, {gelu} GELU",
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.norm
     );
     Ok((model, seconds))
 }

@@ -1,6 +1,7 @@
-//! Chapter 8: OpenAI's GPT-2 in the course's own decoder. Hugging Face's `model.safetensors`
-//! is read by Burn's store into chapter 3's `Gpt`, with only what GPT-2 needs switched on:
-//! biases, pre-LN, the tied head and the tanh form of GELU.
+//! Chapter 8: OpenAI's GPT-2 (and GPT-1) in the course's own decoder. Hugging Face's
+//! `model.safetensors` is read by Burn's store into chapter 3's `Gpt`, with only what the
+//! checkpoint needs switched on: biases, the tied head, the tanh form of GELU, and pre-LN for
+//! GPT-2 or post-LN for GPT-1.
 
 use crate::ch03_gpt::{Gpt, GptConfig, Norm};
 use crate::common::data::{Remote, download_remote};
@@ -13,23 +14,26 @@ use std::path::{Path, PathBuf};
 /// GPT-2's tensor names, made the course's (patterns applied in order). nanoGPT named its
 /// layers after GPT-2's, and this course after nanoGPT's, so only two things differ: the
 /// blocks are `h.N` there and `blocks.N` here, and a LayerNorm's `weight`/`bias` are Burn's
-/// `gamma`/`beta`. GPT-2's `Conv1D` stores its weight as `[in, out]`, as Burn's `Linear`
-/// does: nothing is transposed.
-pub const RENAMES: [(&str, &str); 4] = [
-    (r"^transformer\.", ""), // a file saved from GPT2LMHeadModel rather than GPT2Model
+/// `gamma`/`beta`. GPT-1's file calls its embeddings `tokens_embed` and `positions_embed`.
+/// OpenAI's `Conv1D` stores its weight as `[in, out]`, as Burn's `Linear` does: nothing is
+/// transposed.
+pub const RENAMES: [(&str, &str); 6] = [
+    (r"^transformer\.", ""), // a file saved from the LM-head model rather than the base one
     (r"^h\.(\d+)\.", "blocks.$1."),
     (r"(ln_1|ln_2|ln_f)\.weight$", "$1.gamma"),
     (r"(ln_1|ln_2|ln_f)\.bias$", "$1.beta"),
+    (r"^tokens_embed\.", "wte."),    // GPT-1
+    (r"^positions_embed\.", "wpe."), // GPT-1
 ];
 
 /// Burn's store for a GPT-2 file, renaming as it reads.
-pub fn gpt2_store(path: &Path) -> SafetensorsStore {
+pub fn openai_store(path: &Path) -> SafetensorsStore {
     (RENAMES.iter()).fold(SafetensorsStore::from_file(path), |store, (from, to)| {
         store.with_key_remapping(from, *to)
     })
 }
 
-/// The course's name for one of GPT-2's tensors (what `gpt2_store` does to each).
+/// The course's name for one of GPT-2's tensors (what `openai_store` does to each).
 pub fn course_name(gpt2_name: &str) -> String {
     RENAMES
         .iter()
@@ -41,15 +45,17 @@ pub fn course_name(gpt2_name: &str) -> String {
 // ANCHOR_END: names
 
 // ANCHOR: config
-/// GPT-2's shape, read from the file: vocabulary and width from `wte`, positions from `wpe`,
-/// layers from the block numbers. The number of heads is not in the file: `n_head`, else
-/// the `config.json` beside it, else 64 dimensions per head, as in every published size.
-pub fn gpt2_config(store: &mut SafetensorsStore, n_head: Option<usize>) -> Result<GptConfig> {
+/// The model's shape, read from the file: vocabulary and width from `wte`, positions from
+/// `wpe`, layers from the block numbers. The number of heads is not in the file: `n_head`,
+/// else the `config.json` beside it, else 64 dimensions per head, as in every published size.
+/// A final LayerNorm exists only in a pre-LN model: with `ln_f`, GPT-2 (pre-LN); without,
+/// GPT-1 (post-LN). Both were trained with GELU's tanh form (OpenAI's code for each).
+pub fn openai_config(store: &mut SafetensorsStore, n_head: Option<usize>) -> Result<GptConfig> {
     let tensors = store.get_all_tensors().map_err(|e| anyhow!("{e}"))?;
     let dims = |name: &str| match tensors.get(name).map(|t| t.shape.as_slice()) {
         Some(&[rows, cols]) => Ok((rows, cols)),
         Some(other) => bail!("tensor {name} has shape {other:?}, not [rows, width]"),
-        None => bail!("the file has no tensor {name}: is it a GPT-2 checkpoint?"),
+        None => bail!("the file has no tensor {name}: is it a GPT-2 or GPT-1 checkpoint?"),
     };
     let ((vocab, c), (positions, c_pos)) = (dims("wte.weight")?, dims("wpe.weight")?);
     if c != c_pos {
@@ -65,9 +71,10 @@ pub fn gpt2_config(store: &mut SafetensorsStore, n_head: Option<usize>) -> Resul
         })
         .max()
         .map_or(0, |last| last + 1);
+    let gpt2 = tensors.contains_key("ln_f.gamma");
     let config = GptConfig::new(vocab, positions, n_layer, n_head.unwrap_or(c / 64), c)
         .with_bias(true)
-        .with_norm(Norm::Pre)
+        .with_norm(if gpt2 { Norm::Pre } else { Norm::Post })
         .with_tie_weights(true)
         .with_gelu_tanh(true);
     config.validate()?;
@@ -89,21 +96,29 @@ pub fn n_head_beside(weights: &Path) -> Result<Option<usize>> {
 }
 
 // ANCHOR: load
-/// GPT-2 from a `model.safetensors` file, on `device`. A tensor the model needs that the
+/// GPT-2 or GPT-1 from a `model.safetensors` file, on `device`. A tensor the model needs that the
 /// file lacks, or one of another shape, is an error naming it; tensors the model does not
 /// use (the causal masks `h.N.attn.bias` older files carry) are left alone.
-pub fn load_gpt2(path: &Path, n_head: Option<usize>, device: &Device) -> Result<Gpt> {
+pub fn load_openai(
+    path: &Path,
+    n_head: Option<usize>,
+    device: &Device,
+) -> Result<(Gpt, GptConfig)> {
     if !path.is_file() {
         bail!("no weights file at {}", path.display());
     }
-    let mut store = gpt2_store(path);
+    let mut store = openai_store(path);
     let n_head = match n_head {
         Some(n) => Some(n),
         None => n_head_beside(path)?,
     };
-    let config = gpt2_config(&mut store, n_head)
-        .with_context(|| format!("{} does not hold GPT-2's weights", path.display()))?;
-    let mut model = config.init(device);
+    let config = openai_config(&mut store, n_head).with_context(|| {
+        format!(
+            "{} does not hold GPT-2's or GPT-1's weights",
+            path.display()
+        )
+    })?;
+    let mut model = config.clone().init(device);
     let result = (model.load_from(&mut store))
         .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
     if !result.missing.is_empty() || !result.errors.is_empty() {
@@ -115,7 +130,7 @@ pub fn load_gpt2(path: &Path, n_head: Option<usize>, device: &Device) -> Result<
             result.errors
         );
     }
-    Ok(model)
+    Ok((model, config))
 }
 // ANCHOR_END: load
 

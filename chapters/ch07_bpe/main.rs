@@ -434,8 +434,7 @@ fn a_gpt_on_tokens(
 /// The comparison as a table, the samples one after the other, and the validation curves.
 fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
     println!();
-    println!(
-        "{:<12} {:>6} {:>9} {:>11} {:>10} {:>10} {:>11} {:>10} {:>10} {:>8}",
+    let header = [
         "tokenizer",
         "vocab",
         "params",
@@ -445,22 +444,23 @@ fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
         "val nats/t",
         "val bits/c",
         "whole b/c",
-        "train s"
-    );
+        "train s",
+    ];
+    let widths = [12, 6, 9, 11, 10, 10, 11, 10, 10, 8];
+    let line = |cells: &[String]| {
+        let padded = cells
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (c, w))| match i {
+                0 => format!("{c:<w$}"),
+                _ => format!("{c:>w$}"),
+            });
+        println!("{}", padded.collect::<Vec<_>>().join(" "));
+    };
+    line(&header.map(String::from));
     for o in outcomes {
-        println!(
-            "{:<12} {:>6} {:>9} {:>11.3} {:>10.3} {:>10.0} {:>11.4} {:>10.4} {:>10.4} {:>8.1}",
-            o.name,
-            o.vocab_size,
-            o.parameters,
-            o.chars_per_token,
-            o.gflop_per_step,
-            o.chars_per_step,
-            o.val_loss,
-            o.val_bits_per_char,
-            o.whole_val_bits_per_char,
-            o.train_seconds
-        );
+        line(&cells(o));
     }
     for o in outcomes {
         println!("\n--- sample: {} ---\n{}", o.name, o.sample.trim_end());
@@ -488,28 +488,34 @@ fn side_by_side(run: &Run, outcomes: &[Outcome]) -> Result<()> {
     Ok(())
 }
 
-/// The comparison as the book shows it.
+/// One row of the comparison, each number to the precision the tables show.
+fn cells(o: &Outcome) -> Vec<String> {
+    vec![
+        o.name.clone(),
+        o.vocab_size.to_string(),
+        o.parameters.to_string(),
+        format!("{:.3}", o.chars_per_token),
+        format!("{:.3}", o.gflop_per_step),
+        format!("{:.0}", o.chars_per_step),
+        format!("{:.4}", o.val_loss),
+        format!("{:.4}", o.val_bits_per_char),
+        format!("{:.4}", o.whole_val_bits_per_char),
+        format!("{:.1}", o.train_seconds),
+    ]
+}
+
+/// The comparison as the book shows it (the whole-text figure in bold).
 fn markdown_table(outcomes: &[Outcome]) -> String {
     let mut md = String::from(
         "| tokenizer | vocabulary | parameters | characters per token | GFLOP per step \
          | characters per step | val loss (nats per token) | val bits per character \
-         | whole val text, bits per character | training time |\n\
+         | whole val text, bits per character | training time (s) |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
-        md += &format!(
-            "| {} | {} | {} | {:.3} | {:.2} | {:.0} | {:.4} | {:.4} | **{:.4}** | {:.1} s |\n",
-            o.name,
-            o.vocab_size,
-            o.parameters,
-            o.chars_per_token,
-            o.gflop_per_step,
-            o.chars_per_step,
-            o.val_loss,
-            o.val_bits_per_char,
-            o.whole_val_bits_per_char,
-            o.train_seconds
-        );
+        let mut row = cells(o);
+        row[8] = format!("**{}**", row[8]);
+        md += &format!("| {} |\n", row.join(" | "));
     }
     md
 }

@@ -273,6 +273,25 @@ fn the_notebook_runs_and_refuses_bad_input() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("not one of --vocab-sizes"), "{err}");
+    let bad = run(&[
+        "--vocab-sizes",
+        "300",
+        "--gpt-vocab-sizes",
+        "300",
+        "--gpt-preset",
+        "huge",
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--gpt-preset") && err.contains("unknown preset 'huge'"),
+        "{err}"
+    );
+    let out = String::from_utf8_lossy(&bad.stdout);
+    assert!(
+        !out.contains("== 7.1"),
+        "refused before the notebook runs: {out}"
+    );
     let bad = run(&["--vocab-sizes", "100"]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);

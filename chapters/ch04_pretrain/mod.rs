@@ -7,7 +7,7 @@ pub mod checkpoint;
 
 use crate::ch03_gpt::{GptConfig, Norm};
 use crate::common::train::{TrainHooks, TrainSettings};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
@@ -109,6 +109,16 @@ pub fn preset(name: &str, vocab_size: usize) -> Option<PretrainConfig> {
 
 pub const PRESETS: [&str; 5] = ["tiny", "baby", "medium", "lecture", "gpt1"];
 // ANCHOR_END: presets
+
+/// `preset`, with an unknown name an error that lists the known ones.
+pub fn known_preset(name: &str, vocab_size: usize) -> Result<PretrainConfig> {
+    preset(name, vocab_size).with_context(|| {
+        format!(
+            "unknown preset '{name}'; choose one of {}",
+            PRESETS.join(", ")
+        )
+    })
+}
 
 // ANCHOR: schedule
 /// Linear warmup from lr/warmup to lr, then cosine decay to `min_lr` at the last step.
@@ -282,12 +292,7 @@ pub struct Overrides {
 impl PretrainConfig {
     /// The preset `name` with every given override applied on top, checked.
     pub fn build(name: &str, vocab_size: usize, overrides: &Overrides, seed: u64) -> Result<Self> {
-        let Some(preset) = preset(name, vocab_size) else {
-            bail!(
-                "unknown preset '{name}'; choose one of {}",
-                PRESETS.join(", ")
-            );
-        };
+        let preset = known_preset(name, vocab_size)?;
         // Through JSON: each flag replaces the field of the same name, in the model's
         // settings or in the run's.
         let mut config = serde_json::to_value(&preset)?;

@@ -3,12 +3,12 @@
 //!
 //! Run: `cargo run --release --bin ch05_fast` (flex, the `baby` preset's shapes).
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::GptConfig;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
-use course::ch04_pretrain::{PRESETS, PretrainConfig, preset, train_settings};
+use course::ch04_pretrain::{PretrainConfig, known_preset, preset, train_settings};
 use course::ch05_fast::profile::{OpTiming, dropout_ops, model_ops};
 use course::ch05_fast::{Kernels, fused_available};
 use course::common::cli::CommonArgs;
@@ -56,17 +56,10 @@ struct Summary {
 fn main() -> std::process::ExitCode {
     course::common::exit_on_error(|| {
         let args = Args::parse();
-        if !PRESETS.contains(&args.preset.as_str()) {
-            bail!(
-                "unknown preset {:?}; one of {}",
-                args.preset,
-                PRESETS.join(", ")
-            );
-        }
         let run = args
             .common
             .start(CHAPTER, "Chapter 5: fast training", None)?;
-        let cfg = preset(&args.preset, run.data.tokenizer.vocab_size()).expect("a known preset");
+        let cfg = known_preset(&args.preset, run.data.tokenizer.vocab_size())?;
         run.data.check_block_size(cfg.model.block_size)?;
         let ad = run.device.clone().autodiff();
         let ops = the_profile(&cfg, &ad, args.reps as usize);

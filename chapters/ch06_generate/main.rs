@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig};
-use course::ch04_pretrain::{PRESETS, checkpoint, preset};
+use course::ch04_pretrain::{PRESETS, checkpoint, known_preset, preset};
 use course::ch06_generate::{
     Generation, KvCache, Window, config_of, forward_cached, generate, macs_per_token,
 };
@@ -149,12 +149,7 @@ fn bench_preset(args: &Args, model: &Gpt) -> Result<Option<(String, Gpt)>> {
         return Ok(None);
     };
     let vocab = model.wte.weight.val().dims()[0];
-    let cfg = preset(name, vocab).with_context(|| {
-        format!(
-            "unknown preset '{name}'; choose one of {}",
-            PRESETS.join(", ")
-        )
-    })?;
+    let cfg = known_preset(name, vocab)?;
     let fresh = cfg.model.init(&model_device(model));
     Ok(Some((format!("{name} (fresh weights)"), fresh)))
 }

@@ -68,7 +68,7 @@ pub fn compete(race: &Race, name: &str, tokenizer: Tokenizer) -> Result<Outcome>
     let tokens_per_step = (cfg.batch_size * cfg.model.block_size) as f64;
     Ok(Outcome {
         name: name.to_string(),
-        vocab_size: data.tokenizer.vocab_size(),
+        vocab_size: vocab,
         parameters,
         chars_per_token,
         gflop_per_step: cfg.model.flops_per_token() * tokens_per_step / 1e9,

@@ -3,12 +3,13 @@
 //!
 //! Run: `cargo run --release --bin ch07_bpe`
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use course::ch04_pretrain::{Overrides, PRESETS};
+use course::ch04_pretrain::{Overrides, known_preset};
 use course::ch07_bpe::gpt::{Outcome, Race, compete};
 use course::ch07_bpe::{Bpe, END_OF_TEXT, GPT2_PATTERN, TrainReport, gpt2, train};
 use course::common::cli::CommonArgs;
+use course::common::dataset::split_text;
 use course::common::report::{
     Machine, plot_bars, plot_curves, plot_curves_at, write_atomic, write_json,
 };
@@ -82,20 +83,15 @@ fn main() -> std::process::ExitCode {
                 "--gpt-vocab-sizes: {n} is not one of --vocab-sizes, the vocabularies 7.4 trains"
             );
         }
-        if !PRESETS.contains(&args.gpt_preset.as_str()) {
-            bail!(
-                "unknown --gpt-preset '{}'; choose one of {}",
-                args.gpt_preset,
-                PRESETS.join(", ")
-            );
-        }
+        // Checked now, not after 7.1 to 7.6 have run (the vocabulary does not matter here).
+        known_preset(&args.gpt_preset, 256).context("--gpt-preset")?;
         let run = args
             .common
             .start(CHAPTER, "Chapter 7: tokens from bytes", None)?;
         bytes_not_characters();
         the_pre_split()?;
         a_worked_example()?;
-        let (train_text, val_text) = split(&run.corpus.text);
+        let (train_text, val_text) = split_text(&run.corpus.text);
         let tokenizers = train_on_the_corpus(&run, train_text, &args.vocab_sizes)?;
         let gpt2 = checked_against_gpt2(&run.corpus.text, args.reps as usize)?;
         let trained = compression(&run, val_text, &tokenizers)?;
@@ -113,14 +109,6 @@ fn main() -> std::process::ExitCode {
         )?;
         Ok(())
     })
-}
-
-/// The first 90% of the text's characters to train on, the rest to measure on (chapter 1's
-/// split, made on the text instead of on token ids).
-fn split(text: &str) -> (&str, &str) {
-    let n = text.chars().count() * 9 / 10;
-    let at = text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
-    text.split_at(at)
 }
 
 fn shown(bytes: &[u8]) -> String {

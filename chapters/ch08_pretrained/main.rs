@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::store::{ModuleStore, SafetensorsStore};
 use clap::Parser;
-use course::ch03_gpt::Gpt;
+use course::ch03_gpt::{Gpt, GptConfig};
 use course::ch05_fast::Kernels;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
@@ -56,11 +56,7 @@ struct Args {
 struct Summary {
     weights: String,
     parameters: usize,
-    n_layer: usize,
-    n_head: usize,
-    n_embd: usize,
-    block_size: usize,
-    vocab_size: usize,
+    config: GptConfig,
     load_seconds: f64,
     tokens_per_second: f64,
     val_chars: usize,
@@ -75,9 +71,9 @@ fn main() -> std::process::ExitCode {
             .common
             .start(CHAPTER, "Chapter 8: GPT-2's weights", None)?;
         let weights = gpt2_weights(args.weights.as_deref())?;
-        let (model, load_seconds) = the_weights(&weights, args.n_head, &run)?;
+        let (model, config, load_seconds) = the_weights(&weights, args.n_head, &run)?;
         the_names(&weights)?;
-        let tokenizer = the_tokenizer(&args, &model)?;
+        let tokenizer = the_tokenizer(&args, config.vocab_size)?;
         let how = Generation {
             opts: options,
             window: Window::Slide,
@@ -86,15 +82,10 @@ fn main() -> std::process::ExitCode {
         };
         let tokens_per_second = text_in_text_out(&model, &tokenizer, &args, how)?;
         let (val_chars, bits) = bits_per_character(&model, tokenizer, &run, args.eval_chars)?;
-        let cfg = course::ch06_generate::config_of(&model);
         let summary = Summary {
             weights: weights.display().to_string(),
             parameters: model.num_params(),
-            n_layer: cfg.n_layer,
-            n_head: cfg.n_head,
-            n_embd: cfg.n_embd,
-            block_size: cfg.block_size,
-            vocab_size: cfg.vocab_size,
+            config,
             load_seconds,
             tokens_per_second,
             val_chars,
@@ -106,7 +97,7 @@ fn main() -> std::process::ExitCode {
 
 // ANCHOR: the_weights
 /// 8.1: the file's tensors into chapter 3's decoder, configured by their shapes.
-fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, f64)> {
+fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, GptConfig, f64)> {
     section("8.1", "The weights");
     let start = Instant::now();
     let (model, cfg) = load_openai(path, n_head, &run.device)?;
@@ -122,7 +113,7 @@ fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, f6
         "{} layers, {} heads, {} wide, {} positions, {} tokens; {:?}-LN, biases, tied head, {gelu} GELU",
         cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size, cfg.norm
     );
-    Ok((model, seconds))
+    Ok((model, cfg, seconds))
 }
 // ANCHOR_END: the_weights
 
@@ -150,13 +141,12 @@ fn the_names(path: &Path) -> Result<()> {
 // ANCHOR_END: the_names
 
 /// GPT-2's tokenizer (chapter 7, with tiktoken-rs's ranks), or `--tokenizer FILE`; either
-/// must fit the model's vocabulary.
-fn the_tokenizer(args: &Args, model: &Gpt) -> Result<Tokenizer> {
+/// must fit the model's vocabulary of `vocab` tokens.
+fn the_tokenizer(args: &Args, vocab: usize) -> Result<Tokenizer> {
     let tokenizer = Tokenizer::Bpe(match &args.tokenizer {
         Some(file) => Bpe::load(file)?,
         None => gpt2()?,
     });
-    let vocab = course::ch06_generate::config_of(model).vocab_size;
     if tokenizer.vocab_size() > vocab {
         bail!(
             "the tokenizer has {} tokens but the model only {vocab}: pass the tokenizer it \

@@ -124,6 +124,8 @@ fn fetch(remote: &Remote, part: &Path) -> Result<()> {
     eprintln!("downloading {}", remote.url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(30)))
+        // A stalled transfer ends (and can resume) instead of hanging; no limit on the whole.
+        .timeout_per_read(Some(Duration::from_secs(60)))
         .build()
         .into();
     let mut request = agent.get(remote.url);

@@ -47,18 +47,24 @@ impl Dataset<Tokenizer> {
     /// and validation text as `Dataset::new`, whatever the tokenizer, so that losses can be
     /// compared per character.
     pub fn tokenized(text: &str, tokenizer: Tokenizer) -> Result<Self> {
-        let chars = text.chars().count();
-        let n = chars * 9 / 10;
-        let at = text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
+        let (train, val) = split_text(text);
         Ok(Self {
-            train: tokenizer.encode(&text[..at])?,
-            val: tokenizer.encode(&text[at..])?,
+            train: tokenizer.encode(train)?,
+            val: tokenizer.encode(val)?,
             tokenizer,
-            train_chars: n,
-            val_chars: chars - n,
+            train_chars: train.chars().count(),
+            val_chars: val.chars().count(),
         })
     }
     // ANCHOR_END: tokenized
+}
+
+/// The first 90% of `text`'s characters (to train on) and the rest (to validate on):
+/// chapter 1's split, made on the text instead of on token ids.
+pub fn split_text(text: &str) -> (&str, &str) {
+    let n = text.chars().count() * 9 / 10;
+    let at = text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
+    text.split_at(at)
 }
 
 impl<T> Dataset<T> {

@@ -43,15 +43,10 @@ pub struct FeedForward {
 
 impl FeedForward {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        // Until chapter 5, k.linear(layer, x) is layer.forward_rows(x) and
-        // k.dropout(dropout, x) is dropout.forward(x).
+        // Until chapter 5, k.linear(layer, x) is layer.forward_rows(x), k.gelu(gelu, x) is
+        // gelu.forward(x) and k.dropout(dropout, x) is dropout.forward(x).
         let k = self.kernels;
-        let h = k.linear(&self.c_fc, x); // [b, t, 4c]
-        let h = match (k, self.gelu.approximate) {
-            // GPT-2's tanh form (chapter 8) has no fused kernel: Burn's.
-            (Kernels::Burn, _) | (_, true) => self.gelu.forward(h),
-            (fused, false) => fused.gelu(h),
-        };
+        let h = k.gelu(&self.gelu, k.linear(&self.c_fc, x)); // [b, t, 4c]
         k.dropout(&self.dropout, k.linear(&self.c_proj, h)) // [b, t, c]
     }
 }

@@ -19,7 +19,8 @@ use burn::backend::{Backend, Flex, Shape, TensorData, backend_extension};
 #[backend_extension(Flex, Autodiff)]
 pub trait FusedOps: Backend {
     fn fused_matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
-    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// GELU, exact or (`approximate`) GPT-2's tanh form.
+    fn fused_gelu(x: FloatTensor<Self>, approximate: bool) -> FloatTensor<Self>;
     fn fused_layer_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -50,6 +51,11 @@ fn contiguous(t: &FlexTensor) -> FlexTensor {
 fn floats(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>()
         .expect("the fused kernels take f32 tensors")
+}
+
+/// The whole buffer behind a tensor, whatever its layout (for strided views).
+fn buffer(t: &FlexTensor) -> &[f32] {
+    t.storage::<f32>()
 }
 
 fn shape(t: &FlexTensor) -> Shape {
@@ -104,12 +110,12 @@ fn attn_shape(qkv: &FlexTensor, n_head: usize) -> AttnShape {
 /// Inference (no autodiff): the forward kernels alone.
 impl FusedOps for Flex {
     fn fused_matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
-        matmul(&contiguous(&a), false, &contiguous(&b), false)
+        matmul(&a, false, &b, false)
     }
 
-    fn fused_gelu(x: FlexTensor) -> FlexTensor {
+    fn fused_gelu(x: FlexTensor, approximate: bool) -> FlexTensor {
         let x = contiguous(&x);
-        tensor(kernels::gelu_forward(floats(&x)), shape(&x))
+        tensor(kernels::gelu_forward(floats(&x), approximate), shape(&x))
     }
 
     fn fused_layer_norm(
@@ -145,19 +151,29 @@ impl FusedOps for Flex {
 /// after the transposes).
 fn matmul(a: &FlexTensor, a_t: bool, b: &FlexTensor, b_t: bool) -> FlexTensor {
     let view = |t: &FlexTensor, transposed: bool| {
-        let s = shape(t);
-        let v = View::rows(0, s[1]);
+        let (s, (data, v)) = (shape(t), matrix(t));
         match transposed {
-            true => (s[1], s[0], v.t()),
-            false => (s[0], s[1], v),
+            true => (s[1], s[0], (data, v.t())),
+            false => (s[0], s[1], (data, v)),
         }
     };
-    let ((m, k, va), (k2, n, vb)) = (view(a, a_t), view(b, b_t));
+    let ((m, k, a), (k2, n, b)) = (view(a, a_t), view(b, b_t));
     assert_eq!(k, k2, "matmul: inner sizes differ");
-    tensor(
-        kernels::matmul((m, k, n), (floats(a), va), (floats(b), vb)),
-        [m, n],
-    )
+    let c = kernels::matmul((m, k, n), (buffer(&a.0), a.1), (buffer(&b.0), b.1));
+    tensor(c, [m, n])
+}
+
+/// A 2-D tensor as a strided view of its whole buffer, read in place when its strides allow:
+/// `wte.transpose()` (the tied head) is read transposed instead of copied first.
+fn matrix(t: &FlexTensor) -> (FlexTensor, View) {
+    let layout = t.layout();
+    match layout.as_2d_strides() {
+        Some((_, _, rs, cs)) if rs > 0 && cs > 0 => {
+            let (rs, cs, offset) = (rs as usize, cs as usize, layout.start_offset());
+            (t.clone(), View { offset, rs, cs })
+        }
+        _ => (contiguous(t), View::rows(0, shape(t)[1])),
+    }
 }
 
 fn layer_norm(
@@ -216,7 +232,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (a, b) = (contiguous(a.primitive()), contiguous(b.primitive()));
+                let (a, b) = (a.primitive().clone(), b.primitive().clone());
                 let c = matmul(&a, false, &b, false);
                 prep.finish((a, b), c)
             }
@@ -226,9 +242,11 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         }
     }
 
-    fn fused_gelu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn fused_gelu(x: FloatTensor<Self>, approximate: bool) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct GeluBackward;
+        struct GeluBackward {
+            approximate: bool,
+        }
 
         impl Backward<Flex, 1> for GeluBackward {
             type State = FlexTensor; // the input x
@@ -242,23 +260,25 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
                 let dy = contiguous(&grads.consume::<Flex>(&ops.node));
                 let x = ops.state;
                 if let [Some(parent)] = ops.parents {
-                    let dx = kernels::gelu_backward(floats(&x), floats(&dy));
+                    let dx = kernels::gelu_backward(floats(&x), floats(&dy), self.approximate);
                     grads.register::<Flex>(parent.id, tensor(dx, shape(&x)));
                 }
             }
         }
 
-        match GeluBackward
+        match (GeluBackward { approximate })
             .prepare::<C>([x.node()])
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
                 let x = contiguous(x.primitive());
-                let y = tensor(kernels::gelu_forward(floats(&x)), shape(&x));
+                let y = tensor(kernels::gelu_forward(floats(&x), approximate), shape(&x));
                 prep.finish(x, y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::fused_gelu(x.into_primitive())),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::fused_gelu(x.into_primitive(), approximate))
+            }
         }
     }
     // ANCHOR_END: autodiff_gelu

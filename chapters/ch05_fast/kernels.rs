@@ -103,24 +103,63 @@ simd_fn! {
     }
 }
 
-/// GELU over all of `x`, a chunk per rayon task.
-pub fn gelu_forward(x: &[f32]) -> Vec<f32> {
+/// GELU over all of `x`, a chunk per rayon task; `approximate` picks the tanh form.
+pub fn gelu_forward(x: &[f32], approximate: bool) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| gelu_chunk(x, y));
+        .for_each(|(y, x)| match approximate {
+            false => gelu_chunk(x, y),
+            true => gelu_tanh_chunk(x, y),
+        });
     y
 }
 
 /// GELU's gradient: `dx = dy ⊙ GELU'(x)`.
-pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn gelu_backward(x: &[f32], dy: &[f32], approximate: bool) -> Vec<f32> {
     let mut dx = vec![0.0; x.len()];
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-        .for_each(|(dx, (x, dy))| gelu_backward_chunk(x, dy, dx));
+        .for_each(|(dx, (x, dy))| match approximate {
+            false => gelu_backward_chunk(x, dy, dx),
+            true => gelu_tanh_backward_chunk(x, dy, dx),
+        });
     dx
 }
 // ANCHOR_END: gelu
+
+// ANCHOR: gelu_tanh
+/// GPT-2's GELU (chapter 8): `x (1 + tanh(u)) / 2` with `u = √(2/π) (x + 0.044715 x³)`.
+/// Since `(1 + tanh(u)) / 2 = σ(2u) = 1 / (1 + e^{-2u})`, the logistic sigmoid, it is
+/// `x σ(2u)`: one `exp`. Returns `σ(2u)`, `e^{-2u}` and `du/dx`.
+#[inline(always)]
+fn sigmoid_2u(x: f32) -> (f32, f32, f32) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+    let e = exp(-2.0 * u);
+    (1.0 / (1.0 + e), e, du)
+}
+
+simd_fn! {
+    fn gelu_tanh_chunk(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * sigmoid_2u(x).0;
+        }
+    }
+}
+
+simd_fn! {
+    /// `d/dx x σ(2u) = σ(2u) + x σ'(2u) 2 du/dx`, with `σ' = σ (1 − σ) = e^{-2u} σ²`: the
+    /// second form keeps its precision where `σ` is close to 1 and `1 − σ` would cancel.
+    fn gelu_tanh_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+            let (s, e, du) = sigmoid_2u(x);
+            *dx = dy * (s + x * e * s * s * 2.0 * du);
+        }
+    }
+}
+// ANCHOR_END: gelu_tanh
 
 // ANCHOR: dropout
 /// Dropout's mask, never stored: whether element `i` is kept is a hash of `i` and a seed, so the
@@ -473,6 +512,9 @@ pub fn matmul(
 ) -> Vec<f32> {
     va.check(a.len(), m, k);
     vb.check(b.len(), k, n);
+    if m <= FEW_ROWS && va.cs == 1 && (vb.cs == 1 || vb.rs == 1) {
+        return few_rows((m, k, n), (a, va), (b, vb));
+    }
     let mut c = Vec::with_capacity(m * n);
     // SAFETY: the views of `a` and `b` were just checked; `c` has room for `m * n` values,
     // and with beta = 0 sgemm writes every one of them without reading any ("If β is zero,
@@ -490,6 +532,86 @@ pub fn matmul(
     }
     c
 }
+
+// ANCHOR: few_rows
+/// Up to this many rows of `A`, `matmul` multiplies row by row instead of calling `sgemm`.
+const FEW_ROWS: usize = 4;
+
+/// `A @ B` for a handful of rows of `A`, such as the one new token of cached generation
+/// (chapter 6): each output row is a matrix-vector product, whose cost is reading `B` once.
+/// `sgemm` would first copy all of `B` into blocks ("packing") and then compute 16 rows
+/// where one is needed. The columns of `C` are split into chunks, one task each.
+fn few_rows(
+    (m, k, n): (usize, usize, usize),
+    (a, va): (&[f32], View),
+    (b, vb): (&[f32], View),
+) -> Vec<f32> {
+    // About four tasks per core, so that no core waits long for another at the end.
+    let chunk = n
+        .div_ceil(4 * rayon::current_num_threads())
+        .next_multiple_of(16);
+    let rows: Vec<&[f32]> = (0..m).map(|i| &a[va.offset + i * va.rs..][..k]).collect();
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|part| {
+            let cols = part * chunk..(part * chunk + chunk).min(n);
+            let mut out = vec![0.0; m * cols.len()]; // [m, cols]
+            match vb.cs {
+                // `B` row-major: add `a[i, p]` times row `p` of `B`, for every `p`.
+                1 => rows_times_rows(&rows, b, vb, cols, &mut out),
+                // `B` is a row-major matrix read transposed (a tied head `wteᵀ`): column
+                // `j` of `B` is a contiguous row, so each output is a dot product.
+                _ => rows_dot_columns(&rows, b, vb, cols, &mut out),
+            }
+            out
+        })
+        .collect();
+    let mut c = vec![0.0; m * n];
+    for (part, out) in parts.iter().enumerate() {
+        let width = out.len() / m;
+        for (i, row) in out.chunks(width).enumerate() {
+            c[i * n + part * chunk..][..width].copy_from_slice(row);
+        }
+    }
+    c
+}
+
+simd_fn! {
+    fn rows_times_rows(
+        rows: &[&[f32]], b: &[f32], vb: View, cols: std::ops::Range<usize>, out: &mut [f32]
+    ) {
+        let (width, k) = (cols.len(), rows[0].len());
+        let b_row = |p: usize| &b[vb.offset + p * vb.rs + cols.start..][..width];
+        // Four rows of `B` per pass over `out`: a quarter of the loads and stores of `out`.
+        for p in (0..k).step_by(4) {
+            let ps = p..(p + 4).min(k);
+            let [b0, b1, b2, b3] = std::array::from_fn(|i| b_row((p + i).min(k - 1)));
+            for (row, out) in rows.iter().zip(out.chunks_mut(width)) {
+                let mut x = [0.0; 4]; // a[i, p..p + 4], zeros past the end
+                x[..ps.len()].copy_from_slice(&row[ps.clone()]);
+                let bs = b0.iter().zip(b1).zip(b2.iter().zip(b3));
+                for (o, ((w0, w1), (w2, w3))) in out.iter_mut().zip(bs) {
+                    *o += x[0] * w0 + x[1] * w1 + x[2] * w2 + x[3] * w3;
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    fn rows_dot_columns(
+        rows: &[&[f32]], b: &[f32], vb: View, cols: std::ops::Range<usize>, out: &mut [f32]
+    ) {
+        let (width, k) = (cols.len(), rows[0].len());
+        for (j, col) in cols.enumerate() {
+            let b_col = &b[vb.offset + col * vb.cs..][..k];
+            for (i, row) in rows.iter().enumerate() {
+                out[i * width + j] = dot(row, b_col);
+            }
+        }
+    }
+}
+// ANCHOR_END: few_rows
 
 /// # Safety
 /// The views must lie inside `a`, `b` and the `m * n` elements behind `c`.

@@ -4,6 +4,7 @@
 //! Run: `cargo run --release --bin ch05_fast` (flex, the `baby` preset's shapes).
 
 use anyhow::Result;
+use burn::nn::Gelu;
 use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::GptConfig;
@@ -127,7 +128,7 @@ fn a_node_on_the_tape(ad: &Device) {
     let x0 = Tensor::<1>::from_floats([-2.0, -1.0, 0.0, 1.0, 2.0], ad);
     for kernels in [Kernels::Burn, Kernels::Fused] {
         let x = x0.clone().require_grad();
-        let y = kernels.gelu(x.clone());
+        let y = kernels.gelu(&Gelu::new(), x.clone());
         let grads = y.clone().sum().backward(); // d(sum y)/dx = GELU'(x)
         let dx = x.grad(&grads).expect("x is tracked");
         println!("{:<5} GELU(x)  = {}", kernels.name(), fmt(y));

@@ -9,10 +9,9 @@ pub mod profile;
 use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, split_heads};
 use crate::common::train::cross_entropy as burn_cross_entropy;
 use burn::backend::{Dispatch, DispatchDevice};
-use burn::nn::{Dropout, LayerNorm, Linear};
+use burn::nn::{Dropout, Gelu, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use burn::tensor::activation::gelu as burn_gelu;
 use extension::FusedOps;
 use serde::{Deserialize, Serialize};
 
@@ -83,11 +82,13 @@ impl Kernels {
         }
     }
 
-    /// `GELU(x)`, exact (erf) form, as `nn::Gelu`.
-    pub fn gelu<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+    /// `gelu.forward(x)`: the exact (erf) form, or GPT-2's tanh form when `gelu.approximate`.
+    pub fn gelu<const D: usize>(self, gelu: &Gelu, x: Tensor<D>) -> Tensor<D> {
         match self.fused_on(&x.device()) {
-            true => Tensor::from_dispatch(Dispatch::fused_gelu(x.into_dispatch())),
-            false => burn_gelu(x),
+            true => {
+                Tensor::from_dispatch(Dispatch::fused_gelu(x.into_dispatch(), gelu.approximate))
+            }
+            false => gelu.forward(x),
         }
     }
 

@@ -6,7 +6,7 @@ use super::{Kernels, composed_attention, dropout_mask, fused_attention};
 use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
 use crate::ch03_gpt::GptConfig;
 use burn::backend::Dispatch;
-use burn::nn::{DropoutConfig, LayerNormConfig};
+use burn::nn::{DropoutConfig, Gelu, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::Serialize;
@@ -130,7 +130,7 @@ fn gelu_case(shape: [usize; 3], device: &Device) -> OpCase {
     OpCase {
         op: "GELU",
         shape: format!("{shape:?}"),
-        run: Box::new(move |k| with_grads(&x, &w, |x| k.gelu(x[0].clone()))),
+        run: Box::new(move |k| with_grads(&x, &w, |x| k.gelu(&Gelu::new(), x[0].clone()))),
     }
 }
 

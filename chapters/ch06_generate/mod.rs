@@ -1,7 +1,7 @@
 //! Chapter 6: generation with a cache of keys and values. Each new token runs through the
 //! model once; its query attends over the keys and values every earlier token left behind.
 
-use crate::ch02_attention::{LinearRows, merge_heads, scaled_scores, split_heads};
+use crate::ch02_attention::{merge_heads, scaled_scores, split_heads};
 use crate::ch03_gpt::{CausalSelfAttention, Gpt, GptConfig};
 use crate::common::dataset::ids_tensor;
 use crate::common::sample::{SampleOptions, pick_token};
@@ -93,20 +93,26 @@ fn attend_cached(
     start: usize,
     later: Tensor<4, Bool>,
 ) -> Tensor<3> {
-    let (q, k, v) = split_heads(attn.c_attn.forward_rows(x), attn.n_head); // [b, nh, t, hs]
-    let [.., t, width] = later.dims();
-    *keys = keys
-        .clone()
-        .slice_assign(s![.., .., start..start + t, ..], k);
-    *values = values
-        .clone()
-        .slice_assign(s![.., .., start..start + t, ..], v);
+    let kernels = attn.kernels; // chapter 5's products on CPU backends, else Burn's
+    let (q, k, v) = split_heads(kernels.linear(&attn.c_attn, x), attn.n_head); // [b, nh, t, hs]
+    let width = later.dims()[3];
+    write_at(keys, k, start);
+    write_at(values, v, start);
     let k = keys.clone().slice(s![.., .., 0..width, ..]); // [b, nh, width, hs]
     let v = values.clone().slice(s![.., .., 0..width, ..]);
     let scores = scaled_scores(q, k).mask_fill(later, f32::NEG_INFINITY); // [b, nh, t, width]
     let att = attn.attn_dropout.forward(softmax(scores, 3));
     let y = merge_heads(att.matmul(v)); // [b, t, c]
-    attn.resid_dropout.forward(attn.c_proj.forward_rows(y))
+    attn.resid_dropout.forward(kernels.linear(&attn.c_proj, y))
+}
+
+/// Writes `new: [b, nh, t, hs]` into the cache at positions `start..start + t`.
+fn write_at(cache: &mut Tensor<4>, new: Tensor<4>, start: usize) {
+    let t = new.dims()[2];
+    // Taken out of its slot, the cache has a single owner, so the backend may write into it
+    // in place; a shared tensor would be copied whole first, at every token.
+    let whole = std::mem::replace(cache, new.clone());
+    *cache = whole.slice_assign(s![.., .., start..start + t, ..], new);
 }
 
 /// `[1, 1, t, width]`, true where key `j` comes after query `i` (at position `start + i`).

@@ -186,14 +186,7 @@ pub struct Gpt {
 
 impl LanguageModel for Gpt {
     fn forward(&self, idx: Tensor<2, Int>) -> Tensor<3> {
-        let [_, t] = idx.dims();
-        let pos = positions(t, self.block_size, &idx.device()); // [1, t]
-        let x = self.wte.forward(idx) + self.wpe.forward(pos); // [b, t, c]
-        let mut x = self.kernels.dropout(&self.drop, x); // self.drop.forward(x) until chapter 5
-        for block in &self.blocks {
-            x = block.forward(x);
-        }
-        self.logits(x)
+        self.logits(self.hidden(idx))
     }
 
     fn block_size(&self) -> usize {
@@ -206,6 +199,18 @@ impl LanguageModel for Gpt {
 }
 
 impl Gpt {
+    /// Token ids `[b, t]` -> the residual stream after the last block, `[b, t, c]`.
+    pub fn hidden(&self, idx: Tensor<2, Int>) -> Tensor<3> {
+        let [_, t] = idx.dims();
+        let pos = positions(t, self.block_size, &idx.device()); // [1, t]
+        let x = self.wte.forward(idx) + self.wpe.forward(pos); // [b, t, c]
+        let mut x = self.kernels.dropout(&self.drop, x); // self.drop.forward(x) until chapter 5
+        for block in &self.blocks {
+            x = block.forward(x);
+        }
+        x
+    }
+
     /// The final LayerNorm (pre-LN) and the output head: `[b, t, c]` -> `[b, t, vocab]`.
     pub fn logits(&self, mut x: Tensor<3>) -> Tensor<3> {
         if let Some(ln_f) = &self.ln_f {

@@ -5,7 +5,7 @@ use crate::ch02_attention::{merge_heads, scaled_scores, split_heads};
 use crate::ch03_gpt::{CausalSelfAttention, Gpt, GptConfig};
 use crate::common::dataset::ids_tensor;
 use crate::common::sample::{SampleOptions, pick_token};
-use crate::common::train::{LanguageModel, model_device};
+use crate::common::train::model_device;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 use rand::rngs::StdRng;
@@ -239,7 +239,10 @@ impl<'a> Stepper<'a> {
             false => n - start,
         };
         let ids = self.ids_padded(rows, start, n, width); // [batch, width]
-        last_logits(self.model.forward(ids), n - start - 1)
+        let t = n - start - 1; // the last token's position
+        // Only the last position's logits are needed: the head runs on that one row.
+        let h = self.model.hidden(ids).slice(s![.., t..t + 1, ..]); // [batch, 1, c]
+        last_logits(self.model.logits(h), 0)
     }
 
     /// Tokens `from..to` of every row, `[batch, to - from]`.

@@ -50,6 +50,13 @@ struct Args {
     /// Characters of the validation text to measure in 8.4 (0: all of it).
     #[arg(long, default_value_t = 0)]
     eval_chars: usize,
+    /// Recompute the whole context for every new token instead of using chapter 6's cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Only time generation (book/gpt2_speed.py runs this): load, generate 2 untimed tokens,
+    /// then --max-new-tokens timed ones, write bench.json into --out; skips 8.2 and 8.4.
+    #[arg(long)]
+    bench: bool,
 }
 
 #[derive(Serialize)]
@@ -72,14 +79,17 @@ fn main() -> std::process::ExitCode {
             .start(CHAPTER, "Chapter 8: GPT-2's weights", None)?;
         let weights = gpt2_weights(args.weights.as_deref())?;
         let (model, config, load_seconds) = the_weights(&weights, args.n_head, &run)?;
-        the_names(&weights)?;
         let tokenizer = the_tokenizer(&args, config.vocab_size)?;
         let how = Generation {
             opts: options,
             window: Window::Slide,
-            cached: true,
+            cached: !args.no_cache,
             fixed_shape: !run.backend.is_cpu(),
         };
+        if args.bench {
+            return bench(&model, &tokenizer, &args, how, load_seconds, &run);
+        }
+        the_names(&weights)?;
         let tokens_per_second = text_in_text_out(&model, &tokenizer, &args, how)?;
         let (val_chars, bits) = bits_per_character(&model, tokenizer, &run, args.eval_chars)?;
         let summary = Summary {
@@ -183,13 +193,52 @@ fn text_in_text_out(model: &Gpt, tok: &Tokenizer, args: &Args, how: Generation) 
         let _ = stdout.flush();
     });
     let rate = n as f64 / start.elapsed().as_secs_f64();
+    let cache = if how.cached { "with" } else { "without" };
     println!(
-        "{}\n({n} tokens, {rate:.1} tokens/s with the cache)",
+        "{}\n({n} tokens, {rate:.1} tokens/s {cache} the cache)",
         text.finish()
     );
     Ok(rate)
 }
 // ANCHOR_END: text_in_text_out
+
+#[derive(Serialize)]
+struct Bench {
+    backend: String,
+    cached: bool,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    load_seconds: f64,
+    warmup_seconds: f64,
+    tokens_per_second: f64,
+}
+
+/// `--bench`: generation timed alone, after 2 untimed tokens (a GPU compiles its kernels then).
+fn bench(model: &Gpt, tok: &Tokenizer, args: &Args, how: Generation, load: f64, run: &Run) -> Result<()> {
+    let prompt = tok.encode(&args.prompt)?;
+    let n = args.sampling.max_new_tokens;
+    if prompt.is_empty() || prompt.len() + n > model.block_size {
+        bail!("--bench needs 1 to {} prompt and new tokens", model.block_size);
+    }
+    let mut rng = rng_for(args.common.seed, stream::SAMPLE, 8);
+    let timed = |n, rng: &mut _| {
+        let start = Instant::now();
+        generate(model, &prompt, 1, n, how, rng, |_, _| {});
+        start.elapsed().as_secs_f64()
+    };
+    let warmup_seconds = timed(2, &mut rng);
+    let bench = Bench {
+        backend: run.backend.to_string(),
+        cached: how.cached,
+        prompt_tokens: prompt.len(),
+        new_tokens: n,
+        load_seconds: load,
+        warmup_seconds,
+        tokens_per_second: n as f64 / timed(n, &mut rng),
+    };
+    println!("{}", serde_json::to_string(&bench)?);
+    write_json(&run.out.join("bench.json"), &bench)
+}
 
 // ANCHOR: bits_per_character
 /// 8.4: the model's code length for Tiny Shakespeare's validation text (chapter 7's

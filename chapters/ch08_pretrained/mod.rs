@@ -5,6 +5,7 @@
 
 use crate::ch03_gpt::{Gpt, GptConfig, Norm};
 use crate::common::data::{Remote, download_remote};
+use crate::common::train::{LanguageModel, model_device};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
@@ -130,9 +131,25 @@ pub fn load_openai(
             result.errors
         );
     }
+    runs_on_device(&model, path)?;
     Ok((model, config))
 }
 // ANCHOR_END: load
+
+/// One token through the model, read back: a device that cannot hold a tensor this large
+/// says so here, as an error, rather than later as a panic in the middle of generation.
+fn runs_on_device(model: &Gpt, path: &Path) -> Result<()> {
+    let token = Tensor::<2, Int>::zeros([1, 1], &model_device(model));
+    match model.forward(token).try_into_data() {
+        Ok(_) => Ok(()),
+        Err(_) => bail!(
+            "the device failed to run {}. A software Vulkan driver (lavapipe) binds at most \
+             128 MiB per buffer, less than GPT-2's token embedding (154 MB): use a GPU, or \
+             --backend flex",
+            path.display()
+        ),
+    }
+}
 
 // ANCHOR: download
 /// GPT-2 124M as Hugging Face publishes it, pinned to one revision of the repository, with

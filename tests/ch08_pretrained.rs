@@ -5,9 +5,11 @@ mod support;
 
 use course::ch03_gpt::Norm;
 use course::ch05_fast::Kernels;
+use course::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
 use course::ch08_pretrained::load_openai;
 use course::common::backend::Backend;
 use course::common::dataset::ids_tensor;
+use course::common::tokenizer::Tokenizer;
 use course::common::train::LanguageModel;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
@@ -149,6 +151,37 @@ fn cached_generation_of_gpt2_matches_recomputing() {
     assert_eq!(with, without, "past the 64 positions too");
 }
 
+/// GPT-1's tokenizer (cut to its first 500 merges) gives the ids transformers'
+/// `OpenAIGPTTokenizer` gives, on texts that exercise every normalising and splitting rule.
+#[test]
+fn gpt1_tokenizer_matches_transformers() {
+    let dir = fixture("gpt1-tiny/tokenizer");
+    let bpe = Gpt1Bpe::from_files(&dir).unwrap();
+    assert_eq!(bpe.vocab_size(), 977);
+    let cases = std::fs::read_to_string(dir.join("reference.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&cases).unwrap();
+    let tokenizer = Tokenizer::Gpt1(bpe.clone());
+    for case in &cases {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<usize> = (case["ids"].as_array().unwrap().iter())
+            .map(|id| id.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(bpe.encode(text), ids, "{text:?}");
+        let decoded = tokenizer.decode(&ids);
+        assert_eq!(
+            decoded.trim_end(),
+            case["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+    // A checkpoint stores it whole and reads it back.
+    let saved = serde_json::to_string(&tokenizer).unwrap();
+    let back: Tokenizer = serde_json::from_str(&saved).unwrap();
+    assert!(back.same_as(&tokenizer));
+    let err = Gpt1Bpe::new("{}".into(), "#version\n".into()).unwrap_err();
+    assert!(err.to_string().contains("<unk>"), "{err}");
+}
+
 fn notebook(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     let corpus = support::corpus_path();
     let mut all = vec!["--data", corpus.to_str().unwrap()];
@@ -186,6 +219,49 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
     let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
     let bits = summary["val_bits_per_char"].as_f64().unwrap();
     assert!(bits > 2.0 && bits < 12.0, "random weights: {bits}");
+
+    // GPT-1: post-LN, with its own tokenizer (a folder), and without the cache.
+    let gpt1 = fixture("gpt1-tiny/model.safetensors");
+    let gpt1_tokenizer = fixture("gpt1-tiny/tokenizer");
+    let (code, stdout, err) = notebook(
+        &[
+            "--weights",
+            gpt1.to_str().unwrap(),
+            "--tokenizer",
+            gpt1_tokenizer.to_str().unwrap(),
+            "--prompt",
+            "ROMEO: Hello, world",
+            "--max-new-tokens",
+            "70",
+            "--no-cache",
+            "--eval-chars",
+            "2000",
+            "--out",
+            out,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("Post-LN") && stdout.contains("without the cache"),
+        "{stdout}"
+    );
+    let n = Gpt1Bpe::from_files(&gpt1_tokenizer)
+        .unwrap()
+        .encode("ROMEO: Hello, world");
+    assert!(
+        stdout.contains(&format!("-> {} tokens", n.len())),
+        "{stdout}"
+    );
+    let (code, _, err) = notebook(
+        &["--weights", weights, "--model", "gpt3", "--out", out],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("unknown --model") && err.contains("gpt2-xl"),
+        "{err}"
+    );
 
     // No --weights: the download, here from a port where nothing answers.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

@@ -8,12 +8,15 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::store::{ModuleStore, SafetensorsStore};
 use clap::Parser;
-use course::ch03_gpt::{Gpt, GptConfig};
+use course::ch03_gpt::{Gpt, GptConfig, Norm};
 use course::ch05_fast::Kernels;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::{Bpe, gpt2};
-use course::ch08_pretrained::{course_name, gpt2_weights, load_openai};
+use course::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
+use course::ch08_pretrained::{
+    course_name, gpt1_tokenizer_dir, load_openai, pretrained_weights, published,
+};
 use course::common::cli::{CommonArgs, SampleArgs};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::write_json;
@@ -32,15 +35,20 @@ const CHAPTER: &str = "ch08_pretrained";
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// A `model.safetensors` of GPT-2's layout (or set GPT2_WEIGHTS; default: GPT-2 124M,
-    /// downloaded on first use into the cache folder, 548 MB).
+    /// Which published model to download on first use: gpt2 (124M, 548 MB), gpt2-medium
+    /// (1.52 GB), gpt2-large (3.25 GB), gpt2-xl (6.43 GB) or openai-gpt (GPT-1, 479 MB).
+    #[arg(long, default_value = "gpt2")]
+    model: String,
+    /// A `model.safetensors` of GPT-2's or GPT-1's layout instead of the download (or set
+    /// GPT2_WEIGHTS).
     #[arg(long, value_name = "FILE")]
     weights: Option<PathBuf>,
     /// Attention heads (default: n_head of the config.json beside the weights, else width/64).
     #[arg(long)]
     n_head: Option<usize>,
-    /// A chapter 7 tokenizer file instead of GPT-2's own (for models with another vocabulary).
-    #[arg(long, value_name = "FILE")]
+    /// A chapter 7 tokenizer file, or a folder with GPT-1's vocab.json and merges.txt, instead
+    /// of the model's own (GPT-2's; GPT-1's for a post-LN model, downloaded on first use).
+    #[arg(long, value_name = "FILE|DIR")]
     tokenizer: Option<PathBuf>,
     /// Text to continue.
     #[arg(long, default_value = "ROMEO:")]
@@ -77,9 +85,9 @@ fn main() -> std::process::ExitCode {
         let run = args
             .common
             .start(CHAPTER, "Chapter 8: GPT-2's weights", None)?;
-        let weights = gpt2_weights(args.weights.as_deref())?;
+        let weights = pretrained_weights(args.weights.as_deref(), &published(&args.model)?)?;
         let (model, config, load_seconds) = the_weights(&weights, args.n_head, &run)?;
-        let tokenizer = the_tokenizer(&args, config.vocab_size)?;
+        let tokenizer = the_tokenizer(&args, &config)?;
         let how = Generation {
             opts: options,
             window: Window::Slide,
@@ -150,13 +158,17 @@ fn the_names(path: &Path) -> Result<()> {
 }
 // ANCHOR_END: the_names
 
-/// GPT-2's tokenizer (chapter 7, with tiktoken-rs's ranks), or `--tokenizer FILE`; either
-/// must fit the model's vocabulary of `vocab` tokens.
-fn the_tokenizer(args: &Args, vocab: usize) -> Result<Tokenizer> {
-    let tokenizer = Tokenizer::Bpe(match &args.tokenizer {
-        Some(file) => Bpe::load(file)?,
-        None => gpt2()?,
-    });
+/// GPT-2's tokenizer (chapter 7, with tiktoken-rs's ranks), GPT-1's for a post-LN model, or
+/// `--tokenizer FILE|DIR`; it must fit the model's vocabulary.
+fn the_tokenizer(args: &Args, config: &GptConfig) -> Result<Tokenizer> {
+    let gpt1 = |dir: &Path| Ok::<_, anyhow::Error>(Tokenizer::Gpt1(Gpt1Bpe::from_files(dir)?));
+    let tokenizer = match &args.tokenizer {
+        Some(dir) if dir.is_dir() => gpt1(dir)?,
+        Some(file) => Tokenizer::Bpe(Bpe::load(file)?),
+        None if config.norm == Norm::Post => gpt1(&gpt1_tokenizer_dir()?)?,
+        None => Tokenizer::Bpe(gpt2()?),
+    };
+    let vocab = config.vocab_size;
     if tokenizer.vocab_size() > vocab {
         bail!(
             "the tokenizer has {} tokens but the model only {vocab}: pass the tokenizer it \
@@ -214,11 +226,21 @@ struct Bench {
 }
 
 /// `--bench`: generation timed alone, after 2 untimed tokens (a GPU compiles its kernels then).
-fn bench(model: &Gpt, tok: &Tokenizer, args: &Args, how: Generation, load: f64, run: &Run) -> Result<()> {
+fn bench(
+    model: &Gpt,
+    tok: &Tokenizer,
+    args: &Args,
+    how: Generation,
+    load: f64,
+    run: &Run,
+) -> Result<()> {
     let prompt = tok.encode(&args.prompt)?;
     let n = args.sampling.max_new_tokens;
     if prompt.is_empty() || prompt.len() + n > model.block_size {
-        bail!("--bench needs 1 to {} prompt and new tokens", model.block_size);
+        bail!(
+            "--bench needs 1 to {} prompt and new tokens",
+            model.block_size
+        );
     }
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 8);
     let timed = |n, rng: &mut _| {

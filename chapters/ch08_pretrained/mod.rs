@@ -11,6 +11,8 @@ use burn::prelude::*;
 use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
 use std::path::{Path, PathBuf};
 
+pub mod gpt1_bpe;
+
 // ANCHOR: names
 /// GPT-2's tensor names, made the course's (patterns applied in order). nanoGPT named its
 /// layers after GPT-2's, and this course after nanoGPT's, so only two things differ: the
@@ -152,17 +154,78 @@ fn runs_on_device(model: &Gpt, path: &Path) -> Result<()> {
 }
 
 // ANCHOR: download
-/// GPT-2 124M as Hugging Face publishes it, pinned to one revision of the repository, with
-/// the size and SHA-256 of that file.
-pub const GPT2_REVISION: &str = "607a30d783dfa663caf39e06633721c8d4cfcd7e";
-pub const GPT2_SIZE: u64 = 548_105_171;
-pub const GPT2_SHA256: &str = "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707";
+/// One of OpenAI's models as Hugging Face publishes it (`openai-community/NAME`): the file's
+/// SHA-256 pinned at one revision of the repository (the Git LFS id, which HF shows).
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    pub name: &'static str,
+    pub revision: &'static str,
+    pub sha256: &'static str,
+    /// Exact bytes where known; HF's page gives the others rounded (`shown`).
+    pub size: Option<u64>,
+    pub shown: &'static str,
+}
 
-/// Where the file is downloaded from (`GPT2_WEIGHTS_URL` replaces it, e.g. for a mirror).
-pub fn gpt2_url() -> String {
+/// The sizes this chapter downloads (`--model`). GPT-2 124M's pin is the one nanoGPT-style
+/// projects check; the others' SHA-256 and revisions are those HF lists for the files.
+pub const PUBLISHED: [Published; 5] = [
+    Published {
+        name: "gpt2",
+        revision: "607a30d783dfa663caf39e06633721c8d4cfcd7e",
+        sha256: "248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707",
+        size: Some(548_105_171),
+        shown: "548 MB",
+    },
+    Published {
+        name: "gpt2-medium",
+        revision: "6dcaa7a952f72f9298047fd5137cd6e4f05f41da",
+        sha256: "fc5a354a19255ad494f3d71549390baca1ccf61d1d822b9408971705c687c9cd",
+        size: Some(1_519_984_962),
+        shown: "1.52 GB",
+    },
+    Published {
+        name: "gpt2-large",
+        revision: "32b71b12589c2f8d625668d2335a01cac3249519",
+        sha256: "5f47f3e12f91cd33b662ce7e433b6150ad5512b5884a2cee961b50e9c3bbebce",
+        size: Some(3_247_159_078),
+        shown: "3.25 GB",
+    },
+    Published {
+        name: "gpt2-xl",
+        revision: "15ea56dee5df4983c59b2538573817e1667135e2",
+        sha256: "0f8b28eb05a8075f48b61b6f35332978c74fc7763fa9fb4051a1c30511736a6a",
+        size: None,
+        shown: "6.43 GB",
+    },
+    Published {
+        name: "openai-gpt",
+        revision: "adacbec1426c790163037629ab537b20464a8f71",
+        sha256: "25c82cdf1844d2d93e9120b3b628fc6c2b4fcc7801a1297f58465ba67d45deb3",
+        size: None,
+        shown: "479 MB",
+    },
+];
+
+/// The published model called `name`, or an error listing them.
+pub fn published(name: &str) -> Result<Published> {
+    match PUBLISHED.iter().find(|p| p.name == name) {
+        Some(p) => Ok(*p),
+        None => {
+            let names: Vec<_> = PUBLISHED.iter().map(|p| p.name).collect();
+            bail!(
+                "unknown --model {name:?}: choose one of {}",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// Where a model's file is downloaded from (`GPT2_WEIGHTS_URL` replaces it, e.g. a mirror).
+pub fn weights_url(p: &Published) -> String {
     std::env::var("GPT2_WEIGHTS_URL").unwrap_or_else(|_| {
         format!(
-            "https://huggingface.co/openai-community/gpt2/resolve/{GPT2_REVISION}/model.safetensors"
+            "https://huggingface.co/openai-community/{}/resolve/{}/model.safetensors",
+            p.name, p.revision
         )
     })
 }
@@ -181,27 +244,78 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".cache/gpt-from-scratch"))
 }
 
-/// `weights` (`--weights FILE`), else `$GPT2_WEIGHTS`, else GPT-2 124M in the cache folder,
-/// downloaded there on first use (548 MB; an interrupted download resumes).
-pub fn gpt2_weights(weights: Option<&Path>) -> Result<PathBuf> {
+/// `weights` (`--weights FILE`), else `$GPT2_WEIGHTS`, else the published `model`'s file in
+/// the cache folder, downloaded there on first use (an interrupted download resumes).
+pub fn pretrained_weights(weights: Option<&Path>, model: &Published) -> Result<PathBuf> {
     let env = std::env::var_os("GPT2_WEIGHTS").filter(|p| !p.is_empty());
     if let Some(path) = weights.map(Path::to_path_buf).or(env.map(PathBuf::from)) {
         return Ok(path);
     }
-    let path = cache_dir().join(format!("gpt2-{GPT2_REVISION}/model.safetensors"));
+    let path = cache_dir().join(format!(
+        "{}-{}/model.safetensors",
+        model.name, model.revision
+    ));
     if !path.exists() {
-        let url = gpt2_url();
-        let hint = "No network? Download model.safetensors for gpt2 elsewhere and pass \
-                    --weights FILE (or set GPT2_WEIGHTS).";
+        let url = weights_url(model);
+        let hint = format!(
+            "No network? Download model.safetensors for {} elsewhere and pass --weights FILE \
+             (or set GPT2_WEIGHTS).",
+            model.name
+        );
         let remote = Remote {
             url: &url,
-            sha256: GPT2_SHA256,
-            size: Some(GPT2_SIZE),
-            offline_hint: hint,
+            sha256: model.sha256,
+            size: model.size,
+            offline_hint: &hint,
         };
-        eprintln!("GPT-2 124M's weights (548 MB) into {}", path.display());
+        eprintln!(
+            "{}'s weights ({}) into {}",
+            model.name,
+            model.shown,
+            path.display()
+        );
         download_remote(&remote, &path)?;
     }
     Ok(path)
+}
+
+/// GPT-1's tokenizer files as OpenAI published them with its code (the same bytes as HF's
+/// `vocab.json` and `merges.txt`): `(name here, file there, size, SHA-256)`.
+const GPT1_TOKENIZER: [(&str, &str, u64, &str); 2] = [
+    (
+        "vocab.json",
+        "encoder_bpe_40000.json",
+        815_973,
+        "fdf49b19e7de236852091da09b84a7a3cd5e7b0e79916376cf45f6b8127b8078",
+    ),
+    (
+        "merges.txt",
+        "vocab_40000.bpe",
+        458_495,
+        "0ea9b51ae695073cd871e0358f7016311d671a7ff3963e367d5236522f294725",
+    ),
+];
+const GPT1_CODE: &str = "https://raw.githubusercontent.com/openai/finetune-transformer-lm/\
+                         a69b5c43b0452462890bca8ff92fb75dee9290cf/model";
+
+/// The folder holding GPT-1's `vocab.json` and `merges.txt`, downloaded on first use (1.3 MB).
+pub fn gpt1_tokenizer_dir() -> Result<PathBuf> {
+    let dir = cache_dir().join("openai-gpt-tokenizer");
+    for (name, there, size, sha256) in GPT1_TOKENIZER {
+        let path = dir.join(name);
+        if !path.exists() {
+            let url = format!("{GPT1_CODE}/{there}");
+            let hint = "No network? Put openai-gpt's vocab.json and merges.txt in a folder and \
+                        pass --tokenizer DIR.";
+            let remote = Remote {
+                url: &url,
+                sha256,
+                size: Some(size),
+                offline_hint: hint,
+            };
+            download_remote(&remote, &path)?;
+        }
+    }
+    Ok(dir)
 }
 // ANCHOR_END: download

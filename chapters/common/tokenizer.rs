@@ -2,6 +2,7 @@
 //! the choice between it and chapter 7's byte-pair encoding, for chapter 4's trainer.
 
 use crate::ch07_bpe::Bpe;
+use crate::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -71,22 +72,24 @@ impl CharTokenizer {
 // ANCHOR_END: tokenizer
 
 // ANCHOR: tokenizers
-/// The tokenizers a GPT of this course can read: chapter 1's characters, or chapter 7's
-/// byte-level BPE. A checkpoint stores its tokenizer whole (see `Saved`), so sampling from it
+/// The tokenizers a GPT of this course can read: chapter 1's characters, chapter 7's
+/// byte-level BPE, or GPT-1's BPE over lower-cased characters (chapter 8). A checkpoint stores its tokenizer whole (see `Saved`), so sampling from it
 /// never has to guess which one it was trained with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(into = "Saved", try_from = "Saved")]
 pub enum Tokenizer {
     Char(CharTokenizer),
     Bpe(Bpe),
+    Gpt1(Gpt1Bpe),
 }
 
 impl Tokenizer {
-    /// `--tokenizer char` (the characters of `text`) or `--tokenizer FILE` (a tokenizer file
-    /// written by chapter 7).
+    /// `--tokenizer char` (the characters of `text`), `--tokenizer FILE` (a tokenizer file
+    /// written by chapter 7) or `--tokenizer DIR` (GPT-1's `vocab.json` and `merges.txt`).
     pub fn choose(choice: &str, text: &str) -> Result<Self> {
         Ok(match choice {
             "char" => Self::Char(CharTokenizer::from_text(text)),
+            dir if Path::new(dir).is_dir() => Self::Gpt1(Gpt1Bpe::from_files(Path::new(dir))?),
             file => Self::Bpe(Bpe::load(Path::new(file)).with_context(|| {
                 format!("--tokenizer takes `char` or a tokenizer file made by ch07_bpe; {file}")
             })?),
@@ -97,6 +100,7 @@ impl Tokenizer {
         match self {
             Self::Char(t) => t.vocab_size(),
             Self::Bpe(t) => t.vocab_size(),
+            Self::Gpt1(t) => t.vocab_size(),
         }
     }
 
@@ -105,15 +109,17 @@ impl Tokenizer {
         match self {
             Self::Char(t) => format!("{} characters", t.vocab_size()),
             Self::Bpe(t) => format!("byte-level BPE, {} tokens", t.vocab_size()),
+            Self::Gpt1(t) => format!("GPT-1's lower-case BPE, {} tokens", t.vocab_size()),
         }
     }
 
-    /// Text to ids. Only the character tokenizer can meet text it cannot encode; BPE's
-    /// 256 byte tokens cover everything.
+    /// Text to ids. Only the character tokenizer refuses text it cannot encode; BPE's
+    /// 256 byte tokens cover everything, and GPT-1's has `<unk>`.
     pub fn encode(&self, text: &str) -> Result<Vec<usize>> {
         match self {
             Self::Char(t) => t.encode(text),
             Self::Bpe(t) => Ok(t.encode(text).into_iter().map(|id| id as usize).collect()),
+            Self::Gpt1(t) => Ok(t.encode(text)),
         }
     }
 
@@ -127,6 +133,10 @@ impl Tokenizer {
                     t.decode_bytes(&[id as u32])
                         .unwrap_or_else(|_| "\u{FFFD}".into())
                 })
+                .collect(),
+            Self::Gpt1(t) => ids
+                .iter()
+                .flat_map(|&id| t.decode_symbol(id).into_bytes())
                 .collect(),
         }
     }
@@ -193,13 +203,21 @@ impl StreamDecoder {
 }
 // ANCHOR_END: stream_decoder
 
-/// How a checkpoint's `meta.json` stores a tokenizer: the characters in id order, or the
-/// whole chapter 7 tokenizer file.
+/// How a checkpoint's `meta.json` stores a tokenizer: the characters in id order, the
+/// whole chapter 7 tokenizer file, or GPT-1's two files.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Saved {
-    Char { chars: String },
-    Bpe { file: String },
+    Char {
+        chars: String,
+    },
+    Bpe {
+        file: String,
+    },
+    Gpt1 {
+        vocab_json: String,
+        merges_txt: String,
+    },
 }
 
 impl From<Tokenizer> for Saved {
@@ -211,6 +229,10 @@ impl From<Tokenizer> for Saved {
             Tokenizer::Bpe(t) => Saved::Bpe {
                 file: t.to_file_string(),
             },
+            Tokenizer::Gpt1(t) => Saved::Gpt1 {
+                vocab_json: t.vocab_json,
+                merges_txt: t.merges_txt,
+            },
         }
     }
 }
@@ -221,6 +243,10 @@ impl TryFrom<Saved> for Tokenizer {
         Ok(match s {
             Saved::Char { chars } => Self::Char(CharTokenizer::from_chars(chars.chars().collect())),
             Saved::Bpe { file } => Self::Bpe(Bpe::from_file_string(&file)?),
+            Saved::Gpt1 {
+                vocab_json,
+                merges_txt,
+            } => Self::Gpt1(Gpt1Bpe::new(vocab_json, merges_txt)?),
         })
     }
 }

@@ -46,6 +46,8 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # download the real ones).
   TAG=fixture ARGS="--weights tests/fixtures/ch08/gpt2-tiny/model.safetensors --tokenizer tests/fixtures/ch08/gpt2-tiny/tokenizer.txt --max-new-tokens 60" \
     BACKEND=flex bash "$self" ch08_pretrained
+  TAG=gpt1-fixture ARGS="--weights tests/fixtures/ch08/gpt1-tiny/model.safetensors --tokenizer tests/fixtures/ch08/gpt1-tiny/tokenizer --max-new-tokens 40" \
+    BACKEND=flex bash "$self" ch08_pretrained
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain

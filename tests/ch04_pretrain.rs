@@ -379,6 +379,14 @@ fn a_truncated_or_corrupt_checkpoint_is_a_clear_error() {
     let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("corrupt"), "{err}");
+
+    // An older build's checkpoint (format 2 had no tokenizer and fewer config fields): the
+    // format is named, not "corrupt".
+    let old = r#"{"format": 2, "step": 10, "config": {"preset": "tiny"}}"#;
+    std::fs::write(copy.join("meta.json"), old).unwrap();
+    let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("checkpoint format 2") && !err.contains("corrupt"), "{err}");
 }
 
 #[test]

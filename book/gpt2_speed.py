@@ -23,22 +23,11 @@ import subprocess
 import sys
 import tempfile
 
+from speed import cpu_model, sh  # book/speed.py, beside this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
 OUT = os.path.join(ROOT, "book", "src", "recorded", "speed")
-
-
-def sh(cmd, **kw):
-    print("+", " ".join(cmd), file=sys.stderr)
-    return subprocess.run(cmd, check=True, **kw)
-
-
-def cpu_model():
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def timed(cmd, env=None):

@@ -386,7 +386,10 @@ fn a_truncated_or_corrupt_checkpoint_is_a_clear_error() {
     std::fs::write(copy.join("meta.json"), old).unwrap();
     let (code, _, err) = run(&["sample", "--checkpoint", copy.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("checkpoint format 2") && !err.contains("corrupt"), "{err}");
+    assert!(
+        err.contains("checkpoint format 2") && !err.contains("corrupt"),
+        "{err}"
+    );
 }
 
 #[test]

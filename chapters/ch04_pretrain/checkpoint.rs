@@ -93,14 +93,21 @@ pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
     }
     let text = fs::read_to_string(dir.join(META))
         .with_context(|| format!("cannot read {}", dir.join(META).display()))?;
-    let corrupt = || format!("the checkpoint file {} is corrupt", dir.join(META).display());
+    let corrupt = || {
+        format!(
+            "the checkpoint file {} is corrupt",
+            dir.join(META).display()
+        )
+    };
     // The format first: an older checkpoint lacks fields this build expects, and should be
     // told so rather than called corrupt.
     #[derive(serde::Deserialize)]
     struct Format {
         format: u32,
     }
-    let format = serde_json::from_str::<Format>(&text).with_context(corrupt)?.format;
+    let format = serde_json::from_str::<Format>(&text)
+        .with_context(corrupt)?
+        .format;
     if format != FORMAT {
         bail!(
             "checkpoint format {format} in {} (this build reads {FORMAT}): train it again",

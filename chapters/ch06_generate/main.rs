@@ -9,6 +9,7 @@ use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig};
 use course::ch04_pretrain::{PRESETS, checkpoint, known_preset, preset};
+use course::ch05_fast::Kernels;
 use course::ch06_generate::{
     Generation, KvCache, Window, config_of, forward_cached, generate, macs_per_token,
 };
@@ -120,7 +121,8 @@ fn load(args: &Args, device: &Device) -> Result<(Gpt, Tokenizer)> {
         meta.step,
         meta.val_loss
     );
-    Ok((model, meta.tokenizer))
+    // Chapter 5's kernels on CPU backends (Burn's ops elsewhere), as chapter 4 samples.
+    Ok((model.with_kernels(Kernels::Fused), meta.tokenizer))
 }
 
 /// The window and cache settings the flags ask for, checked against the model.
@@ -150,7 +152,10 @@ fn bench_preset(args: &Args, model: &Gpt) -> Result<Option<(String, Gpt)>> {
     };
     let vocab = model.wte.weight.val().dims()[0];
     let cfg = known_preset(name, vocab)?;
-    let fresh = cfg.model.init(&model_device(model));
+    let fresh = cfg
+        .model
+        .init(&model_device(model))
+        .with_kernels(Kernels::Fused);
     Ok(Some((format!("{name} (fresh weights)"), fresh)))
 }
 

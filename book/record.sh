@@ -115,19 +115,26 @@ for ch in "${CHAPTERS[@]}"; do
   dest="book/src/recorded/$ch${TAG:+-$TAG}"
   [ "$BACKEND" = ndarray ] || dest="$dest-$BACKEND"
   rm -rf "$out"
-  # A fresh folder, so that nothing an older version of the chapter wrote is left behind.
-  rm -rf "$dest"
-  mkdir -p "$dest"
+  # Recorded into a fresh folder beside the old one, which it replaces only when the run
+  # succeeds: nothing an older version wrote is left behind, and a run that fails half-way
+  # leaves the old recording as it was.
+  tmp="$dest.partial"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  trap 'rm -rf "$tmp"' EXIT
   echo "recording $ch on $BACKEND -> $dest"
   {
     echo "\$ $ch --backend $BACKEND --seed $SEED${ARGS:+ $ARGS}"
     # shellcheck disable=SC2086 # ARGS is a list of flags
     "$TARGET/release/$ch" --backend "$BACKEND" --seed "$SEED" $ARGS --out "$out"
-  } > "$dest/output.txt"
+  } > "$tmp/output.txt"
   for f in "$out"/*.svg "$out"/*.csv "$out"/*.json "$out"/*.md; do
-    if [ -e "$f" ]; then cp "$f" "$dest"/; fi
+    if [ -e "$f" ]; then cp "$f" "$tmp"/; fi
   done
-  split_sections "$dest"
+  split_sections "$tmp"
+  rm -rf "$dest"
+  mv "$tmp" "$dest"
+  trap - EXIT
 done
 python3 book/results.py --readme > book/src/recorded/results.md
 echo "wrote book/src/recorded/results.md and the README table"

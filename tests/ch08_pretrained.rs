@@ -220,6 +220,42 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
     let bits = summary["val_bits_per_char"].as_f64().unwrap();
     assert!(bits > 2.0 && bits < 12.0, "random weights: {bits}");
 
+    // --bench: generation timed alone, with and without the cache, into bench.json; a
+    // context longer than the model's 64 positions is refused.
+    for (flags, cached) in [(vec![], true), (vec!["--no-cache"], false)] {
+        let mut args = vec![
+            "--tokenizer",
+            tokenizer,
+            "--bench",
+            "--max-new-tokens",
+            "20",
+        ];
+        args.extend(flags);
+        args.extend(["--out", out]);
+        let (code, _, err) = notebook(&args, &[("GPT2_WEIGHTS", weights)]);
+        assert_eq!(code, 0, "{err}");
+        let bench = std::fs::read_to_string(dir.path().join("bench.json")).unwrap();
+        let bench: serde_json::Value = serde_json::from_str(&bench).unwrap();
+        assert_eq!(bench["cached"], cached);
+        assert_eq!(bench["new_tokens"], 20);
+        assert!(
+            bench["tokens_per_second"].as_f64().unwrap() > 0.0,
+            "{bench}"
+        );
+    }
+    let args = [
+        "--tokenizer",
+        tokenizer,
+        "--bench",
+        "--max-new-tokens",
+        "100",
+        "--out",
+        out,
+    ];
+    let (code, _, err) = notebook(&args, &[("GPT2_WEIGHTS", weights)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("within the model's 64 positions"), "{err}");
+
     // GPT-1: post-LN, with its own tokenizer (a folder), and without the cache.
     let gpt1 = fixture("gpt1-tiny/model.safetensors");
     let gpt1_tokenizer = fixture("gpt1-tiny/tokenizer");

@@ -12,8 +12,7 @@ use course::ch03_gpt::{Gpt, GptConfig, Norm};
 use course::ch05_fast::Kernels;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
-use course::ch07_bpe::{Bpe, gpt2};
-use course::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
+use course::ch07_bpe::gpt2;
 use course::ch08_pretrained::{
     course_name, gpt1_tokenizer_dir, load_openai, pretrained_weights, published,
 };
@@ -161,18 +160,16 @@ fn the_names(path: &Path) -> Result<()> {
 /// GPT-2's tokenizer (chapter 7, with tiktoken-rs's ranks), GPT-1's for a post-LN model, or
 /// `--tokenizer FILE|DIR`; it must fit the model's vocabulary.
 fn the_tokenizer(args: &Args, config: &GptConfig) -> Result<Tokenizer> {
-    let gpt1 = |dir: &Path| Ok::<_, anyhow::Error>(Tokenizer::Gpt1(Gpt1Bpe::from_files(dir)?));
     let tokenizer = match &args.tokenizer {
-        Some(dir) if dir.is_dir() => gpt1(dir)?,
-        Some(file) => Tokenizer::Bpe(Bpe::load(file)?),
-        None if config.norm == Norm::Post => gpt1(&gpt1_tokenizer_dir()?)?,
+        Some(path) => Tokenizer::load(path)?,
+        None if config.norm == Norm::Post => Tokenizer::load(&gpt1_tokenizer_dir()?)?,
         None => Tokenizer::Bpe(gpt2()?),
     };
     let vocab = config.vocab_size;
     if tokenizer.vocab_size() > vocab {
         bail!(
             "the tokenizer has {} tokens but the model only {vocab}: pass the tokenizer it \
-             was trained with (--tokenizer FILE)",
+             was trained with (--tokenizer FILE|DIR)",
             tokenizer.vocab_size()
         );
     }
@@ -236,10 +233,13 @@ fn bench(
 ) -> Result<()> {
     let prompt = tok.encode(&args.prompt)?;
     let n = args.sampling.max_new_tokens;
+    // Past the block, the sliding window would rebuild the cache at every token.
     if prompt.is_empty() || prompt.len() + n > model.block_size {
         bail!(
-            "--bench needs 1 to {} prompt and new tokens",
-            model.block_size
+            "--bench times a context within the model's {} positions: the prompt ({} tokens) \
+             and --max-new-tokens ({n}) must fit in it",
+            model.block_size,
+            prompt.len()
         );
     }
     let mut rng = rng_for(args.common.seed, stream::SAMPLE, 8);

@@ -87,12 +87,23 @@ impl Tokenizer {
     /// `--tokenizer char` (the characters of `text`), `--tokenizer FILE` (a tokenizer file
     /// written by chapter 7) or `--tokenizer DIR` (GPT-1's `vocab.json` and `merges.txt`).
     pub fn choose(choice: &str, text: &str) -> Result<Self> {
-        Ok(match choice {
-            "char" => Self::Char(CharTokenizer::from_text(text)),
-            dir if Path::new(dir).is_dir() => Self::Gpt1(Gpt1Bpe::from_files(Path::new(dir))?),
-            file => Self::Bpe(Bpe::load(Path::new(file)).with_context(|| {
-                format!("--tokenizer takes `char` or a tokenizer file made by ch07_bpe; {file}")
-            })?),
+        match choice {
+            "char" => Ok(Self::Char(CharTokenizer::from_text(text))),
+            path => Self::load(Path::new(path)).with_context(|| {
+                format!(
+                    "--tokenizer takes `char`, a tokenizer file made by ch07_bpe or a folder \
+                     with GPT-1's files; {path}"
+                )
+            }),
+        }
+    }
+
+    /// A tokenizer on disk: a chapter 7 tokenizer file, or a folder holding GPT-1's
+    /// `vocab.json` and `merges.txt`.
+    pub fn load(path: &Path) -> Result<Self> {
+        Ok(match path.is_dir() {
+            true => Self::Gpt1(Gpt1Bpe::from_files(path)?),
+            false => Self::Bpe(Bpe::load(path)?),
         })
     }
 

@@ -320,7 +320,7 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
     assert!(files.is_empty(), "nothing left in the cache: {files:?}");
 
     // A server that sends the wrong file: the checksum refuses it, and nothing is kept.
-    let junk = serve_once(b"not GPT-2".to_vec());
+    let junk = support::serve_once(b"not GPT-2".to_vec());
     let (code, _, err) = notebook(
         &["--out", out],
         &[("GPT2_WEIGHTS_URL", junk.as_str()), offline[1]],
@@ -356,23 +356,4 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             false => vec![e.path()],
         })
         .collect()
-}
-
-/// Serves `body` to one request on a loopback port; returns the URL.
-fn serve_once(body: Vec<u8>) -> String {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            let _ = stream.read(&mut [0u8; 4096]);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body);
-        }
-    });
-    format!("http://{addr}/model.safetensors")
 }

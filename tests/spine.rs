@@ -91,25 +91,6 @@ fn missing_and_non_utf8_files_are_clear_errors() {
     );
 }
 
-/// Serves `body` once to the first HTTP request on a loopback port; returns the URL.
-fn serve_once(body: Vec<u8>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            let mut buf = [0u8; 4096];
-            let _ = stream.read(&mut buf);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body);
-        }
-    });
-    format!("http://{addr}/input.txt")
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
@@ -119,7 +100,12 @@ fn download_verifies_the_checksum_and_renames_when_whole() {
     let body = b"First Citizen:\nBefore we proceed any further, hear me speak.\n".repeat(100);
     let dir = support::tempdir();
     let dest = dir.path().join("sub/corpus.txt");
-    download(&serve_once(body.clone()), &dest, &sha256_hex(&body)).unwrap();
+    download(
+        &support::serve_once(body.clone()),
+        &dest,
+        &sha256_hex(&body),
+    )
+    .unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), body);
     let leftovers: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().collect();
     assert_eq!(leftovers.len(), 1, "only the final file remains");
@@ -130,7 +116,7 @@ fn download_with_a_wrong_checksum_leaves_nothing_behind() {
     let body = b"not the file you are looking for".to_vec();
     let dir = support::tempdir();
     let dest = dir.path().join("corpus.txt");
-    let err = download(&serve_once(body), &dest, &"0".repeat(64))
+    let err = download(&support::serve_once(body), &dest, &"0".repeat(64))
         .unwrap_err()
         .to_string();
     assert!(err.contains("checksum mismatch"), "{err}");

@@ -85,6 +85,96 @@ fn matmul_and_linear_match_burn_forward_and_backward() {
     );
 }
 
+/// A small deterministic generator, so that this test needs no global one.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn chapter_5s_gemm_matches_a_plain_product_with_every_kernel() {
+    use course::ch05_fast::gemm::{Isa, Strided, sgemm};
+    let isas = [
+        (Isa::Avx512, std::is_x86_feature_detected!("avx512f")),
+        (
+            Isa::Avx2,
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+        ),
+    ];
+    // Every edge: fewer rows and columns than a tile and one more than a tile (12 and 32 for
+    // AVX-512, 6 and 16 for AVX2), one step and one more than a block of 256 steps, and
+    // products big enough to be split over the cores.
+    let shapes = [
+        (1, 1, 1),
+        (5, 3, 17),
+        (13, 257, 33),
+        (25, 600, 65),
+        (200, 300, 40),
+        (12, 256, 32),
+    ];
+    for (isa, _) in isas.iter().filter(|(_, has)| *has) {
+        for (m, k, n) in shapes {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (a, b) = (values(m * k, 1), values(k * n, 2));
+                // Row-major, or the same numbers stored transposed.
+                let view = |x: &[f32], rows, cols, t: bool| Strided {
+                    ptr: x.as_ptr(),
+                    rs: if t { 1 } else { cols as isize },
+                    cs: if t { rows as isize } else { 1 },
+                };
+                let (va, vb) = (view(&a, m, k, a_t), view(&b, k, n, b_t));
+                let at = |x: &[f32], v: Strided, i: usize, j: usize| {
+                    x[(i as isize * v.rs + j as isize * v.cs) as usize] as f64
+                };
+                // C has a wider row (stride n + 3) whose extra columns must stay untouched.
+                let rsc = n + 3;
+                let c0 = values(m * rsc, 3);
+                for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (-2.0, 0.25)] {
+                    // With beta = 0, C's old values are NaN: they must not be read.
+                    let mut c: Vec<f32> = match beta {
+                        0.0 => vec![f32::NAN; m * rsc],
+                        _ => c0.clone(),
+                    };
+                    // SAFETY: every view lies inside its vector and `c` is its own.
+                    unsafe { sgemm(*isa, (m, k, n), alpha, va, vb, beta, (c.as_mut_ptr(), rsc)) };
+                    for i in 0..m {
+                        for j in 0..rsc {
+                            let got = c[i * rsc + j];
+                            if j >= n {
+                                assert!(
+                                    got.to_bits() == c0[i * rsc + j].to_bits()
+                                        || got.is_nan() && beta == 0.0,
+                                    "{isa:?}: column {j} past the end was written"
+                                );
+                                continue;
+                            }
+                            let dot: f64 =
+                                (0..k).map(|p| at(&a, va, i, p) * at(&b, vb, p, j)).sum();
+                            let want = alpha as f64 * dot + beta as f64 * c0[i * rsc + j] as f64;
+                            let what = format!(
+                                "{isa:?} [{m}, {k}] @ [{k}, {n}] (a_t {a_t}, b_t {b_t}, alpha {alpha}, beta {beta}) at ({i}, {j})"
+                            );
+                            assert!(
+                                (got as f64 - want).abs()
+                                    <= 1e-5 * (1.0 + k as f64).sqrt() * want.abs().max(1.0),
+                                "{what}: {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_of_a_few_rows_matches_burn() {
     // Up to 4 rows of `a` (a token at a time in generation), `b` row-major or read transposed

@@ -5,6 +5,7 @@
 //! [`simd`] compiles the innermost loops a second time for AVX2 + FMA, which the compiler then
 //! vectorises (8 floats per instruction) because they contain no calls and no branches.
 
+use super::gemm;
 use rayon::prelude::*;
 
 // ANCHOR: simd
@@ -628,6 +629,26 @@ unsafe fn sgemm(
     beta: f32,
     (c, vc): (*mut f32, View),
 ) {
+    let strided = |x: &[f32], v: View| gemm::Strided {
+        ptr: x[v.offset..].as_ptr(),
+        rs: v.rs as isize,
+        cs: v.cs as isize,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(isa), true, 1) = (gemm::isa(), gemm::supported(&strided(a, va)), vc.cs) {
+        // SAFETY: as this function's caller promised.
+        return unsafe {
+            gemm::sgemm(
+                isa,
+                (m, k, n),
+                alpha,
+                strided(a, va),
+                strided(b, vb),
+                beta,
+                (c.add(vc.offset), vc.rs),
+            )
+        };
+    }
     unsafe {
         matrixmultiply::sgemm(
             m,

@@ -3,6 +3,7 @@
 //! model through one switch, [`Kernels`].
 
 pub mod extension;
+pub mod gemm;
 pub mod kernels;
 pub mod profile;
 

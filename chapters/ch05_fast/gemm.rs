@@ -1,0 +1,293 @@
+//! Chapter 5's own matrix product: `C = alpha * A @ B + beta * C` for `f32`, with an AVX-512
+//! and an AVX2 kernel, spread over the cores by rayon. `kernels::gemm` calls it where the CPU
+//! has one of them and falls back to the `matrixmultiply` crate everywhere else.
+//!
+//! The plan is the classic one (Goto and van de Geijn, "Anatomy of high-performance matrix
+//! multiplication", 2008), cut down to what a training step's shapes need:
+//! - `C` is cut into tiles of `MR` rows by `NR` columns, each held in vector registers while
+//!   the whole inner dimension streams past: `MR * NR / lanes` accumulators, 24 of AVX-512's
+//!   32 registers, 12 of AVX2's 16.
+//! - `B` is copied ("packed") so that each tile's columns lie side by side, step after step:
+//!   the kernel then reads it with plain vector loads. Every element of `B` is packed once per
+//!   product, a small cost next to the `m` multiply-adds it takes part in.
+//! - `A` is read where it lies, one element at a time, broadcast to a whole vector. Packing it
+//!   too would cost as much as the arithmetic when `n` is small.
+//! - The inner dimension is cut into blocks of `KC` steps, so that a tile's block of `B`
+//!   (`KC * NR` floats, 32 KB) stays in the core's first-level cache.
+
+#[cfg(target_arch = "x86_64")]
+use rayon::prelude::*;
+
+/// A matrix behind a raw pointer: element `(i, j)` is at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub struct Strided {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: a `Strided` only reads, and `sgemm`'s caller guarantees that nothing writes the
+// matrix while the product runs.
+unsafe impl Send for Strided {}
+unsafe impl Sync for Strided {}
+
+impl Strided {
+    /// The same matrix from row `i` and column `j` on.
+    fn at(&self, i: usize, j: usize) -> Strided {
+        // SAFETY (of the `offset`): callers stay inside the matrix.
+        let ptr = unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) };
+        Strided { ptr, ..*self }
+    }
+}
+
+/// `C`'s pointer, shared by the rayon tasks; each writes only its own tiles.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint tiles.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY (of the `add`): callers stay inside `C`.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// Whether this CPU can run chapter 5's product, for this layout of `A`: row-major (`cs = 1`)
+/// or transposed (`rs = 1`). `C` must be row-major.
+pub fn supported(a: &Strided) -> bool {
+    (a.cs == 1 || a.rs == 1) && isa().is_some()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// The best kernel this CPU runs (the detection is cached by the standard library).
+pub fn isa() -> Option<Isa> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::is_x86_feature_detected as has;
+        if has!("avx512f") {
+            return Some(Isa::Avx512);
+        }
+        if has!("avx2") && has!("fma") {
+            return Some(Isa::Avx2);
+        }
+    }
+    None
+}
+
+/// Steps of the inner dimension per block.
+const KC: usize = 256;
+
+/// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, and `C: [m, n]` row-major
+/// with row stride `rsc`. With `beta = 0`, `C` is written without being read.
+///
+/// # Safety
+/// The three matrices must lie inside their allocations, `C` may overlap neither `A` nor
+/// `B`, `m`, `k` and `n` must be at least 1, `A` must be row-major or transposed, and the
+/// CPU must have `isa`'s instructions.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    (c, rsc): (*mut f32, usize),
+) {
+    let (mr, nr) = match isa {
+        Isa::Avx512 => (avx512::MR, avx512::NR),
+        Isa::Avx2 => (avx2::MR, avx2::NR),
+    };
+    let (tile_rows, panels) = (m.div_ceil(mr), n.div_ceil(nr));
+    let tiles = tile_rows * panels;
+    // Below about 2 MFLOP (attention's per-head products) one core does it: waking the other
+    // costs more. Above, a few tasks per core, each a run of tiles along a row of tiles, so
+    // that consecutive tiles reuse the same rows of `A`.
+    let tasks = match 2 * m * k * n < 1 << 21 {
+        true => 1,
+        false => tiles.min(4 * rayon::current_num_threads()),
+    };
+    let c = Out(c);
+    let mut packed = Vec::new();
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        // Later blocks add to what the first wrote.
+        let beta = if k0 == 0 { beta } else { 1.0 };
+        pack_b(b.at(k0, 0), (kc, n), nr, tasks > 1, &mut packed);
+        let (a, packed) = (a.at(0, k0), &packed);
+        let task = |t: usize| {
+            for tile in t * tiles / tasks..(t + 1) * tiles / tasks {
+                let (i, j) = (tile / panels * mr, tile % panels * nr);
+                let shape = (mr.min(m - i), kc, nr.min(n - j));
+                let b = packed[j * kc..].as_ptr();
+                let c = (c.at(i * rsc + j), rsc);
+                // SAFETY: the tile lies inside `C`, its rows of `A` inside `A`, its panel
+                // inside `packed`; the caller checked the CPU.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => avx512::tile(shape, alpha, a.at(i, 0), b, beta, c),
+                        Isa::Avx2 => avx2::tile(shape, alpha, a.at(i, 0), b, beta, c),
+                    }
+                }
+            }
+        };
+        match tasks {
+            1 => task(0),
+            _ => (0..tasks).into_par_iter().for_each(task),
+        }
+    }
+}
+
+/// Copies `B: [kc, n]` into panels of `nr` columns, `packed[j * kc + p * nr + jj] = B[p, j +
+/// jj]` for the panel that starts at column `j`, zeros past the last column.
+#[cfg(target_arch = "x86_64")]
+fn pack_b(b: Strided, (kc, n): (usize, usize), nr: usize, parallel: bool, packed: &mut Vec<f32>) {
+    packed.clear();
+    packed.resize(n.div_ceil(nr) * nr * kc, 0.0);
+    let pack = |(panel, out): (usize, &mut [f32])| {
+        let (j, width) = (panel * nr, nr.min(n - panel * nr));
+        for (p, out) in out.chunks_mut(nr).enumerate() {
+            let row = b.at(p, j);
+            for (jj, out) in out[..width].iter_mut().enumerate() {
+                // SAFETY: `(p, j + jj)` lies inside `B`.
+                *out = unsafe { *row.ptr.offset(jj as isize * row.cs) };
+            }
+        }
+    };
+    match parallel {
+        true => packed.par_chunks_mut(nr * kc).enumerate().for_each(pack),
+        false => packed.chunks_mut(nr * kc).enumerate().for_each(pack),
+    }
+}
+
+/// `f::<rows>(args)` for a `rows` known only when running: one copy of `f` per count.
+macro_rules! by_rows {
+    ($rows:expr, $f:ident $args:tt, $($r:literal)*) => {
+        match $rows { $($r => $f::<$r> $args,)* _ => unreachable!("more rows than a tile") }
+    };
+}
+
+// ANCHOR: microkernel
+/// One instruction set's kernel: `tile` computes one `MR x NR` tile of `C` (fewer rows or
+/// columns at the edges) from `kc` steps of `A`'s rows and a packed panel of `B`.
+macro_rules! microkernel {
+    ($isa:ident, $feature:literal, $v:ty, lanes: $lanes:literal, rows: $mr:literal,
+     $zero:ident, $splat:ident, $load:ident, $store:ident, $fma:ident, $mul:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $isa {
+            use super::Strided;
+            use std::arch::x86_64::*;
+
+            pub const MR: usize = $mr;
+            pub const NR: usize = 2 * $lanes; // two vectors per row of the tile
+            type Acc = [[$v; 2]; MR];
+
+            /// # Safety
+            /// The tile's rows of `A`, its panel of `B` and the tile of `C` must be in
+            /// bounds, and the CPU must have the instructions.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn tile(
+                (rows, kc, cols): (usize, usize, usize),
+                alpha: f32,
+                a: Strided,
+                b: *const f32,
+                beta: f32,
+                c: (*mut f32, usize),
+            ) {
+                // SAFETY: as the caller promised.
+                unsafe {
+                    // A number of rows known when compiling keeps the accumulators in registers.
+                    let acc = by_rows!(rows, accumulate(kc, a, b), 1 2 3 4 5 6 7 8 9 10 11 12);
+                    write(&acc, (rows, cols), alpha, beta, c);
+                }
+            }
+
+            // ANCHOR: accumulate
+            /// `acc[i] = Σ_p A[i, p] · B[p, ..NR]` for the tile's `R` rows of `A`, read
+            /// row-major (row `i` contiguous) or transposed (step `p`'s values side by side).
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn accumulate<const R: usize>(kc: usize, a: Strided, b: *const f32) -> Acc {
+                // SAFETY: the reads stay inside the tile's rows of `A`.
+                unsafe {
+                    match a.cs {
+                        1 => steps::<R, _>(kc, b, |i, p| *a.ptr.offset(i as isize * a.rs).add(p)),
+                        _ => steps::<R, _>(kc, b, |i, p| *a.ptr.offset(p as isize * a.cs).add(i)),
+                    }
+                }
+            }
+
+            /// Per step `p`: two loads of `B`'s panel, `R` broadcasts of `A[i, p]` and `2R`
+            /// fused multiply-adds into the accumulators.
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn steps<const R: usize, F: Fn(usize, usize) -> f32>(
+                kc: usize,
+                b: *const f32,
+                a: F,
+            ) -> Acc {
+                let mut acc: Acc = [[$zero(); 2]; MR];
+                for p in 0..kc {
+                    // SAFETY: the panel holds `kc * NR` floats.
+                    let (b0, b1) = unsafe { ($load(b.add(p * NR)), $load(b.add(p * NR + $lanes))) };
+                    for i in 0..R {
+                        let x = $splat(a(i, p));
+                        acc[i][0] = $fma(x, b0, acc[i][0]);
+                        acc[i][1] = $fma(x, b1, acc[i][1]);
+                    }
+                }
+                acc
+            }
+            // ANCHOR_END: accumulate
+
+            /// `C = alpha * acc + beta * C` for the tile's `rows x cols` corner.
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn write(
+                acc: &Acc,
+                (rows, cols): (usize, usize),
+                alpha: f32,
+                beta: f32,
+                (c, rsc): (*mut f32, usize),
+            ) {
+                // SAFETY: only the `rows x cols` corner of the tile is read or written.
+                unsafe {
+                    let mut buf = [0.0f32; NR]; // a row of an edge tile
+                    for (i, acc) in acc.iter().enumerate().take(rows) {
+                        let row = c.add(i * rsc);
+                        let out = if cols == NR { row } else { buf.as_mut_ptr() };
+                        if beta != 0.0 && cols < NR {
+                            std::ptr::copy_nonoverlapping(row, out, cols);
+                        }
+                        for (h, &acc) in acc.iter().enumerate() {
+                            let mut y = $mul($splat(alpha), acc);
+                            if beta != 0.0 {
+                                y = $fma($splat(beta), $load(out.add(h * $lanes)), y);
+                            }
+                            $store(out.add(h * $lanes), y);
+                        }
+                        if cols < NR {
+                            std::ptr::copy_nonoverlapping(out, row, cols);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+// ANCHOR_END: microkernel
+
+microkernel!(avx512, "avx512f", __m512, lanes: 16, rows: 12,
+    _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps,
+    _mm512_mul_ps);
+microkernel!(avx2, "avx2,fma", __m256, lanes: 8, rows: 6,
+    _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
+    _mm256_mul_ps);

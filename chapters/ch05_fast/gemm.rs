@@ -147,21 +147,43 @@ pub unsafe fn sgemm(
 }
 
 /// Copies `B: [kc, n]` into panels of `nr` columns, `packed[j * kc + p * nr + jj] = B[p, j +
-/// jj]` for the panel that starts at column `j`, zeros past the last column.
+/// jj]` for the panel that starts at column `j`, zeros past the last column. A row-major `B`
+/// is copied a row of the panel at a time, a transposed one a column at a time: either way
+/// the reads are contiguous.
 #[cfg(target_arch = "x86_64")]
 fn pack_b(b: Strided, (kc, n): (usize, usize), nr: usize, parallel: bool, packed: &mut Vec<f32>) {
-    packed.clear();
-    packed.resize(n.div_ceil(nr) * nr * kc, 0.0);
+    let len = n.div_ceil(nr) * nr * kc;
+    if packed.len() < len {
+        packed.resize(len, 0.0);
+    }
+    // SAFETY (of every `slice`): the caller keeps `B` in bounds; `count` elements are read.
+    let slice =
+        |start: Strided, count: usize| unsafe { std::slice::from_raw_parts(start.ptr, count) };
     let pack = |(panel, out): (usize, &mut [f32])| {
         let (j, width) = (panel * nr, nr.min(n - panel * nr));
-        for (p, out) in out.chunks_mut(nr).enumerate() {
-            let row = b.at(p, j);
-            for (jj, out) in out[..width].iter_mut().enumerate() {
-                // SAFETY: `(p, j + jj)` lies inside `B`.
-                *out = unsafe { *row.ptr.offset(jj as isize * row.cs) };
+        if b.cs != 1 && b.rs == 1 {
+            // Transposed: column `j + jj` of `B` is contiguous, and lands `nr` apart.
+            for jj in 0..nr {
+                let column = out.iter_mut().skip(jj).step_by(nr);
+                match jj < width {
+                    true => column
+                        .zip(slice(b.at(0, j + jj), kc))
+                        .for_each(|(o, &x)| *o = x),
+                    false => column.for_each(|o| *o = 0.0),
+                }
+            }
+        } else {
+            for (p, out) in out.chunks_mut(nr).enumerate() {
+                let (data, zeros) = out.split_at_mut(width);
+                match b.cs {
+                    1 => data.copy_from_slice(slice(b.at(p, j), width)),
+                    _ => (0..width).for_each(|jj| data[jj] = slice(b.at(p, j + jj), 1)[0]),
+                }
+                zeros.fill(0.0);
             }
         }
     };
+    let packed = &mut packed[..len];
     match parallel {
         true => packed.par_chunks_mut(nr * kc).enumerate().for_each(pack),
         false => packed.chunks_mut(nr * kc).enumerate().for_each(pack),

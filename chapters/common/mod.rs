@@ -90,6 +90,7 @@ pub fn exit_on_error(body: impl FnOnce() -> anyhow::Result<()> + Send) -> std::p
 /// does its share itself while the other worker takes the rest: a `baby` step ran about
 /// 12% faster this way (chapter 5). The workers get the 8 MB stack of a main thread.
 pub fn on_a_worker<R: Send>(body: impl FnOnce() -> R + Send) -> R {
+    crate::keep_freed_memory();
     // Fails only if the pool was already started, which leaves it as it is.
     let _ = rayon::ThreadPoolBuilder::new()
         .stack_size(8 << 20)

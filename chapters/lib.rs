@@ -24,7 +24,9 @@ pub mod exercises;
 /// training step's time in `perf`). mimalloc keeps freed memory for reuse.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+// ANCHOR_END: allocator
 
+// ANCHOR: keep_freed_memory
 unsafe extern "C" {
     // mimalloc's C API (`mimalloc.h`), linked in by the `mimalloc` crate.
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
@@ -42,4 +44,4 @@ pub fn keep_freed_memory() {
     // SAFETY: a plain call into the allocator's option table.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
 }
-// ANCHOR_END: allocator
+// ANCHOR_END: keep_freed_memory

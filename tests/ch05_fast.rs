@@ -317,7 +317,14 @@ fn cross_entropy_matches_burn_forward_and_backward() {
 fn attention_matches_burn_forward_and_backward() {
     let _rng = rng_lock();
     // (b, t, n_head, head size): one token, batch 1, odd sizes, the baby model's shape.
-    for (b, t, nh, hs) in [(1, 1, 1, 4), (1, 7, 3, 5), (2, 9, 2, 3), (12, 64, 4, 32)] {
+    // t = 150: three blocks of causal rows (64, 64, 22), the last one short.
+    for (b, t, nh, hs) in [
+        (1, 1, 1, 4),
+        (1, 7, 3, 5),
+        (2, 9, 2, 3),
+        (12, 64, 4, 32),
+        (2, 150, 2, 8),
+    ] {
         let c = nh * hs;
         let qkv0 = random([b, t, 3 * c], 1.0, &ad());
         let w = random([b, t, c], 1.0, &ad());
@@ -357,7 +364,7 @@ fn next_seed(device: &Device, seed: u64) -> u64 {
 #[test]
 fn attention_dropout_applies_its_mask_in_both_passes() {
     let _rng = rng_lock();
-    let (b, t, nh, hs) = (2, 9, 3, 4);
+    let (b, t, nh, hs) = (2, 70, 3, 4); // two blocks of causal rows
     let qkv0 = random([b, t, 3 * nh * hs], 1.0, &ad());
     let (dropout, p) = (DropoutConfig::new(0.3).init(), 0.3);
     let upstream = random([b, t, nh * hs], 1.0, &ad());

@@ -10,10 +10,11 @@
 //! - `B` is copied ("packed") so that each tile's columns lie side by side, step after step:
 //!   the kernel then reads it with plain vector loads. Every element of `B` is packed once per
 //!   product, a small cost next to the `m` multiply-adds it takes part in.
-//! - `A` is read where it lies, one element at a time, broadcast to a whole vector. Packing it
-//!   too would cost as much as the arithmetic when `n` is small.
+//! - `A` is read where it lies, one element at a time, broadcast to a whole vector (a version
+//!   that packed `A` as well was slower at the course's shapes).
 //! - The inner dimension is cut into blocks of `KC` steps, so that a tile's block of `B`
 //!   (`KC * NR` floats, 32 KB) stays in the core's first-level cache.
+//! - The tiles are shared out to rayon's workers, the same threads every other kernel uses.
 
 #[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
@@ -84,6 +85,7 @@ pub fn isa() -> Option<Isa> {
 /// Steps of the inner dimension per block.
 const KC: usize = 256;
 
+// ANCHOR: sgemm
 /// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, and `C: [m, n]` row-major
 /// with row stride `rsc`. With `beta = 0`, `C` is written without being read.
 ///
@@ -145,6 +147,7 @@ pub unsafe fn sgemm(
         }
     }
 }
+// ANCHOR_END: sgemm
 
 /// Copies `B: [kc, n]` into panels of `nr` columns, `packed[j * kc + p * nr + jj] = B[p, j +
 /// jj]` for the panel that starts at column `j`, zeros past the last column. A row-major `B`

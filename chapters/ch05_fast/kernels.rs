@@ -466,6 +466,13 @@ impl View {
             ..self
         }
     }
+    /// The same matrix from row `i` and column `j` on.
+    pub fn at(self, i: usize, j: usize) -> Self {
+        View {
+            offset: self.offset + i * self.rs + j * self.cs,
+            ..self
+        }
+    }
     fn check(&self, len: usize, rows: usize, cols: usize) {
         let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
         assert!(
@@ -715,15 +722,13 @@ pub fn attention_forward(
             let mut dropped = vec![0.0; tt];
             for h in 0..nh {
                 let p = &mut p[h * tt..(h + 1) * tt]; // [t, t]
-                let (q, k) = (s.part(0, h), s.part(1, h));
-                gemm(
-                    (t, hs, t),
-                    scale,
-                    (qkv, q),
-                    (qkv, k.t()),
-                    0.0,
-                    (p, View::rows(0, t)),
-                );
+                let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
+                let square = View::rows(0, t);
+                // Rows r0..r1 of the scores only need the keys 0..r1: the rest is the future.
+                for (r0, r1) in causal_blocks(t) {
+                    let (m, q, p_rows) = (r1 - r0, q.at(r0, 0), square.at(r0, 0));
+                    gemm((m, hs, r1), scale, (qkv, q), (qkv, k.t()), 0.0, (p, p_rows));
+                }
                 causal_softmax(p, t);
                 let weights = match mask {
                     Some(mask) => {
@@ -734,17 +739,32 @@ pub fn attention_forward(
                     None => &*p,
                 };
                 let out = View::rows(h * hs, c); // head h's columns of y: [t, hs]
-                gemm(
-                    (t, t, hs),
-                    1.0,
-                    (weights, View::rows(0, t)),
-                    (qkv, s.part(2, h)),
-                    0.0,
-                    (y, out),
-                );
+                for (r0, r1) in causal_blocks(t) {
+                    let (m, w_rows, y_rows) = (r1 - r0, square.at(r0, 0), out.at(r0, 0));
+                    gemm(
+                        (m, r1, hs),
+                        1.0,
+                        (weights, w_rows),
+                        (qkv, v),
+                        0.0,
+                        (y, y_rows),
+                    );
+                }
             }
         });
     (y, p)
+}
+
+/// Rows per block of causal attention's products: each block of rows of `q kᵀ` (and of the
+/// products that follow it) is computed against the keys up to its last row only. At
+/// `t = 256` that is 62.5% of the square; at `t = 64`, one block, the whole square.
+const CAUSAL_BLOCK: usize = 64;
+
+/// `(r0, r1)`: the row blocks of a `[t, t]` attention matrix.
+fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(CAUSAL_BLOCK)
+        .map(move |r0| (r0, (r0 + CAUSAL_BLOCK).min(t)))
 }
 
 simd_fn! {
@@ -806,35 +826,54 @@ pub fn attention_backward(
                 };
                 let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
                 let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
-                // dv = P̃ᵀ dy
-                gemm(
-                    (t, t, hs),
-                    1.0,
-                    (weights, square.t()),
-                    (dy, dout),
-                    0.0,
-                    (dqkv, v),
-                );
-                // dP = dy vᵀ, then ⊙ keep
-                gemm(
-                    (t, hs, t),
-                    1.0,
-                    (dy, dout),
-                    (qkv, v.t()),
-                    0.0,
-                    (&mut ds, square),
-                );
+                // Row blocks as in the forward pass. A block of columns c0..c1 of `P` (and of
+                // `dS`) is zero above row c0, so its transposed products start at row c0.
+                // The entries of `dS` that no product writes stay 0: they start at 0, and
+                // `softmax_backward` leaves every future entry at 0 (`P` is 0 there).
+                for (r0, r1) in causal_blocks(t) {
+                    let (m, rest) = (r1 - r0, t - r0);
+                    // dv = P̃ᵀ dy (rows r0..r1 of dv: columns r0..r1 of P̃, from row r0 on)
+                    let w_cols = square.t().at(r0, r0);
+                    gemm(
+                        (m, rest, hs),
+                        1.0,
+                        (weights, w_cols),
+                        (dy, dout.at(r0, 0)),
+                        0.0,
+                        (dqkv, v.at(r0, 0)),
+                    );
+                    // dP = dy vᵀ, then ⊙ keep
+                    gemm(
+                        (m, hs, r1),
+                        1.0,
+                        (dy, dout.at(r0, 0)),
+                        (qkv, v.t()),
+                        0.0,
+                        (&mut ds, square.at(r0, 0)),
+                    );
+                }
                 softmax_backward(&mut ds, p, keep, t);
-                // dq = dS k / √hs and dk = dSᵀ q / √hs
-                gemm((t, t, hs), scale, (&ds, square), (qkv, k), 0.0, (dqkv, q));
-                gemm(
-                    (t, t, hs),
-                    scale,
-                    (&ds, square.t()),
-                    (qkv, q),
-                    0.0,
-                    (dqkv, k),
-                );
+                for (r0, r1) in causal_blocks(t) {
+                    let (m, rest) = (r1 - r0, t - r0);
+                    // dq = dS k / √hs and dk = dSᵀ q / √hs
+                    gemm(
+                        (m, r1, hs),
+                        scale,
+                        (&ds, square.at(r0, 0)),
+                        (qkv, k),
+                        0.0,
+                        (dqkv, q.at(r0, 0)),
+                    );
+                    let ds_cols = square.t().at(r0, r0);
+                    gemm(
+                        (m, rest, hs),
+                        scale,
+                        (&ds, ds_cols),
+                        (qkv, q.at(r0, 0)),
+                        0.0,
+                        (dqkv, k.at(r0, 0)),
+                    );
+                }
             }
         });
     dqkv

@@ -71,8 +71,10 @@ pub fn check_writable(dir: &std::path::Path) -> Result<()> {
 /// (anyhow's `Debug` output, which `fn main() -> Result` would print, adds a stack backtrace
 /// whenever `RUST_BACKTRACE` is set).
 ///
-/// The body runs on one of rayon's worker threads ([`on_a_worker`]).
+/// The body runs on one of rayon's worker threads ([`on_a_worker`]), with the allocator told
+/// to keep the memory it frees ([`crate::keep_freed_memory`]).
 pub fn exit_on_error(body: impl FnOnce() -> anyhow::Result<()> + Send) -> std::process::ExitCode {
+    crate::keep_freed_memory();
     match on_a_worker(body) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -87,10 +89,9 @@ pub fn exit_on_error(body: impl FnOnce() -> anyhow::Result<()> + Send) -> std::p
 /// their work with rayon; called from `main`'s own thread, each call hands its work to the
 /// pool and puts the caller to sleep until the last piece is done, and two threads then
 /// wake up for every kernel (hundreds per training step). Called from a worker, the kernel
-/// does its share itself while the other worker takes the rest: a `baby` step ran about
-/// 12% faster this way (chapter 5). The workers get the 8 MB stack of a main thread.
+/// does its share itself while the other worker takes the rest: a `baby` step ran 7-12%
+/// faster this way, measured in turns (chapter 5). The workers get a main thread's 8 MB stack.
 pub fn on_a_worker<R: Send>(body: impl FnOnce() -> R + Send) -> R {
-    crate::keep_freed_memory();
     // Fails only if the pool was already started, which leaves it as it is.
     let _ = rayon::ThreadPoolBuilder::new()
         .stack_size(8 << 20)

@@ -200,7 +200,6 @@ macro_rules! by_rows {
     };
 }
 
-// ANCHOR: microkernel
 /// One instruction set's kernel: `tile` computes one `MR x NR` tile of `C` (fewer rows or
 /// columns at the edges) from `kc` steps of `A`'s rows and a packed panel of `B`.
 macro_rules! microkernel {
@@ -215,6 +214,7 @@ macro_rules! microkernel {
             pub const NR: usize = 2 * $lanes; // two vectors per row of the tile
             type Acc = [[$v; 2]; MR];
 
+            // ANCHOR: tile
             /// # Safety
             /// The tile's rows of `A`, its panel of `B` and the tile of `C` must be in
             /// bounds, and the CPU must have the instructions.
@@ -234,6 +234,7 @@ macro_rules! microkernel {
                     write(&acc, (rows, cols), alpha, beta, c);
                 }
             }
+            // ANCHOR_END: tile
 
             // ANCHOR: accumulate
             /// `acc[i] = Σ_p A[i, p] · B[p, ..NR]` for the tile's `R` rows of `A`, read
@@ -273,6 +274,7 @@ macro_rules! microkernel {
             }
             // ANCHOR_END: accumulate
 
+            // ANCHOR: write
             /// `C = alpha * acc + beta * C` for the tile's `rows x cols` corner.
             #[target_feature(enable = $feature)]
             #[inline]
@@ -305,14 +307,15 @@ macro_rules! microkernel {
                     }
                 }
             }
+            // ANCHOR_END: write
         }
     };
 }
-// ANCHOR_END: microkernel
-
+// ANCHOR: instances
 microkernel!(avx512, "avx512f", __m512, lanes: 16, rows: 12,
     _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps,
     _mm512_mul_ps);
 microkernel!(avx2, "avx2,fma", __m256, lanes: 8, rows: 6,
     _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_fmadd_ps,
     _mm256_mul_ps);
+// ANCHOR_END: instances

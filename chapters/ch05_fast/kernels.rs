@@ -809,20 +809,15 @@ pub fn attention_backward(
             let (mut mask_buf, mut dropped, mut ds) = (vec![0.0; tt], vec![0.0; tt], vec![0.0; tt]);
             for h in 0..nh {
                 let p = &p[(bi * nh + h) * tt..][..tt]; // [t, t]
-                let keep = match mask {
+                // The forward's mask again, and the weights it left: P̃ = P ⊙ keep.
+                let (keep, weights) = match mask {
                     Some(mask) => {
-                        mask.fill((bi * nh + h) * tt, &mut mask_buf); // the forward's mask again
-                        Some(&mask_buf[..])
-                    }
-                    None => None,
-                };
-                let weights = match keep {
-                    Some(keep) => {
-                        dropped.copy_from_slice(keep);
+                        mask.fill((bi * nh + h) * tt, &mut mask_buf);
+                        dropped.copy_from_slice(&mask_buf);
                         mul_in_place(&mut dropped, p);
-                        &dropped[..]
+                        (Some(&mask_buf[..]), &dropped[..])
                     }
-                    None => p,
+                    None => (None, p),
                 };
                 let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
                 let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]

@@ -110,10 +110,11 @@ pub unsafe fn sgemm(
     };
     let (tile_rows, panels) = (m.div_ceil(mr), n.div_ceil(nr));
     let tiles = tile_rows * panels;
-    // Below about 2 MFLOP (attention's per-head products) one core does it: waking the other
-    // costs more. Above, a few tasks per core, each a run of tiles along a row of tiles, so
-    // that consecutive tiles reuse the same rows of `A`.
-    let tasks = match 2 * m * k * n < 1 << 21 {
+    // Up to 8 MFLOP one core does it: handing tiles to the other core costs it more than it
+    // saves (attention's per-head products of 2 MFLOP took twice as long when shared). Above,
+    // a few tasks per core, each a run of tiles along a row of tiles, so that consecutive
+    // tiles reuse the same rows of `A`.
+    let tasks = match 2 * m * k * n <= 1 << 23 {
         true => 1,
         false => tiles.min(4 * rayon::current_num_threads()),
     };

@@ -19,6 +19,12 @@ practical fp32 peak for the "share" column (default 270, this course's machine; 
 with book/torch_peak.py). `book/speed.py --render NAME` runs nothing and writes NAME.md again
 from NAME.json (after a change of --peak, say).
 
+--peak-each-run (with --torch-python) measures that peak again right before every run
+(`book/torch_peak.py 2048`, best of 10 products, about a second) and adds a column with each
+run's GFLOP/s as a share of the peak measured just before it: on a shared machine the peak
+itself moves by 10-20% from minute to minute, and a run is best compared with the machine
+as it was during that run.
+
 --before REV builds REV's ch04_pretrain in a temporary git worktree, into its own target
 folder ($CARGO_TARGET_DIR/speed-before/<sha>: the first time, a full build), and times it
 too, as the "before" rows. Needs GPT_DATA (the corpus) and /usr/bin/time.
@@ -109,6 +115,13 @@ def run_burn(binary, backend, preset, steps, warmup):
             "gflops": b["gflops"], "rss_mb": rss_kb / 1024, "first_ms": b["first_step_ms"]}
 
 
+def measure_peak(python):
+    """The machine's fp32 peak right now: PyTorch's best 2048 x 2048 product, GFLOP/s."""
+    p = sh([python, os.path.join(ROOT, "book", "torch_peak.py"), "2048"],
+           stdout=subprocess.PIPE, text=True)
+    return float(p.stdout.split("PyTorch")[1].split()[0])
+
+
 def run_torch(python, preset, steps):
     with tempfile.TemporaryDirectory() as d:
         rss = os.path.join(d, "rss")
@@ -135,6 +148,8 @@ def main():
     ap.add_argument("--name", help="file name of the table (default: the preset)")
     ap.add_argument("--peak", type=float, default=PEAK_GFLOPS,
                     help="the machine's practical fp32 peak, GFLOP/s (book/torch_peak.py)")
+    ap.add_argument("--peak-each-run", action="store_true",
+                    help="measure the peak before every run (needs --torch-python)")
     ap.add_argument("--render", metavar="NAME",
                     help="run nothing: write NAME.md again from NAME.json's runs and command")
     a = ap.parse_args()
@@ -147,6 +162,8 @@ def main():
         a.torch_python = "PY" if any(k.startswith("PyTorch") for k in saved["runs"]) else None
         write_table(a, saved["runs"])
         return
+    if a.peak_each_run and not a.torch_python:
+        ap.error("--peak-each-run needs --torch-python")
     write_table(a, measure(a))
 
 
@@ -171,7 +188,10 @@ def measure(a):
     runs = {label: [] for label, _ in programs}
     for r in range(a.rounds):
         for label, run in programs:
+            peak = measure_peak(a.torch_python) if a.peak_each_run else None
             runs[label].append(run())
+            if peak:
+                runs[label][-1]["peak_gflops"] = peak
             print(f"round {r + 1}: {label}: {runs[label][-1]['ms']:.1f} ms/step", file=sys.stderr)
     return runs
 
@@ -185,18 +205,30 @@ def write_table(a, runs):
         mid = sorted(rs, key=lambda x: x["ms"])[len(rs) // 2]  # the median run
         if label.startswith("PyTorch"):
             torch_ms = mid["ms"]
-        rows.append((label, mid, [x["ms"] for x in rs]))
+        rows.append((label, mid, rs))
+    # Each run's GFLOP/s against the peak measured just before it (--peak-each-run).
+    each = all("peak_gflops" in x for rs in runs.values() for x in rs)
     unit, scale = ("s", 1e-3) if a.preset == "lecture" else ("ms", 1.0)
     table = (f"| program | first step, s | {unit}/step (median run) | all runs | tokens/s | GFLOP/s "
-             f"| share of ~{a.peak:.0f} GFLOP/s | PyTorch time / this | peak RSS |\n"
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    for label, m, all_ms in rows:
+             f"| share of ~{a.peak:.0f} GFLOP/s "
+             + ("| share of the peak measured before each run: median (all runs) " if each else "")
+             + "| PyTorch time / this | peak RSS |\n"
+             + "|---|---:|---:|---:|---:|---:|---:" + ("|---:" if each else "") + "|---:|---:|\n")
+    for label, m, rs in rows:
         ratio = f"{torch_ms / m['ms']:.2f}" if torch_ms else "-"
         first = f"{m['first_ms'] / 1e3:.1f}" if "first_ms" in m else "-"
-        table += (f"| {label} | {first} | {m['ms'] * scale:.1f} | "
-                  f"{' / '.join(f'{x * scale:.1f}' for x in all_ms)} | "
+        shares = [100 * x["gflops"] / x["peak_gflops"] for x in rs] if each else []
+        share = (f"{statistics.median(shares):.0f}% ({' / '.join(f'{x:.0f}%' for x in shares)}) | "
+                 if each else "")
+        all_ms = " / ".join(f"{x['ms'] * scale:.1f}" for x in rs)
+        table += (f"| {label} | {first} | {m['ms'] * scale:.1f} | {all_ms} | "
                   f"{m['tokens_per_s']:,.0f} | {m['gflops']:.1f} | "
-                  f"{100 * m['gflops'] / a.peak:.0f}% | {ratio} | {m['rss_mb']:.0f} MB |\n")
+                  f"{100 * m['gflops'] / a.peak:.0f}% | {share}{ratio} | {m['rss_mb']:.0f} MB |\n")
+    if each:
+        peaks = sorted(x["peak_gflops"] for rs in runs.values() for x in rs)
+        table += (f"\nThe peak measured before each run (`book/torch_peak.py 2048`) ranged from "
+                  f"{peaks[0]:.0f} to {peaks[-1]:.0f} GFLOP/s (median "
+                  f"{statistics.median(peaks):.0f}).\n")
     cmd = f"book/speed.py --rounds {a.rounds} --steps {a.steps} --preset {a.preset}"
     if a.backends != "flex,ndarray":
         cmd += f" --backends {a.backends}"
@@ -208,6 +240,8 @@ def write_table(a, runs):
         cmd += f" --before {a.before}"
     if a.peak != PEAK_GFLOPS:
         cmd += f" --peak {a.peak:g}"
+    if a.peak_each_run:
+        cmd += " --peak-each-run"
     if a.torch_python:
         cmd += " --torch-python PY"
     rounds = f"{a.rounds} rounds in turns" if a.rounds > 1 else "1 round"

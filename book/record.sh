@@ -32,6 +32,8 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   BACKEND=flex bash "$self" ch04_pretrain
   # Chapter 5: the profile, the checks and the step times of the fused kernels (flex).
   BACKEND=flex bash "$self" ch05_fast
+  # ... and the matrix products of one lecture step, one by one (section 5.7; half a minute).
+  TAG=lecture ARGS="--preset lecture --reps 1 --bench-steps 0 --train-steps 1" BACKEND=flex bash "$self" ch05_fast
   # The medium preset: the smallest model that writes passable Shakespeare (over an hour).
   TAG=medium ARGS="--preset medium" BACKEND=flex bash "$self" ch04_pretrain
   # Chapter 6 on the recorded baby checkpoint, timing the lecture shape too.

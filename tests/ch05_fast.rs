@@ -110,14 +110,14 @@ fn chapter_5s_gemm_matches_a_plain_product_with_every_kernel() {
         ),
     ];
     // Every edge: fewer rows and columns than a tile and one more than a tile (12 and 32 for
-    // AVX-512, 6 and 16 for AVX2), one step and one more than a block of 256 steps, and
-    // products big enough to be split over the cores.
+    // AVX-512, 6 and 16 for AVX2), one step and one more than a block of 256 steps, and a
+    // product big enough to be split over the cores (over 8 MFLOP: 9 here).
     let shapes = [
         (1, 1, 1),
         (5, 3, 17),
         (13, 257, 33),
         (25, 600, 65),
-        (200, 300, 40),
+        (150, 300, 100),
         (12, 256, 32),
     ];
     for (isa, _) in isas.iter().filter(|(_, has)| *has) {
@@ -518,6 +518,46 @@ impl Logits for course::ch03_gpt::Gpt {
 }
 
 #[test]
+fn the_product_trace_counts_each_shape_and_keeps_the_fastest() {
+    use course::ch05_fast::kernels::{View, gemm};
+    use course::ch05_fast::profile::{ProductTime, fastest, trace_products};
+    // A shape no other test multiplies (tests run side by side, and the trace sees them all).
+    let (m, k, n) = (7, 11, 13);
+    let (a, b) = (values(k * m, 1), values(k * n, 2));
+    let mut c = vec![0.0; m * n];
+    let mut product = || {
+        // `a` holds `[k, m]`: A is read transposed.
+        let a = (&a[..], View::rows(0, m).t());
+        gemm(
+            (m, k, n),
+            1.0,
+            a,
+            (&b, View::rows(0, n)),
+            0.0,
+            (&mut c, View::rows(0, n)),
+        );
+    };
+    product(); // not traced
+    let ((), lines) = trace_products(|| (0..3).for_each(|_| product()));
+    let line = lines.iter().find(|l| l.shape == "7 x 11 x 13, Aᵀ");
+    let line = line.unwrap_or_else(|| panic!("not traced: {lines:?}"));
+    assert_eq!(line.calls, 3);
+    assert!(line.ms > 0.0 && line.gflops > 0.0, "{line:?}");
+    let time = |shape: &str, ms: f64| ProductTime {
+        shape: shape.to_string(),
+        calls: 1,
+        ms,
+        gflops: 1.0 / ms,
+    };
+    let best = fastest(vec![
+        vec![time("x", 5.0), time("y", 1.0)],
+        vec![time("x", 3.0), time("z", 4.0)],
+    ]);
+    let got: Vec<(&str, f64)> = best.iter().map(|l| (l.shape.as_str(), l.ms)).collect();
+    assert_eq!(got, [("z", 4.0), ("x", 3.0), ("y", 1.0)]);
+}
+
+#[test]
 fn the_notebook_runs_and_refuses_bad_input() {
     let out = support::tempdir();
     let corpus = support::corpus_path().to_string_lossy().into_owned();
@@ -539,7 +579,7 @@ fn the_notebook_runs_and_refuses_bad_input() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    for section in ["5.1", "5.2", "5.3", "5.4", "5.5", "5.6"] {
+    for section in ["5.1", "5.2", "5.3", "5.4", "5.5", "5.6", "5.7"] {
         assert!(
             stdout.contains(&format!("== {section} ")),
             "section {section} missing"
@@ -549,6 +589,12 @@ fn the_notebook_runs_and_refuses_bad_input() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(summary["fused_runs_here"], true);
+    // Section 5.7 traced the products of a step: the model's first linear layer among them.
+    let products = summary["products"].as_array().unwrap();
+    assert!(
+        products.iter().any(|p| p["calls"].as_u64() > Some(0)),
+        "{products:?}"
+    );
     assert!(out.path().join("same_training.svg").exists());
     // On ndarray the fused kernels do not run, and the notebook says so instead of failing.
     let nd = [
@@ -565,6 +611,10 @@ fn the_notebook_runs_and_refuses_bad_input() {
         support::run_bin(bin, &[&fast[..4], &nd[..], &fast[6..]].concat(), &[]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("do not run on this backend"), "{stdout}");
+    assert!(
+        stdout.contains("(none: chapter 5's kernels do not run on ndarray)"),
+        "{stdout}"
+    );
     let (code, _, err) = support::run_bin(bin, &["--preset", "huge", "--data", &corpus], &[]);
     assert_ne!(code, 0);
     assert!(

@@ -6,6 +6,7 @@
 //! vectorises (8 floats per instruction) because they contain no calls and no branches.
 
 use super::gemm;
+use super::profile::{ProductShape, ProductTimer};
 use rayon::prelude::*;
 
 // ANCHOR: simd
@@ -636,6 +637,14 @@ unsafe fn sgemm(
     beta: f32,
     (c, vc): (*mut f32, View),
 ) {
+    // Timed while section 5.7 traces a training step (`profile::trace_products`).
+    let _timer = ProductTimer::start(ProductShape {
+        m,
+        k,
+        n,
+        a_transposed: va.cs != 1,
+        b_transposed: vb.cs != 1,
+    });
     let strided = |x: &[f32], v: View| gemm::Strided {
         ptr: x[v.offset..].as_ptr(),
         rs: v.rs as isize,

@@ -10,7 +10,9 @@ use clap::Parser;
 use course::ch03_gpt::GptConfig;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
 use course::ch04_pretrain::{PretrainConfig, known_preset, preset, train_settings};
-use course::ch05_fast::profile::{OpTiming, dropout_ops, model_ops};
+use course::ch05_fast::profile::{
+    OpTiming, ProductTime, dropout_ops, fastest, model_ops, trace_products,
+};
 use course::ch05_fast::{Kernels, fused_available};
 use course::common::cli::CommonArgs;
 use course::common::report::{Machine, plot_curves, write_json};
@@ -52,6 +54,7 @@ struct Summary {
     steps: Vec<(String, StepTimes)>,
     /// (n, Burn's GFLOP/s, fused GFLOP/s) of an `n x n` by `n x n` product.
     peak: Vec<(usize, f64, f64)>,
+    products: Vec<ProductTime>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +72,7 @@ fn main() -> std::process::ExitCode {
         let training_max_loss_diff = the_same_training(&run, args.train_steps as usize)?;
         let steps = step_times(&cfg, &run, args.bench_steps)?;
         let peak = the_machines_peak(&run.device, args.reps as usize);
+        let products = products_of_a_step(&cfg, &run)?;
         let summary = Summary {
             machine: Machine::detect(false),
             backend: run.backend.to_string(),
@@ -79,6 +83,7 @@ fn main() -> std::process::ExitCode {
             training_max_loss_diff,
             steps,
             peak,
+            products,
         };
         write_json(&run.out.join("summary.json"), &summary)?;
         println!("\nwrote {}", run.out.join("summary.json").display());
@@ -301,3 +306,54 @@ fn the_machines_peak(device: &Device, reps: usize) -> Vec<(usize, f64, f64)> {
     rows
 }
 // ANCHOR_END: peak
+
+// ANCHOR: products
+/// 5.7: every matrix product of a training step with the fused kernels, timed call by call,
+/// each shape at its fastest of three steps: which run near the peak of 5.6, and which not.
+fn products_of_a_step(cfg: &PretrainConfig, run: &Run) -> Result<Vec<ProductTime>> {
+    section(
+        "5.7",
+        &format!("The matrix products of one step ({} preset)", cfg.preset),
+    );
+    let ad = run.device.clone().autodiff();
+    let step = || {
+        time_steps(
+            cfg,
+            cfg.model.init(&ad).with_kernels(Kernels::Fused),
+            &run.data,
+            0,
+            1,
+        )
+    };
+    step()?; // untraced: the first step also pays for memory touched for the first time
+    let (mut traces, mut step_ms) = (Vec::new(), f64::INFINITY);
+    for _ in 0..3 {
+        let (times, products) = trace_products(step);
+        step_ms = step_ms.min(times?.median_ms_per_step);
+        traces.push(products);
+    }
+    let products = fastest(traces);
+    if products.is_empty() {
+        println!("(none: chapter 5's kernels do not run on {})", run.backend);
+        return Ok(products);
+    }
+    println!(
+        "{:<28} {:>6} {:>9} {:>8}",
+        "m x k x n", "calls", "ms", "GFLOP/s"
+    );
+    for p in products.iter().take(12) {
+        println!(
+            "{:<28} {:>6} {:>9.1} {:>8.1}",
+            p.shape, p.calls, p.ms, p.gflops
+        );
+    }
+    let ms: f64 = products.iter().map(|p| p.ms).sum();
+    let gflop: f64 = products.iter().map(|p| p.gflops * p.ms / 1e3).sum();
+    println!(
+        "{} shapes, {ms:.0} ms of calls at {:.1} GFLOP/s; the fastest step took {step_ms:.0} ms",
+        products.len(),
+        gflop / (ms / 1e3)
+    );
+    Ok(products)
+}
+// ANCHOR_END: products

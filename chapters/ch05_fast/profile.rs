@@ -10,6 +10,9 @@ use burn::nn::{DropoutConfig, Gelu, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 // ANCHOR: op_timing
@@ -233,3 +236,100 @@ fn cross_entropy_case(shape: [usize; 3], device: &Device) -> OpCase {
     }
 }
 // ANCHOR_END: cases
+
+// ANCHOR: product_trace
+/// A product as `kernels::gemm` sees it: `[m, k] @ [k, n]`, with `A` or `B` read transposed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub struct ProductShape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a_transposed: bool,
+    pub b_transposed: bool,
+}
+
+/// Calls and seconds per shape, gathered while `trace_products` runs.
+static TRACING: AtomicBool = AtomicBool::new(false);
+static PRODUCTS: Mutex<BTreeMap<ProductShape, (usize, f64)>> = Mutex::new(BTreeMap::new());
+
+/// Times one product, from its start to its drop, while tracing is on; costs one atomic
+/// load otherwise.
+pub struct ProductTimer(Option<(ProductShape, Instant)>);
+
+impl ProductTimer {
+    pub fn start(shape: ProductShape) -> Self {
+        Self(
+            TRACING
+                .load(Ordering::Relaxed)
+                .then(|| (shape, Instant::now())),
+        )
+    }
+}
+
+impl Drop for ProductTimer {
+    fn drop(&mut self) {
+        if let Some((shape, tick)) = self.0.take() {
+            let seconds = tick.elapsed().as_secs_f64();
+            let mut products = PRODUCTS.lock().unwrap_or_else(|e| e.into_inner());
+            let (calls, total) = products.entry(shape).or_default();
+            *calls += 1;
+            *total += seconds;
+        }
+    }
+}
+
+/// One shape's line of a trace.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProductTime {
+    /// `m x k x n`, with `Aᵀ` or `Bᵀ` for an operand read transposed.
+    pub shape: String,
+    pub calls: usize,
+    /// The calls' time added up (calls that run side by side on two cores count twice).
+    pub ms: f64,
+    /// The shape's arithmetic over its calls' time.
+    pub gflops: f64,
+}
+
+/// Runs `f` with every product of chapter 5's kernels timed; returns `f`'s result and one
+/// line per shape, the most time first.
+pub fn trace_products<R>(f: impl FnOnce() -> R) -> (R, Vec<ProductTime>) {
+    PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    TRACING.store(true, Ordering::Relaxed);
+    let result = f();
+    TRACING.store(false, Ordering::Relaxed);
+    let products = std::mem::take(&mut *PRODUCTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut lines: Vec<ProductTime> = products
+        .into_iter()
+        .map(|(s, (calls, seconds))| ProductTime {
+            shape: format!(
+                "{} x {} x {}{}{}",
+                s.m,
+                s.k,
+                s.n,
+                if s.a_transposed { ", Aᵀ" } else { "" },
+                if s.b_transposed { ", Bᵀ" } else { "" }
+            ),
+            calls,
+            ms: seconds * 1e3,
+            gflops: 2.0 * (s.m * s.k * s.n * calls) as f64 / seconds / 1e9,
+        })
+        .collect();
+    lines.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    (result, lines)
+}
+
+/// Each shape's fastest line over several traces of the same work (a busy moment of the
+/// machine slows one trace, not all), the most time first.
+pub fn fastest(traces: Vec<Vec<ProductTime>>) -> Vec<ProductTime> {
+    let mut best: Vec<ProductTime> = Vec::new();
+    for line in traces.into_iter().flatten() {
+        match best.iter_mut().find(|b| b.shape == line.shape) {
+            Some(b) if b.ms <= line.ms => {}
+            Some(b) => *b = line,
+            None => best.push(line),
+        }
+    }
+    best.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    best
+}
+// ANCHOR_END: product_trace

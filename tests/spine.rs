@@ -369,3 +369,55 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     assert_eq!(std::fs::read(&dest).unwrap(), body);
     assert!(!part.exists());
 }
+
+#[test]
+fn a_heatmap_grid_draws_every_cell_label_and_panel() {
+    use course::common::heatmap::{Panel, heatmap_grid, show_char};
+    let dir = support::tempdir();
+    let path = dir.path().join("grid.svg");
+    let (rows, cols) = (["a", "b"], ["x", " ", "\n"]);
+    let labels = |cs: &[&str]| -> Vec<String> {
+        cs.iter()
+            .map(|s| show_char(s.chars().next().unwrap()))
+            .collect()
+    };
+    // Three panels in a grid of two columns: values 0, 0.5 and 1.
+    let panels: Vec<Panel> = [0.0, 0.5, 1.0]
+        .iter()
+        .map(|&v| Panel {
+            title: format!("head {v}"),
+            values: vec![v; rows.len() * cols.len()],
+        })
+        .collect();
+    heatmap_grid(&path, "weights", &panels, &labels(&rows), &labels(&cols), 2).unwrap();
+    let svg = std::fs::read_to_string(&path).unwrap();
+    // The background, a cell per value of each panel, and the colour bar's 100 steps.
+    assert_eq!(svg.matches("<rect").count(), 1 + 3 * 2 * 3 + 100, "{svg}");
+    // Every text drawn: the title, the panels' titles, and each panel's row and column labels.
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .map(|t| {
+            t.split_once('>')
+                .unwrap()
+                .1
+                .split("</text>")
+                .next()
+                .unwrap()
+                .trim()
+        })
+        .collect();
+    for (text, times) in [
+        ("weights", 1),
+        ("head 0.5", 1),
+        ("a", 3),
+        ("x", 3),
+        ("␣", 3),
+        ("⏎", 3),
+    ] {
+        let found = texts.iter().filter(|&&t| t == text).count();
+        assert_eq!(found, times, "{text:?} in {texts:?}");
+    }
+    // Value 0 is white and value 1 the darkest blue, as in the colour bar.
+    assert!(svg.contains("#FFFFFF") && svg.contains("#081D58"), "{svg}");
+}

@@ -40,6 +40,54 @@ pub fn show_char(c: char) -> String {
     }
 }
 
+/// Sizes in pixels, from the matrix size: small cells and labels for long sequences.
+struct Layout {
+    cell: u32,
+    label: u32,
+    margin: u32,
+    panel: (u32, u32),
+    grid: (usize, usize),
+}
+
+impl Layout {
+    fn new((nr, nc): (usize, usize), panels: usize, cols: usize) -> Layout {
+        let cell = if nr.max(nc) > 40 { 9 } else { 22 };
+        let label = if cell > 12 { 14 } else { 8 };
+        let margin = label * 2 + 8;
+        let panel = (
+            margin + nc as u32 * cell + 16,
+            margin + 24 + nr as u32 * cell + 8,
+        );
+        let grid_cols = cols.max(1).min(panels.max(1));
+        let grid = (grid_cols, panels.div_ceil(grid_cols));
+        Layout {
+            cell,
+            label,
+            margin,
+            panel,
+            grid,
+        }
+    }
+
+    /// The whole picture: the panels, the title above them, the colour bar below.
+    fn size(&self) -> (u32, u32) {
+        let (w, h) = self.panel;
+        (
+            self.grid.0 as u32 * w + 20,
+            self.grid.1 as u32 * h + 50 + 30,
+        )
+    }
+
+    /// Top-left corner of panel `p`.
+    fn origin(&self, p: usize) -> (i32, i32) {
+        let (w, h) = self.panel;
+        let (col, row) = (p % self.grid.0, p / self.grid.0);
+        (10 + col as i32 * w as i32, 45 + row as i32 * h as i32)
+    }
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
 /// Draws `panels` in a grid of `cols` columns, each a heat map whose rows are labelled by
 /// `row_labels` (the query) and columns by `col_labels` (the key), into an SVG file.
 pub fn heatmap_grid(
@@ -50,78 +98,76 @@ pub fn heatmap_grid(
     col_labels: &[String],
     cols: usize,
 ) -> Result<()> {
-    let (nr, nc) = (row_labels.len(), col_labels.len());
-    let cell = if nr.max(nc) > 40 { 9 } else { 22 };
-    let label = if cell > 12 { 14 } else { 8 };
-    let margin = label * 2 + 8;
-    let panel_w = margin + nc as u32 * cell + 16;
-    let panel_h = margin + 24 + nr as u32 * cell + 8;
-    let grid_cols = cols.max(1).min(panels.len().max(1));
-    let grid_rows = panels.len().div_ceil(grid_cols);
-    let width = grid_cols as u32 * panel_w + 20;
-    let height = grid_rows as u32 * panel_h + 50 + 30;
-    let path_str = path.to_string_lossy().to_string();
-    let root = SVGBackend::new(&path_str, (width, height)).into_drawing_area();
+    let layout = Layout::new((row_labels.len(), col_labels.len()), panels.len(), cols);
+    let root = SVGBackend::new(path, layout.size()).into_drawing_area();
     root.fill(&WHITE)?;
-    root.draw(&Text::new(
-        title.to_string(),
-        (10, 10),
-        ("sans-serif", 20).into_font(),
-    ))?;
-    let mono = ("monospace", label).into_font();
+    let font = ("sans-serif", 20).into_font();
+    root.draw(&Text::new(title.to_string(), (10, 10), font))?;
     for (p, panel) in panels.iter().enumerate() {
-        let x0 = 10 + (p % grid_cols) as i32 * panel_w as i32;
-        let y0 = 45 + (p / grid_cols) as i32 * panel_h as i32;
-        root.draw(&Text::new(
-            panel.title.clone(),
-            (x0 + margin as i32, y0),
-            ("sans-serif", 15).into_font(),
-        ))?;
-        let top = y0 + 24 + margin as i32;
-        let left = x0 + margin as i32;
-        for (j, l) in col_labels.iter().enumerate() {
-            let x = left + j as i32 * cell as i32 + cell as i32 / 3;
-            root.draw(&Text::new(
-                l.clone(),
-                (x, top - label as i32 - 4),
-                mono.clone(),
-            ))?;
-        }
-        for (i, l) in row_labels.iter().enumerate() {
-            let y = top + i as i32 * cell as i32 + (cell as i32 - label as i32) / 2;
-            root.draw(&Text::new(
-                l.clone(),
-                (x0 + margin as i32 - label as i32 - 2, y),
-                mono.clone(),
-            ))?;
-            for j in 0..nc {
-                let v = panel.values[i * nc + j];
-                let (cx, cy) = (left + j as i32 * cell as i32, top + i as i32 * cell as i32);
-                root.draw(&Rectangle::new(
-                    [(cx, cy), (cx + cell as i32 - 1, cy + cell as i32 - 1)],
-                    ramp(v).filled(),
-                ))?;
-            }
-        }
+        draw_panel(
+            &root,
+            &layout,
+            layout.origin(p),
+            panel,
+            (row_labels, col_labels),
+        )?;
     }
-    // Colour bar.
-    let (bx, by) = (10, height as i32 - 22);
-    for k in 0..100 {
-        root.draw(&Rectangle::new(
-            [(bx + 30 + k * 2, by), (bx + 32 + k * 2, by + 10)],
-            ramp(k as f32 / 99.0).filled(),
-        ))?;
-    }
-    root.draw(&Text::new(
-        "0",
-        (bx + 18, by),
-        ("sans-serif", 12).into_font(),
-    ))?;
-    root.draw(&Text::new(
-        "1",
-        (bx + 236, by),
-        ("sans-serif", 12).into_font(),
-    ))?;
+    draw_colour_bar(&root, layout.size().1 as i32 - 22)?;
     root.present()?;
+    Ok(())
+}
+
+/// One heat map with its title and labels, its top-left corner at `(x0, y0)`.
+fn draw_panel(
+    root: &Area,
+    layout: &Layout,
+    (x0, y0): (i32, i32),
+    panel: &Panel,
+    (row_labels, col_labels): (&[String], &[String]),
+) -> Result<()> {
+    let (cell, label, margin) = (
+        layout.cell as i32,
+        layout.label as i32,
+        layout.margin as i32,
+    );
+    let title_font = ("sans-serif", 15).into_font();
+    root.draw(&Text::new(
+        panel.title.clone(),
+        (x0 + margin, y0),
+        title_font,
+    ))?;
+    let (top, left) = (y0 + 24 + margin, x0 + margin);
+    let mono = ("monospace", layout.label).into_font();
+    for (j, l) in col_labels.iter().enumerate() {
+        let x = left + j as i32 * cell + cell / 3;
+        root.draw(&Text::new(l.clone(), (x, top - label - 4), mono.clone()))?;
+    }
+    for (i, l) in row_labels.iter().enumerate() {
+        let y = top + i as i32 * cell + (cell - label) / 2;
+        root.draw(&Text::new(
+            l.clone(),
+            (x0 + margin - label - 2, y),
+            mono.clone(),
+        ))?;
+        for j in 0..col_labels.len() {
+            let v = panel.values[i * col_labels.len() + j];
+            let (cx, cy) = (left + j as i32 * cell, top + i as i32 * cell);
+            let square = [(cx, cy), (cx + cell - 1, cy + cell - 1)];
+            root.draw(&Rectangle::new(square, ramp(v).filled()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The colour ramp from 0 to 1, left to right, at height `y`.
+fn draw_colour_bar(root: &Area, y: i32) -> Result<()> {
+    let x = 10;
+    for k in 0..100 {
+        let step = [(x + 30 + k * 2, y), (x + 32 + k * 2, y + 10)];
+        root.draw(&Rectangle::new(step, ramp(k as f32 / 99.0).filled()))?;
+    }
+    let font = ("sans-serif", 12).into_font();
+    root.draw(&Text::new("0", (x + 18, y), font.clone()))?;
+    root.draw(&Text::new("1", (x + 236, y), font))?;
     Ok(())
 }

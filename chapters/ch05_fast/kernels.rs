@@ -805,10 +805,8 @@ pub fn attention_backward(
     dy: &[f32],
     s: AttnShape,
 ) -> Vec<f32> {
-    let AttnShape { t, nh, hs, .. } = s;
+    let AttnShape { t, nh, .. } = s;
     let (c, tt) = (s.c(), t * t);
-    let scale = 1.0 / (hs as f32).sqrt();
-    let square = View::rows(0, t);
     let mut dqkv = vec![0.0; s.b * t * 3 * c];
     dqkv.par_chunks_mut(t * 3 * c)
         .enumerate()
@@ -828,59 +826,84 @@ pub fn attention_backward(
                     }
                     None => (None, p),
                 };
-                let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
-                let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
-                // Row blocks as in the forward pass. A block of columns c0..c1 of `P` (and of
-                // `dS`) is zero above row c0, so its transposed products start at row c0.
-                // The entries of `dS` that no product writes stay 0: they start at 0, and
-                // `softmax_backward` leaves every future entry at 0 (`P` is 0 there).
-                for (r0, r1) in causal_blocks(t) {
-                    let (m, rest) = (r1 - r0, t - r0);
-                    // dv = P̃ᵀ dy (rows r0..r1 of dv: columns r0..r1 of P̃, from row r0 on)
-                    let w_cols = square.t().at(r0, r0);
-                    gemm(
-                        (m, rest, hs),
-                        1.0,
-                        (weights, w_cols),
-                        (dy, dout.at(r0, 0)),
-                        0.0,
-                        (dqkv, v.at(r0, 0)),
-                    );
-                    // dP = dy vᵀ, then ⊙ keep
-                    gemm(
-                        (m, hs, r1),
-                        1.0,
-                        (dy, dout.at(r0, 0)),
-                        (qkv, v.t()),
-                        0.0,
-                        (&mut ds, square.at(r0, 0)),
-                    );
-                }
-                softmax_backward(&mut ds, p, keep, t);
-                for (r0, r1) in causal_blocks(t) {
-                    let (m, rest) = (r1 - r0, t - r0);
-                    // dq = dS k / √hs and dk = dSᵀ q / √hs
-                    gemm(
-                        (m, r1, hs),
-                        scale,
-                        (&ds, square.at(r0, 0)),
-                        (qkv, k),
-                        0.0,
-                        (dqkv, q.at(r0, 0)),
-                    );
-                    let ds_cols = square.t().at(r0, r0);
-                    gemm(
-                        (m, rest, hs),
-                        scale,
-                        (&ds, ds_cols),
-                        (qkv, q.at(r0, 0)),
-                        0.0,
-                        (dqkv, k.at(r0, 0)),
-                    );
-                }
+                let head = Head { s, h, qkv, dy, p };
+                head.backward((keep, weights), dqkv, &mut ds);
             }
         });
     dqkv
+}
+
+/// One head of one sequence in the backward pass: `qkv: [t, 3c]`, `dy: [t, c]` and the
+/// head's weights `p: [t, t]`.
+struct Head<'a> {
+    s: AttnShape,
+    h: usize,
+    qkv: &'a [f32],
+    dy: &'a [f32],
+    p: &'a [f32],
+}
+
+impl Head<'_> {
+    /// Writes the head's `dq`, `dk` and `dv` into `dqkv: [t, 3c]`, with `ds: [t, t]` as
+    /// scratch, given the dropout mask `keep` and the weights `P̃` it left.
+    fn backward(
+        &self,
+        (keep, weights): (Option<&[f32]>, &[f32]),
+        dqkv: &mut [f32],
+        ds: &mut [f32],
+    ) {
+        let Head { s, h, qkv, dy, p } = *self;
+        let (t, hs, c) = (s.t, s.hs, s.c());
+        let scale = 1.0 / (hs as f32).sqrt();
+        let square = View::rows(0, t);
+        let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
+        let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
+        // Row blocks as in the forward pass. A block of columns c0..c1 of `P` (and of `dS`) is
+        // zero above row c0, so its transposed products start at row c0. The entries of `dS`
+        // that no product writes stay 0: they start at 0, and `softmax_backward` leaves every
+        // future entry at 0 (`P` is 0 there).
+        for (r0, r1) in causal_blocks(t) {
+            let (m, rest) = (r1 - r0, t - r0);
+            // dv = P̃ᵀ dy (rows r0..r1 of dv: columns r0..r1 of P̃, from row r0 on)
+            let w_cols = square.t().at(r0, r0);
+            let dy_rows = (dy, dout.at(r0, 0));
+            gemm(
+                (m, rest, hs),
+                1.0,
+                (weights, w_cols),
+                dy_rows,
+                0.0,
+                (dqkv, v.at(r0, 0)),
+            );
+            // dP = dy vᵀ, then ⊙ keep
+            let ds_rows = (&mut *ds, square.at(r0, 0));
+            gemm((m, hs, r1), 1.0, dy_rows, (qkv, v.t()), 0.0, ds_rows);
+        }
+        softmax_backward(ds, p, keep, t);
+        for (r0, r1) in causal_blocks(t) {
+            let (m, rest) = (r1 - r0, t - r0);
+            // dq = dS k / √hs and dk = dSᵀ q / √hs
+            let ds_rows = (&ds[..], square.at(r0, 0));
+            gemm(
+                (m, r1, hs),
+                scale,
+                ds_rows,
+                (qkv, k),
+                0.0,
+                (dqkv, q.at(r0, 0)),
+            );
+            let ds_cols = (&ds[..], square.t().at(r0, r0));
+            let q_rows = (qkv, q.at(r0, 0));
+            gemm(
+                (m, rest, hs),
+                scale,
+                ds_cols,
+                q_rows,
+                0.0,
+                (dqkv, k.at(r0, 0)),
+            );
+        }
+    }
 }
 
 simd_fn! {

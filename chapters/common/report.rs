@@ -3,6 +3,7 @@
 use crate::common::Run;
 use crate::common::train::{LossRecord, StepRecord, TrainReport};
 use anyhow::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::Serialize;
 use std::fs;
@@ -186,6 +187,10 @@ fn binned(steps: &[StepRecord]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A chart with a step axis (`f64`) and a value axis (`f64`), drawn into an SVG.
+type StepChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// Train and val loss against step, one or more runs on one chart (SVG): the estimates as
 /// lines with points, every step's batch loss (binned) as a faint line under them.
 pub fn plot_losses(path: &Path, title: &str, runs: &[Curve]) -> Result<()> {
@@ -195,72 +200,79 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[Curve]) -> Result<()> {
         (lo.min(r.train).min(r.val), hi.max(r.train).max(r.val))
     });
     let pad = ((hi - lo) * 0.05).max(0.01);
-    let path_str = path.to_string_lossy().to_string();
-    {
-        let root = SVGBackend::new(&path_str, (800, 480)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(55)
-            .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc("cross-entropy loss (nats)")
-            .draw()?;
-        // (train, val) colour pairs from the Tableau palette, one pair per run.
-        let palette = [
-            (RGBColor(31, 119, 180), RGBColor(255, 127, 14)),
-            (RGBColor(44, 160, 44), RGBColor(214, 39, 40)),
-            (RGBColor(148, 103, 189), RGBColor(140, 86, 75)),
-        ];
-        for (i, run) in runs.iter().enumerate() {
-            let (color, val_color) = palette[i % palette.len()];
-            let (losses, name) = (run.losses, run.name);
-            let prefix = if name.is_empty() {
-                String::new()
-            } else {
-                format!("{name} ")
-            };
-            let y_range = (lo - pad)..(hi + pad);
-            chart
-                .draw_series(LineSeries::new(
-                    binned(run.steps)
-                        .into_iter()
-                        .filter(|(_, l)| y_range.contains(l)),
-                    color.mix(0.35).stroke_width(1),
-                ))?
-                .label(format!("{prefix}train batch loss"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.mix(0.35)));
-            chart
-                .draw_series(
-                    LineSeries::new(
-                        losses.iter().map(|r| (r.step as f64, r.train)),
-                        color.stroke_width(2),
-                    )
-                    .point_size(3),
-                )?
-                .label(format!("{prefix}train"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            let val_style = val_color.stroke_width(2);
-            chart
-                .draw_series(
-                    LineSeries::new(losses.iter().map(|r| (r.step as f64, r.val)), val_style)
-                        .point_size(3),
-                )?
-                .label(format!("{prefix}val"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], val_style));
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
-        root.present()?;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("cross-entropy loss (nats)")
+        .draw()?;
+    // (train, val) colour pairs from the Tableau palette, one pair per run.
+    let palette = [
+        (RGBColor(31, 119, 180), RGBColor(255, 127, 14)),
+        (RGBColor(44, 160, 44), RGBColor(214, 39, 40)),
+        (RGBColor(148, 103, 189), RGBColor(140, 86, 75)),
+    ];
+    for (i, run) in runs.iter().enumerate() {
+        draw_run(
+            &mut chart,
+            run,
+            palette[i % palette.len()],
+            (lo - pad)..(hi + pad),
+        )?;
     }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// One run's three lines: its binned batch losses (faint, only those inside `y_range`), and
+/// its train and val estimates.
+fn draw_run(
+    chart: &mut StepChart,
+    run: &Curve,
+    (color, val_color): (RGBColor, RGBColor),
+    y_range: std::ops::Range<f64>,
+) -> Result<()> {
+    let prefix = match run.name {
+        "" => String::new(),
+        name => format!("{name} "),
+    };
+    let legend = |style: ShapeStyle| {
+        move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 20, y)], style)
+    };
+    let batches = binned(run.steps)
+        .into_iter()
+        .filter(|(_, l)| y_range.contains(l));
+    let faint = color.mix(0.35);
+    chart
+        .draw_series(LineSeries::new(batches, faint.stroke_width(1)))?
+        .label(format!("{prefix}train batch loss"))
+        .legend(legend(faint.into()));
+    let train = run.losses.iter().map(|r| (r.step as f64, r.train));
+    chart
+        .draw_series(LineSeries::new(train, color.stroke_width(2)).point_size(3))?
+        .label(format!("{prefix}train"))
+        .legend(legend(color.into()));
+    let (val, val_style) = (
+        run.losses.iter().map(|r| (r.step as f64, r.val)),
+        val_color.stroke_width(2),
+    );
+    chart
+        .draw_series(LineSeries::new(val, val_style).point_size(3))?
+        .label(format!("{prefix}val"))
+        .legend(legend(val_style));
     Ok(())
 }
 
@@ -272,24 +284,31 @@ pub fn plot_schedule(
     steps: &[StepRecord],
     clip: Option<f64>,
 ) -> Result<()> {
-    let max_step = steps.last().map_or(1, |r| r.step + 1) as f64;
-    let lr_max = steps.iter().map(|r| r.lr).fold(0.0, f64::max) * 1.05;
-    let norm_max = steps
-        .iter()
-        .map(|r| r.grad_norm)
-        .fold(clip.unwrap_or(0.0), f64::max)
-        * 1.05;
-    let path_str = path.to_string_lossy().to_string();
-    let root = SVGBackend::new(&path_str, (800, 560)).into_drawing_area();
+    let root = SVGBackend::new(path, (800, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 22))?;
     let (top, bottom) = root.split_vertically(250);
-    let blue = RGBColor(31, 119, 180);
-    let mut lr = ChartBuilder::on(&top)
+    plot_lr(&top, steps)?;
+    plot_grad_norm(&bottom, steps, clip)?;
+    root.present()?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// The last step, as the charts' width.
+fn max_step(steps: &[StepRecord]) -> f64 {
+    steps.last().map_or(1, |r| r.step + 1) as f64
+}
+
+/// The learning rate at every step.
+fn plot_lr(area: &Area, steps: &[StepRecord]) -> Result<()> {
+    let lr_max = steps.iter().map(|r| r.lr).fold(0.0, f64::max) * 1.05;
+    let mut lr = ChartBuilder::on(area)
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..max_step, 0f64..lr_max.max(1e-12))?;
+        .build_cartesian_2d(0f64..max_step(steps), 0f64..lr_max.max(1e-12))?;
     lr.configure_mesh()
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("learning rate")
@@ -297,9 +316,20 @@ pub fn plot_schedule(
         .draw()?;
     lr.draw_series(LineSeries::new(
         steps.iter().map(|r| (r.step as f64, r.lr)),
-        blue.stroke_width(2),
+        RGBColor(31, 119, 180).stroke_width(2),
     ))?;
-    let mut norm = ChartBuilder::on(&bottom)
+    Ok(())
+}
+
+/// Every step's gradient norm as a dot, and the clipping threshold as a dashed line.
+fn plot_grad_norm(area: &Area, steps: &[StepRecord], clip: Option<f64>) -> Result<()> {
+    let max_step = max_step(steps);
+    let norm_max = steps
+        .iter()
+        .map(|r| r.grad_norm)
+        .fold(clip.unwrap_or(0.0), f64::max)
+        * 1.05;
+    let mut norm = ChartBuilder::on(area)
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -309,28 +339,27 @@ pub fn plot_schedule(
         .x_desc("step")
         .y_desc("gradient norm before clipping")
         .draw()?;
+    let blue = RGBColor(31, 119, 180);
     let points = steps
         .iter()
         .map(|r| Circle::new((r.step as f64, r.grad_norm), 1, blue.mix(0.7).filled()));
     norm.draw_series(points)?;
-    if let Some(clip) = clip {
-        let red = RGBColor(214, 39, 40);
-        let dashes = (0..40).map(|i| {
-            let x = max_step * i as f64 / 40.0;
-            PathElement::new(
-                vec![(x, clip), (x + max_step / 80.0, clip)],
-                red.stroke_width(2),
-            )
-        });
-        norm.draw_series(dashes)?
-            .label(format!("clip at {clip}"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
-        norm.configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()?;
-    }
-    root.present()?;
+    let Some(clip) = clip else { return Ok(()) };
+    let red = RGBColor(214, 39, 40);
+    let dashes = (0..40).map(|i| {
+        let x = max_step * i as f64 / 40.0;
+        PathElement::new(
+            vec![(x, clip), (x + max_step / 80.0, clip)],
+            red.stroke_width(2),
+        )
+    });
+    norm.draw_series(dashes)?
+        .label(format!("clip at {clip}"))
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
+    norm.configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
     Ok(())
 }
 

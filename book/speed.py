@@ -190,7 +190,7 @@ def measure(a):
         for label, run in programs:
             peak = measure_peak(a.torch_python) if a.peak_each_run else None
             runs[label].append(run())
-            if peak:
+            if peak is not None:
                 runs[label][-1]["peak_gflops"] = peak
             print(f"round {r + 1}: {label}: {runs[label][-1]['ms']:.1f} ms/step", file=sys.stderr)
     return runs

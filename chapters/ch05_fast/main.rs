@@ -315,6 +315,10 @@ fn products_of_a_step(cfg: &PretrainConfig, run: &Run) -> Result<Vec<ProductTime
         "5.7",
         &format!("The matrix products of one step ({} preset)", cfg.preset),
     );
+    if !fused_available(&run.device) {
+        println!("(none: chapter 5's kernels do not run on {})", run.backend);
+        return Ok(Vec::new());
+    }
     let ad = run.device.clone().autodiff();
     let step = || {
         time_steps(
@@ -333,10 +337,6 @@ fn products_of_a_step(cfg: &PretrainConfig, run: &Run) -> Result<Vec<ProductTime
         traces.push(products);
     }
     let products = fastest(traces);
-    if products.is_empty() {
-        println!("(none: chapter 5's kernels do not run on {})", run.backend);
-        return Ok(products);
-    }
     println!(
         "{:<28} {:>6} {:>9} {:>8}",
         "m x k x n", "calls", "ms", "GFLOP/s"

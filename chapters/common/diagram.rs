@@ -2,6 +2,7 @@
 //! it produces (read from the real tensors by the caller), side inputs on the left and
 //! residual connections on the right.
 
+use crate::common::report::Area;
 use anyhow::Result;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -85,8 +86,6 @@ pub fn flow(path: &Path, title: &str, columns: &[Column]) -> Result<()> {
     root.present()?;
     Ok(())
 }
-
-type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 fn draw_column(root: &Area, col: &Column, left: i32, top: i32) -> Result<()> {
     let y_of = |i: usize| top + i as i32 * (BOX_H + GAP);

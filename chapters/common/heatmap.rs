@@ -1,5 +1,6 @@
 //! Heat maps with characters on the axes: attention weights per head, bigram tables.
 
+use crate::common::report::Area;
 use anyhow::Result;
 use plotters::prelude::*;
 use std::path::Path;
@@ -85,8 +86,6 @@ impl Layout {
         (10 + col as i32 * w as i32, 45 + row as i32 * h as i32)
     }
 }
-
-type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 
 /// Draws `panels` in a grid of `cols` columns, each a heat map whose rows are labelled by
 /// `row_labels` (the query) and columns by `col_labels` (the key), into an SVG file.

@@ -187,6 +187,23 @@ fn binned(steps: &[StepRecord]) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A part of an SVG picture to draw in (the whole picture, or one of its panels).
+pub type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// The legend of every chart in the course: each series' label in a framed white box.
+pub fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    Ok(())
+}
+
 /// A chart with a step axis (`f64`) and a value axis (`f64`), drawn into an SVG.
 type StepChart<'a, 'b> =
     ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
@@ -228,11 +245,7 @@ pub fn plot_losses(path: &Path, title: &str, runs: &[Curve]) -> Result<()> {
             (lo - pad)..(hi + pad),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     root.present()?;
     Ok(())
 }
@@ -294,8 +307,6 @@ pub fn plot_schedule(
     Ok(())
 }
 
-type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
-
 /// The last step, as the charts' width.
 fn max_step(steps: &[StepRecord]) -> f64 {
     steps.last().map_or(1, |r| r.step + 1) as f64
@@ -356,10 +367,7 @@ fn plot_grad_norm(area: &Area, steps: &[StepRecord], clip: Option<f64>) -> Resul
     norm.draw_series(dashes)?
         .label(format!("clip at {clip}"))
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red));
-    norm.configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
+    draw_legend(&mut norm, SeriesLabelPosition::MiddleRight)?;
     Ok(())
 }
 
@@ -412,12 +420,7 @@ pub fn plot_curves_at(
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .position(legend)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
+    draw_legend(&mut chart, legend)?;
     root.present()?;
     Ok(())
 }
@@ -461,12 +464,7 @@ pub fn plot_bars(
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     root.present()?;
     Ok(())
 }

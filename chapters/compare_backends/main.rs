@@ -9,7 +9,7 @@ use course::ch04_pretrain::{PretrainConfig, preset};
 use course::common::backend::Backend;
 use course::common::data::load_corpus;
 use course::common::dataset::Dataset;
-use course::common::report::{Machine, write_atomic, write_json};
+use course::common::report::{Machine, draw_legend, write_atomic, write_json};
 use course::common::section;
 use course::compare_backends::{
     GenerationResult, MatmulResult, OpCost, ParityResult, TrainResult, generation_speed,
@@ -387,11 +387,7 @@ fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
             .label(r.backend.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
     root.present()?;
     Ok(())
 }

@@ -104,6 +104,38 @@ pub unsafe fn sgemm(
     beta: f32,
     (c, rsc): (*mut f32, usize),
 ) {
+    // The packed `B` goes into a buffer each thread keeps from call to call: a fresh one per
+    // call cost attention's small products 8-10% (allocating it, zeroing it). A call that
+    // finds its thread's buffer in use (rayon can run a second product on a thread that
+    // waits for the first) takes a fresh one.
+    PACKED.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut packed) => unsafe {
+            blocks(isa, (m, k, n), alpha, a, b, beta, (c, rsc), &mut packed)
+        },
+        Err(_) => unsafe { blocks(isa, (m, k, n), alpha, a, b, beta, (c, rsc), &mut Vec::new()) },
+    })
+}
+
+thread_local! {
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`sgemm`], block of the inner dimension after block, with `packed` for `B`'s panels.
+///
+/// # Safety
+/// As for [`sgemm`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: Strided,
+    b: Strided,
+    beta: f32,
+    (c, rsc): (*mut f32, usize),
+    packed: &mut Vec<f32>,
+) {
     let (mr, nr) = match isa {
         Isa::Avx512 => (avx512::MR, avx512::NR),
         Isa::Avx2 => (avx2::MR, avx2::NR),
@@ -119,13 +151,12 @@ pub unsafe fn sgemm(
         false => tiles.min(4 * rayon::current_num_threads()),
     };
     let c = Out(c);
-    let mut packed = Vec::new();
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
         // Later blocks add to what the first wrote.
         let beta = if k0 == 0 { beta } else { 1.0 };
-        pack_b(b.at(k0, 0), (kc, n), nr, tasks > 1, &mut packed);
-        let (a, packed) = (a.at(0, k0), &packed);
+        pack_b(b.at(k0, 0), (kc, n), nr, tasks > 1, packed);
+        let (a, packed) = (a.at(0, k0), &*packed);
         let task = |t: usize| {
             for tile in t * tiles / tasks..(t + 1) * tiles / tasks {
                 let (i, j) = (tile / panels * mr, tile % panels * nr);
@@ -230,6 +261,13 @@ macro_rules! microkernel {
             ) {
                 // SAFETY: as the caller promised.
                 unsafe {
+                    // Ask for the tile of `C` now, so that it arrives while the steps run
+                    // instead of stalling `write` (3-6% on the `lecture` shapes, in a loop).
+                    for i in 0..rows {
+                        let row = c.0.add(i * c.1) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(row);
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(4 * cols - 1));
+                    }
                     // A number of rows known when compiling keeps the accumulators in registers.
                     let acc = by_rows!(rows, accumulate(kc, a, b), 1 2 3 4 5 6 7 8 9 10 11 12);
                     write(&acc, (rows, cols), alpha, beta, c);
@@ -246,23 +284,47 @@ macro_rules! microkernel {
                 // SAFETY: the reads stay inside the tile's rows of `A`.
                 unsafe {
                     match a.cs {
-                        1 => steps::<R, _>(kc, b, |i, p| *a.ptr.offset(i as isize * a.rs).add(p)),
-                        _ => steps::<R, _>(kc, b, |i, p| *a.ptr.offset(p as isize * a.cs).add(i)),
+                        1 => {
+                            let a_ip = |i, p| *a.ptr.offset(i as isize * a.rs).add(p);
+                            steps::<R, _, _>(kc, b, a_ip, |_| ())
+                        }
+                        _ => {
+                            let a_ip = |i, p| *a.ptr.offset(p as isize * a.cs).add(i);
+                            steps::<R, _, _>(kc, b, a_ip, |p| prefetch_row::<R>(a, p + AHEAD))
+                        }
                     }
                 }
             }
 
-            /// Per step `p`: two loads of `B`'s panel, `R` broadcasts of `A[i, p]` and `2R`
-            /// fused multiply-adds into the accumulators.
+            /// Steps ahead that [`prefetch_row`] asks for a transposed `A`.
+            const AHEAD: usize = 32;
+
+            /// Asks for step `p`'s `R` values of a transposed `A`. They lie in another row of
+            /// the matrix at every step, a row stride apart (6 KB for `fc2`'s weight
+            /// gradient), too far for the hardware to guess the next: 7-25% faster on the
+            /// weight gradients in a loop. A prefetch past the end is harmless (it never
+            /// faults), hence the wrapping arithmetic.
             #[target_feature(enable = $feature)]
             #[inline]
-            unsafe fn steps<const R: usize, F: Fn(usize, usize) -> f32>(
+            fn prefetch_row<const R: usize>(a: Strided, p: usize) {
+                let row = a.ptr.wrapping_offset(p as isize * a.cs) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * R - 1));
+            }
+
+            /// Per step `p`: a prefetch (or none), two loads of `B`'s panel, `R` broadcasts of
+            /// `A[i, p]` and `2R` fused multiply-adds into the accumulators.
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn steps<const R: usize, F: Fn(usize, usize) -> f32, P: Fn(usize)>(
                 kc: usize,
                 b: *const f32,
                 a: F,
+                prefetch: P,
             ) -> Acc {
                 let mut acc: Acc = [[$zero(); 2]; MR];
                 for p in 0..kc {
+                    prefetch(p);
                     // SAFETY: the panel holds `kc * NR` floats.
                     let (b0, b1) = unsafe { ($load(b.add(p * NR)), $load(b.add(p * NR + $lanes))) };
                     for i in 0..R {

@@ -171,6 +171,26 @@ pub fn model_device<M: Module>(model: &M) -> Device {
 }
 
 // ANCHOR: train
+/// Estimates the train and validation losses at `step` and prints them above the bar.
+fn evaluate<M: LanguageModel, T>(
+    model: &M,
+    data: &Dataset<T>,
+    settings: &TrainSettings,
+    step: usize,
+    bar: &ProgressBar,
+) -> LossRecord {
+    let record = estimate_loss(model, data, &settings.eval(), step);
+    // `suspend` rather than `bar.println`: the latter prints nothing when the bar is hidden
+    // (output piped to a file), and recorded runs need these lines.
+    bar.suspend(|| {
+        println!(
+            "step {step:>5}: train loss {:.4}, val loss {:.4}",
+            record.train, record.val
+        )
+    });
+    record
+}
+
 /// Trains `model` (whose parameters live on an autodiff device) from `start_step` to
 /// `settings.steps`. Losses are estimated at every multiple of `eval_interval` and after the
 /// last step. A loss that is not finite stops the run with an error.
@@ -194,15 +214,7 @@ pub fn train<M: LanguageModel, T>(
     };
     for step in start_step..=end {
         if is_eval_step(step) && (step > start_step || start_step == 0) {
-            let record = estimate_loss(&model, data, &settings.eval(), step);
-            // `suspend` rather than `bar.println`: the latter prints nothing when the bar is
-            // hidden (output piped to a file), and recorded runs need these lines.
-            bar.suspend(|| {
-                println!(
-                    "step {step:>5}: train loss {:.4}, val loss {:.4}",
-                    record.train, record.val
-                )
-            });
+            let record = evaluate(&model, data, settings, step, &bar);
             report.losses.push(record);
             hooks.on_eval(&record, &model, optim)?;
         }

@@ -94,7 +94,6 @@ const KC: usize = 256;
 /// `B`, `m`, `k` and `n` must be at least 1, `A` must be row-major or transposed, and the
 /// CPU must have `isa`'s instructions.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
     isa: Isa,
     (m, k, n): (usize, usize, usize),
@@ -103,38 +102,6 @@ pub unsafe fn sgemm(
     b: Strided,
     beta: f32,
     (c, rsc): (*mut f32, usize),
-) {
-    // The packed `B` goes into a buffer each thread keeps from call to call: a fresh one per
-    // call cost attention's small products 8-10% (allocating it, zeroing it). A call that
-    // finds its thread's buffer in use (rayon can run a second product on a thread that
-    // waits for the first) takes a fresh one.
-    PACKED.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut packed) => unsafe {
-            blocks(isa, (m, k, n), alpha, a, b, beta, (c, rsc), &mut packed)
-        },
-        Err(_) => unsafe { blocks(isa, (m, k, n), alpha, a, b, beta, (c, rsc), &mut Vec::new()) },
-    })
-}
-
-thread_local! {
-    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// [`sgemm`], block of the inner dimension after block, with `packed` for `B`'s panels.
-///
-/// # Safety
-/// As for [`sgemm`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocks(
-    isa: Isa,
-    (m, k, n): (usize, usize, usize),
-    alpha: f32,
-    a: Strided,
-    b: Strided,
-    beta: f32,
-    (c, rsc): (*mut f32, usize),
-    packed: &mut Vec<f32>,
 ) {
     let (mr, nr) = match isa {
         Isa::Avx512 => (avx512::MR, avx512::NR),
@@ -153,33 +120,50 @@ unsafe fn blocks(
         false => tiles.min(16 * rayon::current_num_threads()),
     };
     let c = Out(c);
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
-        // Later blocks add to what the first wrote.
-        let beta = if k0 == 0 { beta } else { 1.0 };
-        pack_b(b.at(k0, 0), (kc, n), nr, tasks > 1, packed);
-        let (a, packed) = (a.at(0, k0), &*packed);
-        let task = |t: usize| {
-            for tile in t * tiles / tasks..(t + 1) * tiles / tasks {
-                let (i, j) = (tile / panels * mr, tile % panels * nr);
-                let shape = (mr.min(m - i), kc, nr.min(n - j));
-                let b = packed[j * kc..].as_ptr();
-                let c = (c.at(i * rsc + j), rsc);
-                // SAFETY: the tile lies inside `C`, its rows of `A` inside `A`, its panel
-                // inside `packed`; the caller checked the CPU.
-                unsafe {
-                    match isa {
-                        Isa::Avx512 => avx512::tile(shape, alpha, a.at(i, 0), b, beta, c),
-                        Isa::Avx2 => avx2::tile(shape, alpha, a.at(i, 0), b, beta, c),
+    with_packing_buffer(|packed| {
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            // Later blocks add to what the first wrote.
+            let beta = if k0 == 0 { beta } else { 1.0 };
+            pack_b(b.at(k0, 0), (kc, n), nr, tasks > 1, packed);
+            let (a, packed) = (a.at(0, k0), &*packed);
+            let task = |t: usize| {
+                for tile in t * tiles / tasks..(t + 1) * tiles / tasks {
+                    let (i, j) = (tile / panels * mr, tile % panels * nr);
+                    let shape = (mr.min(m - i), kc, nr.min(n - j));
+                    let b = packed[j * kc..].as_ptr();
+                    let c = (c.at(i * rsc + j), rsc);
+                    // SAFETY: the tile lies inside `C`, its rows of `A` inside `A`, its panel
+                    // inside `packed`; the caller checked the CPU.
+                    unsafe {
+                        match isa {
+                            Isa::Avx512 => avx512::tile(shape, alpha, a.at(i, 0), b, beta, c),
+                            Isa::Avx2 => avx2::tile(shape, alpha, a.at(i, 0), b, beta, c),
+                        }
                     }
                 }
+            };
+            match tasks {
+                1 => task(0),
+                _ => (0..tasks).into_par_iter().for_each(task),
             }
-        };
-        match tasks {
-            1 => task(0),
-            _ => (0..tasks).into_par_iter().for_each(task),
         }
+    })
+}
+
+/// Runs `f` with the buffer for packed panels that this thread keeps from call to call: a
+/// fresh one per call cost attention's small products 8-10% (allocating it, zeroing it). A
+/// call that finds its thread's buffer in use (rayon can run a second product on a thread
+/// that waits for the first) gets a fresh one.
+#[cfg(target_arch = "x86_64")]
+fn with_packing_buffer<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    thread_local! {
+        static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    PACKED.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut packed) => f(&mut packed),
+        Err(_) => f(&mut Vec::new()),
+    })
 }
 // ANCHOR_END: sgemm
 

@@ -327,14 +327,7 @@ fn markdown(results: &[BackendResults], sizes: &[usize]) -> String {
 /// Training tokens/s per preset, one bar per backend (log scale).
 fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
     let presets: Vec<String> = results[0].train.iter().map(|t| t.preset.clone()).collect();
-    let max = results
-        .iter()
-        .flat_map(|r| r.train.iter().map(|t| t.times.tokens_per_s))
-        .fold(1.0, f64::max);
-    let min = results
-        .iter()
-        .flat_map(|r| r.train.iter().map(|t| t.times.tokens_per_s))
-        .fold(max, f64::min);
+    let (min, max) = throughput_range(results);
     let path_str = path.to_string_lossy().to_string();
     let root = SVGBackend::new(&path_str, (800, 460)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -366,6 +359,34 @@ fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
         .y_desc("tokens/s")
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
+    draw_bars(&mut chart, results, min / 2.0)?;
+    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The lowest and highest training tokens/s of any backend and preset.
+fn throughput_range(results: &[BackendResults]) -> (f64, f64) {
+    let rates = || {
+        results
+            .iter()
+            .flat_map(|r| r.train.iter().map(|t| t.times.tokens_per_s))
+    };
+    let max = rates().fold(1.0, f64::max);
+    (rates().fold(max, f64::min), max)
+}
+
+/// One bar from `floor` up per backend and preset, each backend in its own colour, with
+/// its legend entry.
+fn draw_bars<'a>(
+    chart: &mut ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, LogCoord<f64>>,
+    >,
+    results: &[BackendResults],
+    floor: f64,
+) -> Result<()> {
     let colors = [
         RGBColor(31, 119, 180),
         RGBColor(255, 127, 14),
@@ -380,14 +401,12 @@ fn chart(path: &Path, results: &[BackendResults]) -> Result<()> {
             .draw_series(r.train.iter().enumerate().map(|(p, t)| {
                 let x0 = p as f64 + 0.1 + b as f64 * width;
                 Rectangle::new(
-                    [(x0, min / 2.0), (x0 + width * 0.9, t.times.tokens_per_s)],
+                    [(x0, floor), (x0 + width * 0.9, t.times.tokens_per_s)],
                     color.filled(),
                 )
             }))?
             .label(r.backend.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
-    draw_legend(&mut chart, SeriesLabelPosition::MiddleRight)?;
-    root.present()?;
     Ok(())
 }

@@ -248,7 +248,7 @@ macro_rules! microkernel {
                 // SAFETY: as the caller promised.
                 unsafe {
                     // Ask for the tile of `C` now, so that it arrives while the steps run
-                    // instead of stalling `write` (3-6% on the `lecture` shapes, in a loop).
+                    // instead of stalling `write` (2-8% on the `lecture` shapes, in a loop).
                     for i in 0..rows {
                         let row = c.0.add(i * c.1) as *const i8;
                         _mm_prefetch::<_MM_HINT_T0>(row);
@@ -287,7 +287,7 @@ macro_rules! microkernel {
 
             /// Asks for step `p`'s `R` values of a transposed `A`. They lie in another row of
             /// the matrix at every step, a row stride apart (6 KB for `fc2`'s weight
-            /// gradient), too far for the hardware to guess the next: 7-25% faster on the
+            /// gradient), too far for the hardware to guess the next: 4-18% faster on the
             /// weight gradients in a loop. A prefetch past the end is harmless (it never
             /// faults), hence the wrapping arithmetic.
             #[target_feature(enable = $feature)]

@@ -372,10 +372,12 @@ fn plot_grad_norm(area: &Area, steps: &[StepRecord], clip: Option<f64>) -> Resul
 }
 
 /// The first colours of the Tableau palette, for charts of a few named series.
-const PALETTE: [RGBColor; 3] = [
+pub const PALETTE: [RGBColor; 5] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
 ];
 
 /// Named curves `(x, y)` on one chart (SVG), e.g. activation functions.

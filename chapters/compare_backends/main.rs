@@ -9,7 +9,7 @@ use course::ch04_pretrain::{PretrainConfig, preset};
 use course::common::backend::Backend;
 use course::common::data::load_corpus;
 use course::common::dataset::Dataset;
-use course::common::report::{Machine, draw_legend, write_atomic, write_json};
+use course::common::report::{Machine, PALETTE, draw_legend, write_atomic, write_json};
 use course::common::section;
 use course::compare_backends::{
     GenerationResult, MatmulResult, OpCost, ParityResult, TrainResult, generation_speed,
@@ -387,16 +387,9 @@ fn draw_bars<'a>(
     results: &[BackendResults],
     floor: f64,
 ) -> Result<()> {
-    let colors = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-    ];
     let width = 0.8 / results.len() as f64;
     for (b, r) in results.iter().enumerate() {
-        let color = colors[b % colors.len()];
+        let color = PALETTE[b % PALETTE.len()];
         chart
             .draw_series(r.train.iter().enumerate().map(|(p, t)| {
                 let x0 = p as f64 + 0.1 + b as f64 * width;

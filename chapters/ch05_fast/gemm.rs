@@ -282,6 +282,10 @@ macro_rules! microkernel {
                 }
             }
 
+            /// Steps ahead that `steps` asks for `B`'s panel: 1-25% faster on the `lecture`
+            /// shapes in a loop, the same at 4, 8 or 16.
+            const B_AHEAD: usize = 8;
+
             /// Steps ahead that [`prefetch_row`] asks for a transposed `A`.
             const AHEAD: usize = 32;
 
@@ -298,7 +302,7 @@ macro_rules! microkernel {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * R - 1));
             }
 
-            /// Per step `p`: a prefetch (or none), two loads of `B`'s panel, `R` broadcasts of
+            /// Per step `p`: prefetches, two loads of `B`'s panel, `R` broadcasts of
             /// `A[i, p]` and `2R` fused multiply-adds into the accumulators.
             #[target_feature(enable = $feature)]
             #[inline]
@@ -311,6 +315,13 @@ macro_rules! microkernel {
                 let mut acc: Acc = [[$zero(); 2]; MR];
                 for p in 0..kc {
                     prefetch(p);
+                    // Ask for the panel's `NR` floats `B_AHEAD` steps on (two lines with
+                    // AVX-512, one with AVX2): they come from the second-level cache faster
+                    // than the hardware's own prefetcher brings them (past the panel's end:
+                    // the next tile's panel).
+                    let ahead = b.wrapping_add((p + B_AHEAD) * NR) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                     // SAFETY: the panel holds `kc * NR` floats.
                     let (b0, b1) = unsafe { ($load(b.add(p * NR)), $load(b.add(p * NR + $lanes))) };
                     for i in 0..R {

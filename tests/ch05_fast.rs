@@ -524,7 +524,7 @@ fn the_product_trace_counts_each_shape_and_keeps_the_fastest() {
     // A shape no other test multiplies (tests run side by side, and the trace sees them all).
     let (m, k, n) = (7, 11, 13);
     let (a, b) = (values(k * m, 1), values(k * n, 2));
-    let mut c = vec![0.0; m * n];
+    let mut c = vec![std::mem::MaybeUninit::new(0.0); m * n];
     let mut product = || {
         // `a` holds `[k, m]`: A is read transposed.
         let a = (&a[..], View::rows(0, m).t());
@@ -533,7 +533,6 @@ fn the_product_trace_counts_each_shape_and_keeps_the_fastest() {
             1.0,
             a,
             (&b, View::rows(0, n)),
-            0.0,
             (&mut c, View::rows(0, n)),
         );
     };

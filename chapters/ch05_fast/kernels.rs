@@ -8,6 +8,7 @@
 use super::gemm;
 use super::profile::{ProductShape, ProductTimer};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 // ANCHOR: simd
 /// Defines `fn name(..)` whose body is compiled three times: for AVX-512, for AVX2 + FMA and for
@@ -68,6 +69,26 @@ pub fn exp(x: f32) -> f32 {
 /// Elements per rayon task in the element-wise kernels: big enough to pay for the hand-off.
 const CHUNK: usize = 16 * 1024;
 
+// ANCHOR: uninit
+/// Room for a kernel's output of `len` floats, *not* set to zero. `vec![0.0; len]` would write
+/// every float twice: zeros first, on one core while the other waits, then the kernel's
+/// values. The kernels take their outputs as `&mut [MaybeUninit<f32>]`, which they can only
+/// write (`y.write(v)`), never read.
+fn uninit(len: usize) -> Box<[MaybeUninit<f32>]> {
+    Box::new_uninit_slice(len)
+}
+
+/// The output once the kernel has written it.
+///
+/// # Safety
+/// Every element of `out` must have been written: the compiler cannot check this, so each
+/// caller says why it holds.
+unsafe fn written(out: Box<[MaybeUninit<f32>]>) -> Vec<f32> {
+    // SAFETY: as the caller promised.
+    unsafe { out.assume_init() }.into_vec()
+}
+// ANCHOR_END: uninit
+
 // ANCHOR: gelu
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
@@ -88,45 +109,53 @@ fn cdf_and_gauss(x: f32) -> (f32, f32) {
 
 simd_fn! {
     /// `GELU(x) = x Φ(x)`, with `Φ(x) = (1 + erf(x / √2)) / 2` the normal distribution's CDF.
-    fn gelu_chunk(x: &[f32], y: &mut [f32]) {
+    fn gelu_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * cdf_and_gauss(x).0;
+            y.write(x * cdf_and_gauss(x).0);
         }
     }
 }
 
 simd_fn! {
     /// `dGELU/dx = Φ(x) + x φ(x)`, with `φ(x) = e^{-x²/2} / √(2π)` the normal density.
-    fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    fn gelu_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             let (cdf, gauss) = cdf_and_gauss(x);
-            *dx = dy * (cdf + x * FRAC_1_SQRT_2PI * gauss); // φ(x) = e^{-x²/2} / √(2π)
+            dx.write(dy * (cdf + x * FRAC_1_SQRT_2PI * gauss)); // φ(x) = e^{-x²/2} / √(2π)
         }
     }
 }
 
 /// GELU over all of `x`, a chunk per rayon task; `approximate` picks the tanh form.
 pub fn gelu_forward(x: &[f32], approximate: bool) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
+    let mut y = uninit(x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| match approximate {
             false => gelu_chunk(x, y),
             true => gelu_tanh_chunk(x, y),
         });
-    y
+    // SAFETY: each chunk of `y` was written in full, from a chunk of `x` of the same length.
+    unsafe { written(y) }
 }
 
 /// GELU's gradient: `dx = dy ⊙ GELU'(x)`.
 pub fn gelu_backward(x: &[f32], dy: &[f32], approximate: bool) -> Vec<f32> {
-    let mut dx = vec![0.0; x.len()];
+    assert_eq!(
+        x.len(),
+        dy.len(),
+        "gelu_backward: x and dy differ in length"
+    );
+    let mut dx = uninit(x.len());
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
         .for_each(|(dx, (x, dy))| match approximate {
             false => gelu_backward_chunk(x, dy, dx),
             true => gelu_tanh_backward_chunk(x, dy, dx),
         });
-    dx
+    // SAFETY: each chunk of `dx` was written in full, from chunks of `x` and `dy` of the same
+    // length.
+    unsafe { written(dx) }
 }
 // ANCHOR_END: gelu
 
@@ -144,9 +173,9 @@ fn sigmoid_2u(x: f32) -> (f32, f32, f32) {
 }
 
 simd_fn! {
-    fn gelu_tanh_chunk(x: &[f32], y: &mut [f32]) {
+    fn gelu_tanh_chunk(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * sigmoid_2u(x).0;
+            y.write(x * sigmoid_2u(x).0);
         }
     }
 }
@@ -154,10 +183,10 @@ simd_fn! {
 simd_fn! {
     /// `d/dx x σ(2u) = σ(2u) + x σ'(2u) 2 du/dx`, with `σ' = σ (1 − σ) = e^{-2u} σ²`: the
     /// second form keeps its precision where `σ` is close to 1 and `1 − σ` would cancel.
-    fn gelu_tanh_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    fn gelu_tanh_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             let (s, e, du) = sigmoid_2u(x);
-            *dx = dy * (s + x * e * s * s * 2.0 * du);
+            dx.write(dy * (s + x * e * s * s * 2.0 * du));
         }
     }
 }
@@ -200,37 +229,57 @@ impl DropMask {
         }
     }
 
-    /// `out[j]` = the factor (0 or `1 / (1 - p)`) of element `offset + j` of the masked tensor.
+    /// The factor (0 or `1 / (1 - p)`) of element `i` of the masked tensor.
+    #[inline(always)]
+    fn factor(&self, i: u32) -> f32 {
+        let [k0, k1] = self.key;
+        match mix32(mix32(i ^ k0).wrapping_add(k1)) >= self.threshold {
+            true => self.scale,
+            false => 0.0,
+        }
+    }
+
+    /// `out[j]` = the factor of element `offset + j` of the masked tensor.
     pub fn fill(&self, offset: usize, out: &mut [f32]) {
-        assert!(
-            offset + out.len() <= 1 << 32,
-            "a dropout mask covers at most 2^32 elements"
-        );
-        let (t, s, [k0, k1]) = (self.threshold, self.scale, self.key);
-        fill_mask(out, offset as u32, t, s, k0, k1);
+        check_mask_range(offset, out.len());
+        fill_mask(out, offset as u32, *self);
+    }
+}
+
+fn check_mask_range(offset: usize, len: usize) {
+    assert!(
+        offset + len <= 1 << 32,
+        "a dropout mask covers at most 2^32 elements"
+    );
+}
+
+simd_fn! {
+    fn fill_mask(out: &mut [f32], start: u32, mask: DropMask) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = mask.factor(start.wrapping_add(j as u32));
+        }
     }
 }
 
 simd_fn! {
-    fn fill_mask(out: &mut [f32], start: u32, threshold: u32, scale: f32, k0: u32, k1: u32) {
-        for (j, o) in out.iter_mut().enumerate() {
-            let h = mix32(mix32(start.wrapping_add(j as u32) ^ k0).wrapping_add(k1));
-            *o = if h >= threshold { scale } else { 0.0 };
+    /// `y = x ⊙ mask` for the elements `start..` of the masked tensor.
+    fn mask_chunk(x: &[f32], y: &mut [MaybeUninit<f32>], start: u32, mask: DropMask) {
+        for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+            y.write(x * mask.factor(start.wrapping_add(j as u32)));
         }
     }
 }
 
 /// `x ⊙ mask`: dropout's forward pass, and (applied to `dy`) its backward pass.
 pub fn dropout(x: &[f32], mask: DropMask) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
+    check_mask_range(0, x.len());
+    let mut y = uninit(x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(i, (y, x))| {
-            mask.fill(i * CHUNK, y);
-            mul_in_place(y, x);
-        });
-    y
+        .for_each(|(i, (y, x))| mask_chunk(x, y, (i * CHUNK) as u32, mask));
+    // SAFETY: each chunk of `y` was written in full, from a chunk of `x` of the same length.
+    unsafe { written(y) }
 }
 
 simd_fn! {
@@ -262,19 +311,22 @@ pub fn layer_norm_forward(
 ) -> (Vec<f32>, NormStats) {
     let c = gamma.len();
     let rows = x.len() / c;
-    let (mut y, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; rows]);
+    let whole_rows = x.len() == rows * c && beta.len() == c;
+    assert!(whole_rows, "layer_norm: x, gamma and beta do not fit");
+    let (mut y, mut mean, mut rstd) = (uninit(x.len()), vec![0.0; rows], vec![0.0; rows]);
     y.par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c))
         .zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS)))
         .for_each(|((y, x), (mean, rstd))| layer_norm_rows(x, gamma, beta, eps, y, mean, rstd));
-    (y, NormStats { mean, rstd })
+    // SAFETY: each task wrote every element of its rows of `y` (`beta` is as long as a row).
+    (unsafe { written(y) }, NormStats { mean, rstd })
 }
 
 simd_fn! {
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_rows(
         x: &[f32], gamma: &[f32], beta: &[f32], eps: f32,
-        y: &mut [f32], mean: &mut [f32], rstd: &mut [f32]
+        y: &mut [MaybeUninit<f32>], mean: &mut [f32], rstd: &mut [f32]
     ) {
         let c = gamma.len();
         for (((y, x), mean), rstd) in y.chunks_mut(c).zip(x.chunks(c)).zip(mean).zip(rstd) {
@@ -282,7 +334,7 @@ simd_fn! {
             let var = x.iter().map(|&v| (v - mu) * (v - mu)).fold(0.0, |a, b| a + b) / c as f32;
             let r = 1.0 / (var + eps).sqrt();
             for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(gamma).zip(beta) {
-                *y = (x - mu) * r * g + b;
+                y.write((x - mu) * r * g + b);
             }
             (*mean, *rstd) = (mu, r);
         }
@@ -314,7 +366,13 @@ pub fn layer_norm_backward(
     dy: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let c = gamma.len();
-    let mut dx = vec![0.0; x.len()];
+    let rows = stats.mean.len();
+    let fits = x.len() == rows * c && dy.len() == x.len() && stats.rstd.len() == rows;
+    assert!(
+        fits,
+        "layer_norm_backward: x, dy, gamma and the statistics do not fit"
+    );
+    let mut dx = uninit(x.len());
     // Each task sums dgamma and dbeta over its own rows; the partial sums are added at the end.
     let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(ROWS * c)
@@ -331,14 +389,15 @@ pub fn layer_norm_backward(
         dgamma.iter_mut().zip(g).for_each(|(s, v)| *s += v);
         dbeta.iter_mut().zip(b).for_each(|(s, v)| *s += v);
     }
-    (dx, dgamma, dbeta)
+    // SAFETY: each task wrote all `c` elements of each of its rows of `dx`.
+    (unsafe { written(dx) }, dgamma, dbeta)
 }
 
 simd_fn! {
     #[allow(clippy::too_many_arguments)]
     fn layer_norm_backward_rows(
         x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], dy: &[f32],
-        dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32]
+        dx: &mut [MaybeUninit<f32>], dgamma: &mut [f32], dbeta: &mut [f32]
     ) {
         let c = gamma.len();
         let mut xhat = vec![0.0f32; c];
@@ -355,7 +414,7 @@ simd_fn! {
             let mean_g = sum(&g) / c as f32;
             let mean_gx = dot(&g, &xhat) / c as f32;
             for i in 0..c {
-                dx[i] = (g[i] - mean_g - xhat[i] * mean_gx) * r;
+                dx[i].write((g[i] - mean_g - xhat[i] * mean_gx) * r);
             }
         }
     }
@@ -483,30 +542,29 @@ impl View {
     }
 }
 
-/// `C = alpha * A @ B + beta * C` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]`. The
+/// `C = alpha * A @ B` with `A: [m, k]`, `B: [k, n]`, `C: [m, n]`: every element of `C`'s
+/// view is written, none is read, so `C` may be an output not yet written. The
 /// `matrixmultiply` crate does the blocking and the vector instructions.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     (m, k, n): (usize, usize, usize),
     alpha: f32,
     (a, va): (&[f32], View),
     (b, vb): (&[f32], View),
-    beta: f32,
-    (c, vc): (&mut [f32], View),
+    (c, vc): (&mut [MaybeUninit<f32>], View),
 ) {
     va.check(a.len(), m, k);
     vb.check(b.len(), k, n);
     vc.check(c.len(), m, n);
     // SAFETY: the three views were just checked to stay inside their slices, and `c` is a
-    // unique borrow, so it overlaps neither `a` nor `b`.
+    // unique borrow, so it overlaps neither `a` nor `b`. With beta = 0 nothing reads `C`.
     unsafe {
         sgemm(
             (m, k, n),
             alpha,
             (a, va),
             (b, vb),
-            beta,
-            (c.as_mut_ptr(), vc),
+            0.0,
+            (c.as_mut_ptr().cast(), vc),
         )
     }
 }
@@ -524,22 +582,10 @@ pub fn matmul(
     if m <= FEW_ROWS && va.cs == 1 && (vb.cs == 1 || vb.rs == 1) {
         return few_rows((m, k, n), (a, va), (b, vb));
     }
-    let mut c = Vec::with_capacity(m * n);
-    // SAFETY: the views of `a` and `b` were just checked; `c` has room for `m * n` values,
-    // and with beta = 0 sgemm writes every one of them without reading any ("If β is zero,
-    // then C does not need to be initialized"), so there is no need to zero them first.
-    unsafe {
-        sgemm(
-            (m, k, n),
-            1.0,
-            (a, va),
-            (b, vb),
-            0.0,
-            (c.as_mut_ptr(), View::rows(0, n)),
-        );
-        c.set_len(m * n);
-    }
-    c
+    let mut c = uninit(m * n);
+    gemm((m, k, n), 1.0, (a, va), (b, vb), (&mut c, View::rows(0, n)));
+    // SAFETY: `gemm` wrote every element of the `[m, n]` view, which is all of `c`.
+    unsafe { written(c) }
 }
 
 // ANCHOR: few_rows
@@ -720,8 +766,7 @@ pub fn attention_forward(
     let AttnShape { t, nh, hs, .. } = s;
     let (c, tt) = (s.c(), t * t);
     let scale = 1.0 / (hs as f32).sqrt();
-    let mut y = vec![0.0; s.b * t * c];
-    let mut p = vec![0.0; s.b * nh * tt];
+    let (mut y, mut p) = (uninit(s.b * t * c), uninit(s.b * nh * tt));
     // One task per batch row: each writes only its own rows of `y` and `p`.
     y.par_chunks_mut(t * c)
         .zip(p.par_chunks_mut(nh * tt))
@@ -736,8 +781,15 @@ pub fn attention_forward(
                 // Rows r0..r1 of the scores only need the keys 0..r1: the rest is the future.
                 for (r0, r1) in causal_blocks(t) {
                     let (m, q, p_rows) = (r1 - r0, q.at(r0, 0), square.at(r0, 0));
-                    gemm((m, hs, r1), scale, (qkv, q), (qkv, k.t()), 0.0, (p, p_rows));
+                    gemm((m, hs, r1), scale, (qkv, q), (qkv, k.t()), (p, p_rows));
+                    // The rest of these rows, keys after r1, is the future: weight 0.
+                    for row in p[r0 * t..r1 * t].chunks_mut(t) {
+                        row[r1..].fill(MaybeUninit::new(0.0));
+                    }
                 }
+                // SAFETY: each row of `p` was written: columns ..r1 by the product, the rest
+                // just above.
+                let p = unsafe { p.assume_init_mut() };
                 causal_softmax(p, t);
                 let weights = match mask {
                     Some(mask) => {
@@ -750,18 +802,13 @@ pub fn attention_forward(
                 let out = View::rows(h * hs, c); // head h's columns of y: [t, hs]
                 for (r0, r1) in causal_blocks(t) {
                     let (m, w_rows, y_rows) = (r1 - r0, square.at(r0, 0), out.at(r0, 0));
-                    gemm(
-                        (m, r1, hs),
-                        1.0,
-                        (weights, w_rows),
-                        (qkv, v),
-                        0.0,
-                        (y, y_rows),
-                    );
+                    gemm((m, r1, hs), 1.0, (weights, w_rows), (qkv, v), (y, y_rows));
                 }
             }
         });
-    (y, p)
+    // SAFETY: every row of `p` was written above, and every head wrote its columns of every
+    // row of `y`.
+    unsafe { (written(y), written(p)) }
 }
 
 /// Rows per block of causal attention's products: each block of rows of `q kᵀ` (and of the
@@ -807,13 +854,14 @@ pub fn attention_backward(
 ) -> Vec<f32> {
     let AttnShape { t, nh, .. } = s;
     let (c, tt) = (s.c(), t * t);
-    let mut dqkv = vec![0.0; s.b * t * 3 * c];
+    let mut dqkv = uninit(s.b * t * 3 * c);
     dqkv.par_chunks_mut(t * 3 * c)
         .enumerate()
         .for_each(|(bi, dqkv)| {
             let qkv = &qkv[bi * t * 3 * c..][..t * 3 * c]; // [t, 3c]
             let dy = &dy[bi * t * c..][..t * c]; // [t, c]
-            let (mut mask_buf, mut dropped, mut ds) = (vec![0.0; tt], vec![0.0; tt], vec![0.0; tt]);
+            let (mut mask_buf, mut dropped) = (vec![0.0; tt], vec![0.0; tt]);
+            let mut ds = Box::new_zeroed_slice(tt); // [t, t], see `Head::backward`
             for h in 0..nh {
                 let p = &p[(bi * nh + h) * tt..][..tt]; // [t, t]
                 // The forward's mask again, and the weights it left: P̃ = P ⊙ keep.
@@ -830,7 +878,8 @@ pub fn attention_backward(
                 head.backward((keep, weights), dqkv, &mut ds);
             }
         });
-    dqkv
+    // SAFETY: each head wrote its columns of `dq`, `dk` and `dv` for every row of `dqkv`.
+    unsafe { written(dqkv) }
 }
 
 /// One head of one sequence in the backward pass: `qkv: [t, 3c]`, `dy: [t, c]` and the
@@ -845,12 +894,13 @@ struct Head<'a> {
 
 impl Head<'_> {
     /// Writes the head's `dq`, `dk` and `dv` into `dqkv: [t, 3c]`, with `ds: [t, t]` as
-    /// scratch, given the dropout mask `keep` and the weights `P̃` it left.
+    /// scratch (zeros when first given), given the dropout mask `keep` and the weights `P̃`
+    /// it left.
     fn backward(
         &self,
         (keep, weights): (Option<&[f32]>, &[f32]),
-        dqkv: &mut [f32],
-        ds: &mut [f32],
+        dqkv: &mut [MaybeUninit<f32>],
+        ds: &mut [MaybeUninit<f32>],
     ) {
         let Head { s, h, qkv, dy, p } = *self;
         let (t, hs, c) = (s.t, s.hs, s.c());
@@ -867,41 +917,23 @@ impl Head<'_> {
             // dv = P̃ᵀ dy (rows r0..r1 of dv: columns r0..r1 of P̃, from row r0 on)
             let w_cols = square.t().at(r0, r0);
             let dy_rows = (dy, dout.at(r0, 0));
-            gemm(
-                (m, rest, hs),
-                1.0,
-                (weights, w_cols),
-                dy_rows,
-                0.0,
-                (dqkv, v.at(r0, 0)),
-            );
+            let dv_rows = (&mut *dqkv, v.at(r0, 0));
+            gemm((m, rest, hs), 1.0, (weights, w_cols), dy_rows, dv_rows);
             // dP = dy vᵀ, then ⊙ keep
             let ds_rows = (&mut *ds, square.at(r0, 0));
-            gemm((m, hs, r1), 1.0, dy_rows, (qkv, v.t()), 0.0, ds_rows);
+            gemm((m, hs, r1), 1.0, dy_rows, (qkv, v.t()), ds_rows);
         }
+        // SAFETY: `ds` started as zeros, and nothing but floats was ever written to it.
+        let ds = unsafe { ds.assume_init_mut() };
         softmax_backward(ds, p, keep, t);
         for (r0, r1) in causal_blocks(t) {
             let (m, rest) = (r1 - r0, t - r0);
             // dq = dS k / √hs and dk = dSᵀ q / √hs
             let ds_rows = (&ds[..], square.at(r0, 0));
-            gemm(
-                (m, r1, hs),
-                scale,
-                ds_rows,
-                (qkv, k),
-                0.0,
-                (dqkv, q.at(r0, 0)),
-            );
+            gemm((m, r1, hs), scale, ds_rows, (qkv, k), (dqkv, q.at(r0, 0)));
             let ds_cols = (&ds[..], square.t().at(r0, r0));
             let q_rows = (qkv, q.at(r0, 0));
-            gemm(
-                (m, rest, hs),
-                scale,
-                ds_cols,
-                q_rows,
-                0.0,
-                (dqkv, k.at(r0, 0)),
-            );
+            gemm((m, rest, hs), scale, ds_cols, q_rows, (dqkv, k.at(r0, 0)));
         }
     }
 }

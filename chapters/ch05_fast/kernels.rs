@@ -779,16 +779,24 @@ pub fn attention_forward(
                 let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
                 let square = View::rows(0, t);
                 // Rows r0..r1 of the scores only need the keys 0..r1: the rest is the future.
-                for (r0, r1) in causal_blocks(t) {
-                    let (m, q, p_rows) = (r1 - r0, q.at(r0, 0), square.at(r0, 0));
-                    gemm((m, hs, r1), scale, (qkv, q), (qkv, k.t()), (p, p_rows));
-                    // The rest of these rows, keys after r1, is the future: weight 0.
-                    for row in p[r0 * t..r1 * t].chunks_mut(t) {
-                        row[r1..].fill(MaybeUninit::new(0.0));
+                // The scores go by blocks of keys: keys c0..c1 only matter to the queries
+                // from c0 on, the ones at or after them.
+                for (c0, c1) in causal_blocks(t) {
+                    let (n, q, p_cols) = (c1 - c0, q.at(c0, 0), square.at(c0, c0));
+                    gemm(
+                        (t - c0, hs, n),
+                        scale,
+                        (qkv, q),
+                        (qkv, k.t().at(0, c0)),
+                        (p, p_cols),
+                    );
+                    // For the queries before c0 these keys are the future: weight 0.
+                    for row in p[..c0 * t].chunks_mut(t) {
+                        row[c0..c1].fill(MaybeUninit::new(0.0));
                     }
                 }
-                // SAFETY: each row of `p` was written: columns ..r1 by the product, the rest
-                // just above.
+                // SAFETY: each block of columns of `p` was written: from row c0 on by the
+                // product, above it just above.
                 let p = unsafe { p.assume_init_mut() };
                 causal_softmax(p, t);
                 let weights = match mask {
@@ -811,12 +819,13 @@ pub fn attention_forward(
     unsafe { (written(y), written(p)) }
 }
 
-/// Rows per block of causal attention's products: each block of rows of `q kᵀ` (and of the
-/// products that follow it) is computed against the keys up to its last row only. At
-/// `t = 256` that is 62.5% of the square; at `t = 64`, one block, the whole square.
+/// Rows (or columns) per block of causal attention's products: a block of rows of the
+/// weights is computed against the keys up to its last row only, a block of columns (keys)
+/// against the queries from its first column on. At `t = 256` either is 62.5% of the square;
+/// at `t = 64`, one block, the whole square.
 const CAUSAL_BLOCK: usize = 64;
 
-/// `(r0, r1)`: the row blocks of a `[t, t]` attention matrix.
+/// `(r0, r1)`: the row (or column) blocks of a `[t, t]` attention matrix.
 fn causal_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t)
         .step_by(CAUSAL_BLOCK)
@@ -908,10 +917,10 @@ impl Head<'_> {
         let square = View::rows(0, t);
         let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
         let dout = View::rows(h * hs, c); // head h's columns of dy: [t, hs]
-        // Row blocks as in the forward pass. A block of columns c0..c1 of `P` (and of `dS`) is
-        // zero above row c0, so its transposed products start at row c0. The entries of `dS`
-        // that no product writes stay 0: they start at 0, and `softmax_backward` leaves every
-        // future entry at 0 (`P` is 0 there).
+        // Blocks as in the forward pass. A block of columns r0..r1 of `P` (and of `dS`) is
+        // zero above row r0, so the products that read it by columns start at row r0. The
+        // entries of `dS` that no product writes stay 0: they start at 0, and
+        // `softmax_backward` leaves every future entry at 0 (`P` is 0 there).
         for (r0, r1) in causal_blocks(t) {
             let (m, rest) = (r1 - r0, t - r0);
             // dv = P̃ᵀ dy (rows r0..r1 of dv: columns r0..r1 of P̃, from row r0 on)
@@ -919,9 +928,15 @@ impl Head<'_> {
             let dy_rows = (dy, dout.at(r0, 0));
             let dv_rows = (&mut *dqkv, v.at(r0, 0));
             gemm((m, rest, hs), 1.0, (weights, w_cols), dy_rows, dv_rows);
-            // dP = dy vᵀ, then ⊙ keep
-            let ds_rows = (&mut *ds, square.at(r0, 0));
-            gemm((m, hs, r1), 1.0, dy_rows, (qkv, v.t()), ds_rows);
+            // dP = dy vᵀ by blocks of columns, as the scores, then ⊙ keep
+            let v_cols = (qkv, v.t().at(0, r0));
+            gemm(
+                (rest, hs, m),
+                1.0,
+                dy_rows,
+                v_cols,
+                (&mut *ds, square.at(r0, r0)),
+            );
         }
         // SAFETY: `ds` started as zeros, and nothing but floats was ever written to it.
         let ds = unsafe { ds.assume_init_mut() };

@@ -244,6 +244,21 @@ impl DropMask {
         check_mask_range(offset, out.len());
         fill_mask(out, offset as u32, *self);
     }
+
+    /// `out = x ⊙ mask` for the elements `offset..` of the masked tensor, in one pass;
+    /// returns `out`, now written.
+    pub fn apply<'a>(
+        &self,
+        offset: usize,
+        x: &[f32],
+        out: &'a mut [MaybeUninit<f32>],
+    ) -> &'a mut [f32] {
+        assert_eq!(x.len(), out.len(), "dropout: input and output differ");
+        check_mask_range(offset, out.len());
+        mask_chunk(x, out, offset as u32, *self);
+        // SAFETY: `mask_chunk` wrote every element of `out`, which is as long as `x`.
+        unsafe { out.assume_init_mut() }
+    }
 }
 
 fn check_mask_range(offset: usize, len: usize) {
@@ -272,12 +287,13 @@ simd_fn! {
 
 /// `x ⊙ mask`: dropout's forward pass, and (applied to `dy`) its backward pass.
 pub fn dropout(x: &[f32], mask: DropMask) -> Vec<f32> {
-    check_mask_range(0, x.len());
     let mut y = uninit(x.len());
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .enumerate()
-        .for_each(|(i, (y, x))| mask_chunk(x, y, (i * CHUNK) as u32, mask));
+        .for_each(|(i, (y, x))| {
+            mask.apply(i * CHUNK, x, y);
+        });
     // SAFETY: each chunk of `y` was written in full, from a chunk of `x` of the same length.
     unsafe { written(y) }
 }
@@ -773,7 +789,7 @@ pub fn attention_forward(
         .enumerate()
         .for_each(|(bi, (y, p))| {
             let qkv = &qkv[bi * t * 3 * c..(bi + 1) * t * 3 * c]; // [t, 3c]
-            let mut dropped = vec![0.0; tt];
+            let mut dropped = uninit(tt);
             for h in 0..nh {
                 let p = &mut p[h * tt..(h + 1) * tt]; // [t, t]
                 let (q, k, v) = (s.part(0, h), s.part(1, h), s.part(2, h));
@@ -800,11 +816,7 @@ pub fn attention_forward(
                 let p = unsafe { p.assume_init_mut() };
                 causal_softmax(p, t);
                 let weights = match mask {
-                    Some(mask) => {
-                        mask.fill((bi * nh + h) * tt, &mut dropped);
-                        mul_in_place(&mut dropped, p);
-                        &dropped
-                    }
+                    Some(mask) => &*mask.apply((bi * nh + h) * tt, p, &mut dropped),
                     None => &*p,
                 };
                 let out = View::rows(h * hs, c); // head h's columns of y: [t, hs]

@@ -167,6 +167,9 @@ fn model_a_is_the_one_head_of_section_2_2_and_model_b_multi_head() {
     assert_eq!(wei.dims(), [1, 1, 8, 8]);
 }
 
+/// How far below the bigram floor (2.48) a short run must end: this one reaches 2.32.
+const MARGIN: f64 = 0.1;
+
 #[test]
 fn a_short_training_run_learns() {
     let data = Dataset::new(&support::corpus()).unwrap();
@@ -176,7 +179,12 @@ fn a_short_training_run_learns() {
     let settings = support::settings(1500, 1500, 50, 7);
     let (_, report) = support::train_constant(model, &data, &settings, 3e-3);
     let last = report.losses.last().unwrap();
-    assert!(last.val < 2.7, "{last:?}");
+    // Below what any bigram table reaches: attention put the earlier characters to use.
+    let floor = support::bigram_floor(&data);
+    assert!(
+        last.val < floor - MARGIN,
+        "{last:?}, bigram floor {floor:.4}"
+    );
 }
 
 #[test]

@@ -8,10 +8,10 @@ use burn::nn::{DropoutConfig, Gelu, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use course::ch02_attention::{causal_weights, merge_heads, split_heads};
-use course::ch03_gpt::GptConfig;
+use course::ch03_gpt::{GptConfig, Kernels};
 use course::ch05_fast::kernels::DropMask;
 use course::ch05_fast::{
-    Kernels, composed_attention as burn_attention, draw_seed, dropout_mask, fused_attention,
+    FUSED, composed_attention as burn_attention, draw_seed, dropout_mask, fused_attention,
     fused_available,
 };
 use course::common::max_abs_diff;
@@ -52,7 +52,7 @@ fn the_extension_covers_flex_only() {
     assert!(fused_available(&support::flex_device()));
     assert!(fused_available(&ad()));
     assert!(!fused_available(&support::ndarray_device()));
-    assert!(Kernels::Fused.fused_on(&ad()) && !Kernels::Burn.fused_on(&ad()));
+    assert!(FUSED.fused_on(&ad()) && !Kernels::BURN.fused_on(&ad()));
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn matmul_and_linear_match_burn_forward_and_backward() {
             let grads = (c.clone() * w.clone()).sum().backward();
             (c, a.grad(&grads).unwrap(), b.grad(&grads).unwrap())
         };
-        let (f, r) = (run(Kernels::Fused), run(Kernels::Burn));
+        let (f, r) = (run(FUSED), run(Kernels::BURN));
         // db sums m = 768 products of size ~1 in f32: two kernels that add them in a different
         // order differ by a few 1e-6 in relative terms (measured up to 1.4e-5).
         assert_close("matmul", &f.0, &r.0, 1e-5);
@@ -79,8 +79,8 @@ fn matmul_and_linear_match_burn_forward_and_backward() {
     let x = random([2, 3, 6], 1.0, &support::flex_device());
     assert_close(
         "linear with a bias (inference)",
-        &Kernels::Fused.linear(&layer, x.clone()),
-        &Kernels::Burn.linear(&layer, x),
+        &FUSED.linear(&layer, x.clone()),
+        &Kernels::BURN.linear(&layer, x),
         1e-5,
     );
 }
@@ -175,6 +175,92 @@ fn chapter_5s_gemm_matches_a_plain_product_with_every_kernel() {
     }
 }
 
+/// The product every kernel calls, on whichever path this process chose: AVX-512 or AVX2
+/// here, the portable one (the `matrixmultiply` crate) on a CPU without AVX2 or with
+/// `GPT_PORTABLE=1`, as CI runs this file a second time.
+#[test]
+fn the_chosen_matrix_product_matches_a_plain_product() {
+    use course::ch05_fast::gemm::isa_name;
+    use course::ch05_fast::kernels::{View, gemm};
+    use std::mem::MaybeUninit;
+    if std::env::var("GPT_PORTABLE").is_ok_and(|v| v == "1") {
+        assert_eq!(isa_name(), "portable");
+    }
+    let shapes = [(1, 1, 1), (5, 3, 17), (13, 257, 33), (150, 300, 100)];
+    for (m, k, n) in shapes {
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b) = (values(m * k, 4), values(k * n, 5));
+            // Row-major, or the same numbers stored transposed.
+            let view = |rows: usize, cols: usize, t: bool| match t {
+                false => View::rows(0, cols),
+                true => View::rows(0, rows).t(),
+            };
+            let (va, vb) = (view(m, k, a_t), view(k, n, b_t));
+            let at = |x: &[f32], v: View, i: usize, j: usize| x[i * v.rs + j * v.cs] as f64;
+            let rsc = n + 3; // a wider row, whose extra columns stay unwritten
+            let mut c = vec![MaybeUninit::new(f32::NAN); m * rsc];
+            gemm(
+                (m, k, n),
+                -2.0,
+                (&a, va),
+                (&b, vb),
+                (&mut c, View::rows(0, rsc)),
+            );
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: every element was initialised (NaN) above.
+                    let got = unsafe { c[i * rsc + j].assume_init() };
+                    let dot: f64 = (0..k).map(|p| at(&a, va, i, p) * at(&b, vb, p, j)).sum();
+                    let want = -2.0 * dot;
+                    let tol = 1e-5 * (1.0 + k as f64).sqrt() * want.abs().max(1.0);
+                    assert!(
+                        (got as f64 - want).abs() <= tol, // NaN fails
+                        "{} [{m}, {k}] @ [{k}, {n}] (a_t {a_t}, b_t {b_t}) at ({i}, {j}): {got}, want {want}",
+                        isa_name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_refuses_an_output_whose_rows_overlap() {
+    use course::ch05_fast::kernels::{View, gemm};
+    use std::mem::MaybeUninit;
+    let (a, b) = (values(64 * 64, 6), values(64 * 64, 7));
+    let mut c = vec![MaybeUninit::new(0.0f32); 64 * 64];
+    let views = (View::rows(0, 64), View::rows(0, 64));
+    // Row stride 32 for rows of 64: row i's second half is row i + 1's first half, which two
+    // threads would write at once. Inside the buffer, so only the overlap check can catch it.
+    let overlapping = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gemm(
+            (64, 64, 64),
+            1.0,
+            (&a, views.0),
+            (&b, views.1),
+            (&mut c, View::rows(0, 32)),
+        )
+    }));
+    let message = *overlapping.unwrap_err().downcast::<&str>().unwrap();
+    assert!(message.contains("overlap"), "{message}");
+    // Column-major (a transposed view) is fine, and so is a single row with any stride.
+    gemm(
+        (64, 64, 64),
+        1.0,
+        (&a, views.0),
+        (&b, views.1),
+        (&mut c, View::rows(0, 64).t()),
+    );
+    gemm(
+        (1, 64, 64),
+        1.0,
+        (&a, views.0),
+        (&b, views.1),
+        (&mut c, View::rows(0, 0)),
+    );
+}
+
 #[test]
 fn matmul_of_a_few_rows_matches_burn() {
     // Up to 4 rows of `a` (a token at a time in generation), `b` row-major or read transposed
@@ -196,8 +282,8 @@ fn matmul_of_a_few_rows_matches_burn() {
         let pairs = [(b.clone(), "row-major"), (b_t.transpose(), "transposed")];
         for (b, layout) in pairs {
             let (f, r) = (
-                Kernels::Fused.matmul(a.clone(), b.clone()),
-                Kernels::Burn.matmul(a.clone(), b),
+                FUSED.matmul(a.clone(), b.clone()),
+                Kernels::BURN.matmul(a.clone(), b),
             );
             assert_close(
                 &format!("[{m}, {k}] @ [{k}, {n}], b {layout}"),
@@ -223,7 +309,7 @@ fn gelu_matches_burn_forward_and_backward() {
                 let grads = (y.clone() * w.clone()).sum().backward();
                 (y, x.grad(&grads).unwrap())
             };
-            let ((y, dx), (y_ref, dx_ref)) = (run(Kernels::Fused), run(Kernels::Burn));
+            let ((y, dx), (y_ref, dx_ref)) = (run(FUSED), run(Kernels::BURN));
             let form = format!("{gelu:?}");
             // Burn's tanh rounds to ±1 once |u| > 9 (x < -5), so its gradient there is 0
             // where the true one is a few 1e-7 (times the upstream gradient, up to ~4).
@@ -240,10 +326,174 @@ fn gelu_handles_non_contiguous_input_and_inference() {
     let x = random([4, 6, 9], 2.0, &support::flex_device()).swap_dims(0, 2); // [9, 6, 4]
     for gelu in [Gelu::new(), Gelu::new_approximate()] {
         let (y, y_ref) = (
-            Kernels::Fused.gelu(&gelu, x.clone()),
-            Kernels::Burn.gelu(&gelu, x.clone()),
+            FUSED.gelu(&gelu, x.clone()),
+            Kernels::BURN.gelu(&gelu, x.clone()),
         );
         assert_close("gelu (no autodiff, transposed)", &y, &y_ref, 1e-6);
+    }
+}
+
+/// GELU and its derivative in f64, from the definitions: the exact form `x Φ(x)` through
+/// `erfc`, and GPT-2's `x (1 + tanh(u)) / 2` with `u = √(2/π) (x + 0.044715 x³)`.
+fn gelu_f64(x: f64, tanh: bool) -> (f64, f64) {
+    use std::f64::consts::{FRAC_1_SQRT_2, PI};
+    match tanh {
+        false => {
+            let cdf = 0.5 * libm::erfc(-x * FRAC_1_SQRT_2);
+            let pdf = (-0.5 * x * x).exp() / (2.0 * PI).sqrt();
+            (x * cdf, cdf + x * pdf)
+        }
+        true => {
+            let k = (2.0 / PI).sqrt();
+            let th = (k * (x + 0.044715 * x.powi(3))).tanh();
+            let du = k * (1.0 + 3.0 * 0.044715 * x * x);
+            let dy = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
+            (0.5 * x * (1.0 + th), dy)
+        }
+    }
+}
+
+#[test]
+fn gelu_holds_against_f64_out_to_30() {
+    use course::ch05_fast::kernels::{gelu_backward, gelu_forward};
+    // -30 to 30 by 1/64 (exact in f32), past where e^{-2u} and e^{-x²/2} leave f32's range.
+    let x: Vec<f32> = (-1920..=1920).map(|i| i as f32 / 64.0).collect();
+    for tanh in [false, true] {
+        let y = gelu_forward(&x, tanh);
+        let dx = gelu_backward(&x, &vec![1.0; x.len()], tanh);
+        for ((&x, &y), &dx) in x.iter().zip(&y).zip(&dx) {
+            let (y_ref, dx_ref) = gelu_f64(x as f64, tanh);
+            for (what, got, want) in [("gelu", y, y_ref), ("gelu'", dx, dx_ref)] {
+                let err = (got as f64 - want).abs() / want.abs().max(1.0);
+                assert!(
+                    err <= 2e-6, // NaN fails too
+                    "{what} (tanh: {tanh}) at x = {x}: {got}, in f64 {want}"
+                );
+            }
+        }
+        // No gradient in, none out: 0, not 0 times an overflow (NaN).
+        let zero = gelu_backward(&x, &vec![0.0; x.len()], tanh);
+        assert!(zero.iter().all(|&d| d == 0.0), "tanh: {tanh}");
+    }
+}
+
+#[test]
+fn layer_norm_of_a_constant_row_is_beta_with_finite_gradients() {
+    let _rng = rng_lock();
+    let c = 13;
+    let mut ln = LayerNormConfig::new(c).init(&ad());
+    ln.gamma = burn::module::Param::from_tensor(random([c], 1.0, &ad()) + 1.0);
+    let beta = random([c], 1.0, &ad());
+    ln.beta = Some(burn::module::Param::from_tensor(beta.clone()));
+    // Rows of one value each (variance 0), beside an ordinary row.
+    let rows: Vec<f32> = [7.0f32, -3.5, 1e4, 0.0]
+        .iter()
+        .flat_map(|&v| vec![v; c])
+        .chain((0..c).map(|i| i as f32))
+        .collect();
+    let x0 = Tensor::<3>::from_data(TensorData::new(rows, [1, 5, c]), &ad());
+    let w = random([1, 5, c], 1.0, &ad());
+    let run = |k: Kernels| {
+        let x = x0.clone().require_grad();
+        let y = k.layer_norm(&ln, x.clone());
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let dgamma = ln.gamma.val().grad(&grads).unwrap();
+        (y, x.grad(&grads).unwrap(), dgamma)
+    };
+    let (a, b) = (run(FUSED), run(Kernels::BURN));
+    assert_close("layer_norm, constant rows", &a.0, &b.0, 1e-5);
+    assert_close("layer_norm dx, constant rows", &a.1, &b.1, 1e-5);
+    assert_close("layer_norm dgamma, constant rows", &a.2, &b.2, 1e-5);
+    let first_rows = a.0.slice(s![.., 0..4, ..]);
+    assert_close(
+        "constant rows become beta",
+        &first_rows,
+        &beta.reshape([1, 1, c]).expand([1, 4, c]),
+        1e-6,
+    );
+}
+
+#[test]
+fn cross_entropy_holds_at_logits_of_1e4() {
+    let _rng = rng_lock();
+    let v = 5;
+    let rows: [[f32; 5]; 4] = [
+        [1e4, -1e4, 0.0, -1e4, 1e4],          // two equal winners
+        [-1e4, -1e4, -1e4, -1e4, 1e4],        // one winner, the target far below it
+        [1e4, 1e4, 1e4, 1e4, 1e4],            // uniform
+        [-1e4, -1e4, -1e4, -1e4, -1e4 + 1.0], // all far below 0
+    ];
+    let targets = [4usize, 0, 2, 4];
+    // In f64 from the definition: logsumexp(x) - x[target] and softmax(x) - onehot.
+    let (mut loss, mut grad) = (0.0f64, vec![0.0f32; 4 * v]);
+    for (i, (row, &target)) in rows.iter().zip(&targets).enumerate() {
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        loss += max + sum.ln() - row[target] as f64;
+        for j in 0..v {
+            let p = (row[j] as f64 - max).exp() / sum;
+            grad[i * v + j] = ((p - f64::from(j == target)) / 4.0) as f32;
+        }
+    }
+    let logits0 = Tensor::<3>::from_data(TensorData::new(rows.concat(), [1, 4, v]), &ad());
+    let targets = Tensor::<2, Int>::from_data(
+        TensorData::new(targets.map(|t| t as i64).to_vec(), [1, 4]),
+        &ad(),
+    );
+    let want_loss = Tensor::<1>::from_data([(loss / 4.0) as f32], &ad());
+    let want_grad = Tensor::<3>::from_data(TensorData::new(grad, [1, 4, v]), &ad());
+    for k in [FUSED, Kernels::BURN] {
+        let logits = logits0.clone().require_grad();
+        let loss = k.cross_entropy(logits.clone(), targets.clone());
+        let dlogits = logits.grad(&loss.clone().backward()).unwrap();
+        assert_close(
+            &format!("{k:?} cross-entropy at 1e4"),
+            &loss,
+            &want_loss,
+            1e-6,
+        );
+        assert_close(&format!("{k:?} dlogits at 1e4"), &dlogits, &want_grad, 1e-6);
+    }
+}
+
+#[test]
+fn attention_holds_at_scores_of_1e4() {
+    let _rng = rng_lock();
+    // Head size 1, so a score is q k exactly: queries and keys of ±100 give scores of ±1e4,
+    // so that every row's softmax is one-hot or uniform over tied keys; the first row has
+    // one key only. One sequence (batch 1), and t = 1.
+    for t in [1, 6] {
+        let (nh, hs) = (2, 1);
+        let c = nh * hs;
+        let sign = |i: usize| {
+            if (i * 7 + 3) % 5 < 2 {
+                -100.0f32
+            } else {
+                100.0
+            }
+        };
+        let mut qkv = vec![0.0f32; t * 3 * c];
+        for (i, x) in qkv.iter_mut().enumerate() {
+            *x = match (i % (3 * c)) / c {
+                2 => (i as f32 * 0.37).sin(), // values of order 1
+                _ => sign(i),
+            };
+        }
+        let qkv0 = Tensor::<3>::from_data(TensorData::new(qkv, [1, t, 3 * c]), &ad());
+        let w = random([1, t, c], 1.0, &ad());
+        let none = DropoutConfig::new(0.0).init();
+        let run = |fused: bool| {
+            let qkv = qkv0.clone().require_grad();
+            let y = match fused {
+                true => fused_attention(qkv.clone(), nh, &none),
+                false => burn_attention(qkv.clone(), nh, &none),
+            };
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, qkv.grad(&grads).unwrap())
+        };
+        let (a, r) = (run(true), run(false));
+        assert_close(&format!("attention at 1e4, t = {t}"), &a.0, &r.0, 1e-5);
+        assert_close(&format!("attention dqkv at 1e4, t = {t}"), &a.1, &r.1, 1e-5);
     }
 }
 
@@ -268,7 +518,7 @@ fn layer_norm_matches_burn_forward_and_every_gradient() {
             let dbeta = ln.beta.as_ref().map(|b| b.val().grad(&grads).unwrap());
             (y, x.grad(&grads).unwrap(), dgamma, dbeta)
         };
-        let (a, b) = (run(Kernels::Fused), run(Kernels::Burn));
+        let (a, b) = (run(FUSED), run(Kernels::BURN));
         assert_close("layer_norm", &a.0, &b.0, 1e-5);
         assert_close("layer_norm dx", &a.1, &b.1, 1e-5);
         assert_close("layer_norm dgamma", &a.2, &b.2, 1e-5);
@@ -280,7 +530,7 @@ fn layer_norm_matches_burn_forward_and_every_gradient() {
         let ln = ln.valid();
         assert_close(
             "layer_norm (inference)",
-            &Kernels::Fused.layer_norm(&ln, x.clone()),
+            &FUSED.layer_norm(&ln, x.clone()),
             &ln.forward(x),
             1e-5,
         );
@@ -299,7 +549,7 @@ fn cross_entropy_matches_burn_forward_and_backward() {
             let grads = (loss.clone() * 3.0).backward();
             (loss, logits.grad(&grads).unwrap())
         };
-        let (a, b) = (run(Kernels::Fused), run(Kernels::Burn));
+        let (a, b) = (run(FUSED), run(Kernels::BURN));
         assert_close("cross-entropy", &a.0, &b.0, 1e-5);
         assert_close("cross-entropy dlogits", &a.1, &b.1, 1e-5);
     }
@@ -307,7 +557,7 @@ fn cross_entropy_matches_burn_forward_and_backward() {
     let targets = Tensor::<2, Int>::from_data([[0, 6, 3], [1, 1, 5]], &support::flex_device());
     assert_close(
         "cross-entropy (inference)",
-        &Kernels::Fused.cross_entropy(logits.clone(), targets.clone()),
+        &FUSED.cross_entropy(logits.clone(), targets.clone()),
         &cross_entropy(logits, targets),
         1e-5,
     );
@@ -396,7 +646,7 @@ fn fused_dropout_multiplies_by_its_mask_forward_and_backward() {
     let x0 = random([3, 5, 7], 1.0, &ad());
     let seed = next_seed(&ad(), 11);
     let x = x0.clone().require_grad();
-    let y = Kernels::Fused.dropout(&dropout, x.clone());
+    let y = FUSED.dropout(&dropout, x.clone());
     let upstream = random([3, 5, 7], 1.0, &ad());
     let dx = x
         .grad(&(y.clone() * upstream.clone()).sum().backward())
@@ -406,10 +656,7 @@ fn fused_dropout_multiplies_by_its_mask_forward_and_backward() {
     assert_close("dropout, dx", &dx, &(upstream * mask), 1e-6);
     // Off the training device, as Burn's: the identity.
     let x = x0.inner();
-    assert_eq!(
-        max_abs_diff(&Kernels::Fused.dropout(&dropout, x.clone()), &x),
-        0.0
-    );
+    assert_eq!(max_abs_diff(&FUSED.dropout(&dropout, x.clone()), &x), 0.0);
 }
 
 #[test]
@@ -462,7 +709,7 @@ fn a_tiny_model_trains_the_same_with_either_kernels() {
         assert_eq!(model.kernels, k, "the optimizer kept the kernel choice");
         report.steps.iter().map(|s| s.loss).collect::<Vec<_>>()
     };
-    let (fused, burn) = (losses(Kernels::Fused, 0.0), losses(Kernels::Burn, 0.0));
+    let (fused, burn) = (losses(FUSED, 0.0), losses(Kernels::BURN, 0.0));
     assert_eq!(fused.len(), 50);
     for (step, (a, b)) in fused.iter().zip(&burn).enumerate() {
         assert!(
@@ -477,12 +724,8 @@ fn a_tiny_model_trains_the_same_with_either_kernels() {
         fused[49]
     );
     // With dropout, the seed still decides everything, and the masks do act.
-    let dropped = losses(Kernels::Fused, 0.1);
-    assert_eq!(
-        dropped,
-        losses(Kernels::Fused, 0.1),
-        "the same seed, the same run"
-    );
+    let dropped = losses(FUSED, 0.1);
+    assert_eq!(dropped, losses(FUSED, 0.1), "the same seed, the same run");
     assert!(dropped.iter().zip(&fused).all(|(a, b)| a != b));
 }
 
@@ -492,12 +735,12 @@ fn fused_kernels_fall_back_to_burn_where_the_extension_does_not_run() {
     let mut devices = vec![support::ndarray_device()];
     devices.extend(support::wgpu_device());
     for device in devices {
-        assert!(!Kernels::Fused.fused_on(&device));
+        assert!(!FUSED.fused_on(&device));
         device.seed(3);
         let model = GptConfig::new(11, 8, 1, 2, 8).init(&device);
         let x = Tensor::<2, Int>::from_data([[1, 2, 3, 4, 5]], &device);
         let burn = model.clone().forward_logits(x.clone());
-        let fused = model.with_kernels(Kernels::Fused).forward_logits(x);
+        let fused = model.with_kernels(FUSED).forward_logits(x);
         assert_eq!(max_abs_diff(&burn, &fused), 0.0, "on {device:?}");
         // The operations called one by one fall back too, instead of panicking.
         let qkv = Tensor::<3>::ones([1, 3, 6], &device);

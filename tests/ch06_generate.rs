@@ -247,8 +247,11 @@ fn bad_input_is_a_clear_error() {
             vec!["--prompt", &long],
             "more than the model's block size of 32",
         ),
-        (vec!["--top-p", "0"], "--top-p must be in (0, 1]"),
-        (vec!["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (vec!["--top-p", "0"], "'--top-p <TOP_P>': must be in (0, 1]"),
+        (
+            vec!["--top-p", "1.5"],
+            "'--top-p <TOP_P>': must be in (0, 1]",
+        ),
         (vec!["--window", "jump"], "unknown --window 'jump'"),
         (
             vec!["--keep", "32"],

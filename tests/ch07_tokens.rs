@@ -193,7 +193,8 @@ fn chapter_4_trains_on_bpe_tokens_and_refuses_a_mismatch() {
         args.extend(extra);
         run(&args)
     };
-    let (code, stdout, err) = train(&["--tokenizer", &bpe]);
+    // Stopped half-way, so that resuming below has steps left to run.
+    let (code, stdout, err) = train(&["--tokenizer", &bpe, "--stop-after", "10"]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("byte-level BPE, 301 tokens"), "{stdout}");
     assert!(stdout.contains("bits per character"), "{stdout}");

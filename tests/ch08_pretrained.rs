@@ -3,12 +3,14 @@
 
 mod support;
 
+use course::ch03_gpt::Kernels;
 use course::ch03_gpt::Norm;
-use course::ch05_fast::Kernels;
+use course::ch05_fast::FUSED;
 use course::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
-use course::ch08_pretrained::load_openai;
+use course::ch08_pretrained::{find_in_hf_cache, hf_cache_root_from, load_openai};
 use course::common::backend::Backend;
 use course::common::dataset::ids_tensor;
+use course::common::max_diff;
 use course::common::tokenizer::Tokenizer;
 use course::common::train::LanguageModel;
 use safetensors::SafeTensors;
@@ -38,25 +40,17 @@ fn reference(model: &str) -> (Vec<i64>, [usize; 2], Vec<f32>) {
     (ids, shape, logits)
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// GPT-2 (pre-LN) and GPT-1 (post-LN, other embedding names), each against the logits
 /// `transformers` computed, on every backend.
 #[test]
 fn openai_weights_give_transformers_logits_on_every_backend() {
     let mut devices = vec![
-        ("ndarray", support::ndarray_device(), Kernels::Burn),
-        ("flex", Backend::Flex.device(), Kernels::Burn),
-        ("flex fused", Backend::Flex.device(), Kernels::Fused),
+        ("ndarray", support::ndarray_device(), Kernels::BURN),
+        ("flex", Backend::Flex.device(), Kernels::BURN),
+        ("flex fused", Backend::Flex.device(), FUSED),
     ];
     if let Some(wgpu) = support::wgpu_device() {
-        devices.push(("wgpu", wgpu, Kernels::Burn));
+        devices.push(("wgpu", wgpu, Kernels::BURN));
     }
     for (fixture_name, norm) in [("gpt2-tiny", Norm::Pre), ("gpt1-tiny", Norm::Post)] {
         let (ids, shape, expected) = reference(fixture_name);
@@ -110,6 +104,12 @@ fn a_missing_or_misshapen_tensor_is_an_error_naming_it() {
     });
     let err = format!("{:#}", load(&missing));
     assert!(err.contains("blocks.1.mlp.c_fc.bias"), "{err}");
+    // Advice for the user, not Burn's for developers (`.allow_partial(true)`).
+    assert!(err.contains("Download the model again"), "{err}");
+    assert!(
+        !err.contains("allow_partial") && !err.contains('\n'),
+        "{err}"
+    );
 
     let misshapen = edited(dir.path(), |name, shape| match name {
         "h.0.attn.c_proj.weight" => Some(vec![shape[0], shape[1] - 1]),
@@ -306,9 +306,12 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
         .unwrap();
     let url = format!("http://{dead}/model.safetensors");
     let cache = dir.path().join("cache");
+    // An empty Hugging Face cache, so that a real one on this machine is not used instead.
+    let hf_cache = dir.path().join("hf-cache");
     let offline = [
         ("GPT2_WEIGHTS_URL", url.as_str()),
         ("GPT_CACHE", cache.to_str().unwrap()),
+        ("HF_HUB_CACHE", hf_cache.to_str().unwrap()),
     ];
     let (code, _, err) = notebook(&["--out", out], &offline);
     assert_ne!(code, 0);
@@ -323,7 +326,7 @@ fn the_notebook_runs_on_the_fixture_and_refuses_bad_input() {
     let junk = support::serve_once(b"not GPT-2".to_vec());
     let (code, _, err) = notebook(
         &["--out", out],
-        &[("GPT2_WEIGHTS_URL", junk.as_str()), offline[1]],
+        &[("GPT2_WEIGHTS_URL", junk.as_str()), offline[1], offline[2]],
     );
     assert_ne!(code, 0);
     assert!(err.contains("checksum mismatch"), "{err}");
@@ -356,4 +359,90 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
             false => vec![e.path()],
         })
         .collect()
+}
+
+/// Puts `bytes` in a fake Hugging Face cache at `root` as its library does: in
+/// `blobs/<SHA-256>`, with `snapshots/<revision>/model.safetensors` a link to it (a copy where
+/// links are not available) and `refs/main` naming `revision`. Returns the snapshot's file.
+fn put_in_hf_cache(root: &Path, repo: &str, revision: &str, bytes: &[u8]) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let repo_dir = root.join(format!("models--{}", repo.replace('/', "--")));
+    let sha256 = format!("{:x}", Sha256::digest(bytes));
+    let snapshot = repo_dir.join("snapshots").join(revision);
+    for dir in [
+        repo_dir.join("blobs"),
+        repo_dir.join("refs"),
+        snapshot.clone(),
+    ] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(repo_dir.join("blobs").join(&sha256), bytes).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), revision).unwrap();
+    let file = snapshot.join("model.safetensors");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(format!("../../blobs/{sha256}"), &file).unwrap();
+    #[cfg(not(unix))]
+    std::fs::write(&file, bytes).unwrap();
+    file
+}
+
+#[test]
+fn a_model_in_hugging_faces_cache_is_used_only_with_the_pinned_checksum() {
+    use sha2::{Digest, Sha256};
+    let dir = support::tempdir();
+    let root = dir.path().join("hub");
+    let repo = "openai-community/gpt2";
+    let weights = b"stands in for GPT-2's model.safetensors".to_vec();
+    let sha256 = format!("{:x}", Sha256::digest(&weights));
+    // The pinned file in an older snapshot; refs/main then names a newer one without it.
+    let pinned = put_in_hf_cache(&root, repo, "1111aaaa", &weights);
+    put_in_hf_cache(&root, repo, "2222bbbb", b"a later revision's file");
+    assert_eq!(find_in_hf_cache(&root, repo, &sha256), Some(pinned.clone()));
+    // Another checksum, another repository, or no cache at all: nothing found.
+    assert_eq!(find_in_hf_cache(&root, repo, &"0".repeat(64)), None);
+    assert_eq!(find_in_hf_cache(&root, "gpt2", &sha256), None);
+    assert_eq!(
+        find_in_hf_cache(&dir.path().join("none"), repo, &sha256),
+        None
+    );
+    // The legacy repository name (no organisation) is a folder of its own.
+    let legacy = put_in_hf_cache(&root, "gpt2", "3333cccc", &weights);
+    assert_eq!(find_in_hf_cache(&root, "gpt2", &sha256), Some(legacy));
+    // A blob named after the right hash but with other bytes: hashed, and refused.
+    std::fs::write(&pinned, b"corrupt").unwrap(); // through the link, into the blob
+    assert_eq!(find_in_hf_cache(&root, repo, &sha256), None);
+}
+
+#[test]
+fn hugging_faces_cache_is_looked_for_where_its_library_puts_it() {
+    let root = |vars: &[(&str, &str)]| {
+        hf_cache_root_from(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).into())
+        })
+    };
+    let hub = |p: &str| Some(PathBuf::from(p));
+    assert_eq!(root(&[("HOME", "/u")]), hub("/u/.cache/huggingface/hub"));
+    assert_eq!(
+        root(&[("HOME", "/u"), ("XDG_CACHE_HOME", "/x")]),
+        hub("/x/huggingface/hub")
+    );
+    assert_eq!(
+        root(&[("XDG_CACHE_HOME", "/x"), ("HF_HOME", "/hf")]),
+        hub("/hf/hub")
+    );
+    assert_eq!(
+        root(&[("HF_HOME", "/hf"), ("HUGGINGFACE_HUB_CACHE", "/old")]),
+        hub("/old")
+    );
+    assert_eq!(
+        root(&[("HUGGINGFACE_HUB_CACHE", "/old"), ("HF_HUB_CACHE", "/c")]),
+        hub("/c")
+    );
+    assert_eq!(
+        root(&[("HF_HUB_CACHE", ""), ("HF_HOME", "/hf")]),
+        hub("/hf/hub")
+    );
+    assert_eq!(root(&[]), None);
 }

@@ -56,6 +56,25 @@ fn quick_mode_writes_positive_finite_figures_for_every_backend() {
             ] {
                 positive(&t[key], &format!("{name} train {key}"));
             }
+            // The figures follow from the step time and the preset's shape: a rate from the
+            // wrong count of tokens or FLOPs would not.
+            let preset = t["preset"].as_str().unwrap();
+            let cfg = course::ch04_pretrain::preset(preset, 65).unwrap();
+            let tokens = (cfg.batch_size * cfg.model.block_size) as f64;
+            let ms = t["median_ms_per_step"].as_f64().unwrap();
+            let tps = t["tokens_per_s"].as_f64().unwrap();
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
+            assert!(
+                close(tps, tokens * 1e3 / ms),
+                "{name} {preset}: {tps} tokens/s"
+            );
+            let gflops = t["gflops"].as_f64().unwrap();
+            let want = tps * cfg.model.flops_per_token() / 1e9;
+            assert!(
+                close(gflops, want),
+                "{name} {preset}: {gflops} GFLOP/s, want {want}"
+            );
+            assert_eq!(t["timed_steps"], 2, "quick mode times 2 steps");
         }
         for g in b["generation"].as_array().unwrap() {
             for key in ["tokens_per_s", "cached_tokens_per_s", "cache_speedup"] {
@@ -112,17 +131,29 @@ fn ops_mode_times_every_operation_on_each_cpu_backend() {
         serde_json::from_str(&std::fs::read_to_string(out.join("ops.json")).unwrap()).unwrap();
     let backends = json["backends"].as_array().unwrap();
     assert_eq!(backends.len(), 2);
-    for b in backends {
+    let shape = json["shape"].as_array().unwrap();
+    let elements = shape[0].as_f64().unwrap() * shape[1].as_f64().unwrap();
+    let table = std::fs::read_to_string(out.join("ops.md")).unwrap();
+    let rows: Vec<&str> = table.lines().skip(2).collect();
+    for (column, b) in backends.iter().enumerate() {
         let ops = b[1].as_array().unwrap();
-        assert!(ops.len() >= 10, "{ops:?}");
-        for op in ops {
-            let ns = op["ns_per_element"].as_f64().unwrap();
+        assert_eq!(ops.len(), 13, "{ops:?}");
+        assert_eq!(rows.len(), ops.len(), "{table}");
+        for (op, row) in ops.iter().zip(&rows) {
+            let (us, ns) = (
+                op["micros"].as_f64().unwrap(),
+                op["ns_per_element"].as_f64().unwrap(),
+            );
             assert!(ns.is_finite() && ns > 0.0, "{op}");
+            // Per element is per call over the tensor's size, not some other count.
+            assert!((ns - us * 1e3 / elements).abs() <= 1e-9 * ns, "{op}");
+            // The table shows these figures, in this backend's pair of columns.
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let name = op["op"].as_str().unwrap();
+            assert_eq!(cells[1], format!("`{name}`"), "{row}");
+            assert_eq!(cells[2 + 2 * column], format!("{us:.1}"), "{row}");
+            assert_eq!(cells[3 + 2 * column], format!("{ns:.2}"), "{row}");
         }
     }
-    let table = std::fs::read_to_string(out.join("ops.md")).unwrap();
-    assert!(
-        table.contains("`gelu(x)`") && table.contains("flex: ns/element"),
-        "{table}"
-    );
+    assert!(table.contains("flex: ns/element"), "{table}");
 }

@@ -9,7 +9,9 @@ use course::common::sample::{SampleOptions, pick_token};
 use course::common::tokenizer::CharTokenizer;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 #[test]
 fn tokenizer_round_trips_the_whole_corpus() {
@@ -370,6 +372,124 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     assert!(!part.exists());
 }
 
+/// The `Range` a request on `stream` asks for (`"70000-"`), or "" without one. Reads the
+/// whole head, so closing the connection after the answer loses none of it.
+fn range_asked(stream: &mut TcpStream) -> String {
+    let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    (head.lines())
+        .find_map(|l| l.strip_prefix("range: bytes="))
+        .map_or(String::new(), |r| r.trim().to_string())
+}
+
+/// A server on 127.0.0.1 whose file is `body` and which has nothing past the bytes a client
+/// kept: a request with a range gets 416 Range Not Satisfiable, one without the whole file.
+/// Serves `requests` connections, or stops after 10 seconds; sends each request's range
+/// ("" for none) to the receiver, which ends when the server does.
+fn serve_whole_or_416(body: Vec<u8>, requests: usize) -> (String, Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap(); // polled, so that it can stop by itself
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut served = 0;
+        while served < requests && Instant::now() < deadline {
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            served += 1;
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let range = range_asked(&mut stream);
+            let _ = tx.send(range.clone());
+            let head = if range.is_empty() {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n", body.len())
+            } else {
+                format!(
+                    "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\n\
+                     Content-Length: 0\r\n",
+                    body.len()
+                )
+            };
+            let _ = stream.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes());
+            if range.is_empty() {
+                let _ = stream.write_all(&body);
+            }
+        }
+    });
+    (format!("http://{addr}/model.safetensors"), rx)
+}
+
+#[test]
+fn a_whole_part_file_is_checked_and_kept_when_the_server_has_nothing_to_add() {
+    // No size known in advance (as for the corpus): only the server's 416 says it is whole.
+    fn remote<'a>(url: &'a str, sha256: &'a str) -> Remote<'a> {
+        Remote {
+            url,
+            sha256,
+            size: None,
+            offline_hint: "pass --weights",
+        }
+    }
+    let body: Vec<u8> = (0..50_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let sha = sha256_hex(&body);
+    let dir = support::tempdir();
+    let dest = dir.path().join("model.safetensors");
+    let part = dest.with_extension("part");
+    // Whole and right (the process died before the rename): it becomes the file.
+    std::fs::write(&part, &body).unwrap();
+    let (url, ranges) = serve_whole_or_416(body.clone(), 1);
+    download_remote(&remote(&url, &sha), &dest).unwrap();
+    assert_eq!(ranges.iter().collect::<Vec<_>>(), ["50000-"]);
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert!(!part.exists());
+
+    // Whole but corrupt: removed, and the file fetched anew, all of it, once.
+    std::fs::remove_file(&dest).unwrap();
+    let mut corrupt = body.clone();
+    corrupt[1234] ^= 0xff;
+    std::fs::write(&part, &corrupt).unwrap();
+    let (url, ranges) = serve_whole_or_416(body.clone(), 2);
+    download_remote(&remote(&url, &sha), &dest).unwrap();
+    assert_eq!(ranges.iter().collect::<Vec<_>>(), ["50000-", ""]);
+    assert_eq!(std::fs::read(&dest).unwrap(), body);
+    assert!(!part.exists());
+}
+
+#[test]
+fn a_corrupt_whole_part_file_is_fetched_anew_only_once() {
+    let body = b"the server's copy is not the file the checksum pins".to_vec();
+    let dir = support::tempdir();
+    let dest = dir.path().join("model.safetensors");
+    let part = dest.with_extension("part");
+    std::fs::write(&part, &body).unwrap();
+    let (url, ranges) = serve_whole_or_416(body.clone(), 3); // a third request would show
+    let zeros = "0".repeat(64);
+    let remote = Remote {
+        url: &url,
+        sha256: &zeros,
+        size: None,
+        offline_hint: "pass --weights",
+    };
+    let err = download_remote(&remote, &dest).unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(!dest.exists() && !part.exists(), "nothing left behind");
+    let asked: Vec<String> = ranges.try_iter().collect();
+    assert_eq!(asked, [format!("{}-", body.len()), String::new()]);
+}
+
 #[test]
 fn a_heatmap_grid_draws_every_cell_label_and_panel() {
     use course::common::heatmap::{Panel, heatmap_grid, show_char};
@@ -420,4 +540,65 @@ fn a_heatmap_grid_draws_every_cell_label_and_panel() {
     }
     // Value 0 is white and value 1 the darkest blue, as in the colour bar.
     assert!(svg.contains("#FFFFFF") && svg.contains("#081D58"), "{svg}");
+}
+
+#[test]
+fn a_nan_or_an_infinity_fails_every_comparison() {
+    use burn::prelude::*;
+    use course::common::{max_abs_diff, max_diff, max_rel_diff, worst};
+    let device = support::flex_device();
+    let logits = Tensor::<2>::from_data([[1.0, -2.0], [3.0, 4.0]], &device);
+    assert_eq!(max_abs_diff(&logits, &logits), 0.0);
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let broken = Tensor::<2>::from_data([[1.0, bad], [3.0, 4.0]], &device);
+        let all_bad = logits.clone() * bad; // every logit NaN or infinite
+        for (a, b) in [(&logits, &broken), (&broken, &logits), (&broken, &broken)] {
+            let diff = max_abs_diff(a, b);
+            assert_eq!(diff, f32::INFINITY, "{bad} compared: {diff}");
+            let passes = diff < 1e-4; // how every parity check reads
+            assert!(!passes, "{bad} passes a parity check");
+        }
+        assert_eq!(max_abs_diff(&all_bad, &all_bad), f32::INFINITY);
+        assert_eq!(max_diff(&[0.0, bad], &[0.0, 0.0]), f32::INFINITY);
+        assert_eq!(max_rel_diff(&[0.0, 0.0], &[bad, 0.0]), f32::INFINITY);
+    }
+    assert_eq!(worst([0.1, f64::NAN, 0.2]), f64::INFINITY);
+    assert_eq!(worst([0.1, 0.3, 0.2]), 0.3);
+    assert_eq!(max_rel_diff(&[110.0], &[100.0]), 0.1);
+}
+
+#[test]
+fn wgpu_without_a_vulkan_driver_is_a_one_line_error() {
+    let dir = support::tempdir();
+    let corpus = support::corpus_path();
+    let out = dir.path().join("out");
+    // The Vulkan loader reads its drivers from these when set: none found means no Vulkan
+    // adapter (an OpenGL one may remain, which the check refuses as well).
+    let hidden = [
+        ("VK_ICD_FILENAMES", "/nonexistent/icd.json"),
+        ("VK_DRIVER_FILES", "/nonexistent/icd.json"),
+    ];
+    let (code, stdout, err) = support::run_bin(
+        env!("CARGO_BIN_EXE_ch01_bigram"),
+        &[
+            "--backend",
+            "wgpu",
+            "--data",
+            corpus.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &hidden,
+    );
+    assert_ne!(code, 0, "{stdout}");
+    assert!(!err.contains("panicked"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(errors[0].contains("--backend wgpu"), "{err}");
+    assert!(
+        errors[0].contains("apt-get install mesa-vulkan-drivers libvulkan1"),
+        "{err}"
+    );
 }

@@ -33,7 +33,7 @@ struct Args {
     /// Transformer blocks.
     #[arg(long, default_value_t = 3)]
     n_layer: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = course::common::cli::below_one)]
     dropout: f64,
     /// Where LayerNorm sits: `pre` (GPT-2) or `post` (GPT-1). The chapter trains this one
     /// first, then the other for comparison.

@@ -2,8 +2,7 @@
 //! network, residual connections, LayerNorm and dropout, stacked into blocks.
 
 use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, positions, split_heads};
-use crate::ch05_fast::{Kernels, fused_attention};
-use crate::common::train::LanguageModel;
+use crate::common::train::{LanguageModel, cross_entropy};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Gelu, Initializer, LayerNorm,
     LayerNormConfig, Linear, LinearConfig,
@@ -26,6 +25,107 @@ pub fn layer_norm(x: Tensor<3>, gamma: Tensor<1>, beta: Option<Tensor<1>>, eps: 
     }
 }
 // ANCHOR_END: layer_norm
+
+// ANCHOR: kernels
+/// How the model computes the operations a training step spends its time in. Each has
+/// Burn's own operations as its default, which is all this chapter uses ([`BurnOps`]);
+/// chapter 5 implements the trait again with fused kernels and swaps them into the same
+/// model with [`Gpt::with_kernels`]. The model says *what* it computes; this says *how*.
+pub trait KernelOps: Send + Sync {
+    /// A short name for reports: "burn", "fused".
+    fn name(&self) -> &'static str;
+    /// True when these kernels do anything but Burn's operations for tensors on `device`.
+    fn runs_on(&self, _device: &Device) -> bool {
+        false
+    }
+    /// A Linear layer over all `b * t` rows at once (chapter 2's `forward_rows`).
+    fn linear(&self, layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+        layer.forward_rows(x)
+    }
+    /// `a @ b` for `a: [m, k]`, `b: [k, n]`.
+    fn matmul(&self, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+        a.matmul(b)
+    }
+    fn gelu(&self, gelu: &Gelu, x: Tensor<3>) -> Tensor<3> {
+        gelu.forward(x)
+    }
+    fn layer_norm(&self, ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+        ln.forward(x)
+    }
+    fn dropout(&self, dropout: &Dropout, x: Tensor<3>) -> Tensor<3> {
+        dropout.forward(x)
+    }
+    /// Causal self-attention of all heads, from `qkv: [b, t, 3c]` to `[b, t, c]`, with
+    /// `dropout` on the weights.
+    fn attention(&self, qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
+        composed_attention(qkv, n_head, dropout)
+    }
+    /// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
+    fn cross_entropy(&self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+        cross_entropy(logits, targets)
+    }
+}
+
+/// Burn's operations, exactly as chapters 2 and 3 write them.
+pub struct BurnOps;
+
+impl KernelOps for BurnOps {
+    fn name(&self) -> &'static str {
+        "burn"
+    }
+}
+
+/// The kernels a model runs: a pointer to one implementation of [`KernelOps`], cheap to
+/// copy into every layer.
+#[derive(Clone, Copy)]
+pub struct Kernels(pub &'static dyn KernelOps);
+
+impl Kernels {
+    /// Burn's operations: every model starts with these.
+    pub const BURN: Kernels = Kernels(&BurnOps);
+
+    /// True when the kernels do anything but Burn's operations on `device`.
+    pub fn fused_on(self, device: &Device) -> bool {
+        self.0.runs_on(device)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
+}
+
+impl std::ops::Deref for Kernels {
+    type Target = dyn KernelOps;
+    fn deref(&self) -> &Self::Target {
+        self.0
+    }
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels::BURN
+    }
+}
+
+impl PartialEq for Kernels {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kernels({})", self.name())
+    }
+}
+
+/// Attention as Burn operations, as [`CausalSelfAttention`] composes it: heads apart,
+/// weights, dropout, values, heads together.
+pub fn composed_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
+    let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
+    merge_heads(dropout.forward(causal_weights(q, k)).matmul(v)) // [b, t, c]
+}
+// ANCHOR_END: kernels
 
 // ANCHOR: feed_forward
 /// The per-token MLP: widen 4x, GELU, narrow back. Attention moves information between
@@ -76,13 +176,12 @@ impl CausalSelfAttention {
         (self.resid_dropout.forward(self.c_proj.forward_rows(y)), att)
     }
 
+    /// `forward_with_weights` without the weights, through the kernels: with Burn's the
+    /// same operations, in the same order; chapter 5 makes the middle one operation.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        if !self.kernels.fused_on(&x.device()) {
-            return self.forward_with_weights(x).0;
-        }
-        // Chapter 5: the same computation as one operation, from [b, t, 3c] to [b, t, c].
         let k = self.kernels;
-        let y = fused_attention(k.linear(&self.c_attn, x), self.n_head, &self.attn_dropout);
+        let qkv = k.linear(&self.c_attn, x); // [b, t, 3c]
+        let y = k.attention(qkv, self.n_head, &self.attn_dropout); // [b, t, c]
         k.dropout(&self.resid_dropout, k.linear(&self.c_proj, y))
     }
 }
@@ -196,6 +295,10 @@ impl LanguageModel for Gpt {
     fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
         self.kernels.cross_entropy(self.forward(idx), targets)
     }
+
+    fn has_dropout(&self) -> bool {
+        self.drop.prob > 0.0 // every dropout of the model has the config's probability
+    }
 }
 
 impl Gpt {
@@ -291,7 +394,7 @@ impl GptConfig {
                 attn_dropout: dropout(),
                 resid_dropout: dropout(),
                 n_head: self.n_head,
-                kernels: Kernels::Burn,
+                kernels: Kernels::BURN,
             },
             ln_2: ln(),
             mlp: FeedForward {
@@ -302,10 +405,10 @@ impl GptConfig {
                 },
                 c_proj: linear(4 * c, c, proj_std),
                 dropout: dropout(),
-                kernels: Kernels::Burn,
+                kernels: Kernels::BURN,
             },
             pre_norm: self.norm == Norm::Pre,
-            kernels: Kernels::Burn,
+            kernels: Kernels::BURN,
         };
         Gpt {
             wte: embedding(self.vocab_size),
@@ -320,7 +423,7 @@ impl GptConfig {
                     .init(device)
             }),
             block_size: self.block_size,
-            kernels: Kernels::Burn,
+            kernels: Kernels::BURN,
         }
     }
 }

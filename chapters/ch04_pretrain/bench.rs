@@ -2,7 +2,7 @@
 
 use super::{PretrainConfig, learning_rate, optimizer, train_settings};
 use crate::ch03_gpt::Gpt;
-use crate::ch05_fast::Kernels;
+use crate::ch03_gpt::Kernels;
 use crate::common::backend::Backend;
 use crate::common::dataset::Dataset;
 use crate::common::report::Machine;

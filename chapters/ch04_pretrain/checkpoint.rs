@@ -175,10 +175,24 @@ pub fn load(
 }
 
 /// Refuses to resume a checkpoint made with another config or tokenizer, naming what differs.
-pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &Tokenizer) -> Result<()> {
+/// Only the length of the run (`steps`, which must go beyond the checkpoint's step) and its
+/// evaluations (`eval_interval`, `eval_iters`) may change: returns a note for each that did.
+pub fn check_compatible(
+    meta: &Meta,
+    config: &PretrainConfig,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<String>> {
     check_tokenizer(meta, tokenizer)?;
-    if &meta.config != config {
-        let a = serde_json::to_value(&meta.config)?;
+    // The checkpoint's config with this run's length and evaluations: the rest must match,
+    // since the weights, the optimizer state and the batches were made with it.
+    let saved = PretrainConfig {
+        steps: config.steps,
+        eval_interval: config.eval_interval,
+        eval_iters: config.eval_iters,
+        ..meta.config.clone()
+    };
+    if &saved != config {
+        let a = serde_json::to_value(&saved)?;
         let b = serde_json::to_value(config)?;
         let mut diffs = Vec::new();
         diff_json("", &a, &b, &mut diffs);
@@ -187,7 +201,35 @@ pub fn check_compatible(meta: &Meta, config: &PretrainConfig, tokenizer: &Tokeni
             diffs.join(", ")
         );
     }
-    Ok(())
+    if meta.step >= config.steps {
+        bail!(
+            "the checkpoint is at step {} and this run ends at step {}: pass a larger --steps \
+             to train further",
+            meta.step,
+            config.steps
+        );
+    }
+    let (old, new) = (&meta.config, config);
+    let mut notes = Vec::new();
+    if old.steps != new.steps {
+        notes.push(format!(
+            "steps {} -> {}: the cosine schedule now decays over {} steps",
+            old.steps, new.steps, new.steps
+        ));
+    }
+    if old.eval_interval != new.eval_interval {
+        notes.push(format!(
+            "eval interval {} -> {}: losses are estimated every {} steps from here on",
+            old.eval_interval, new.eval_interval, new.eval_interval
+        ));
+    }
+    if old.eval_iters != new.eval_iters {
+        notes.push(format!(
+            "eval iters {} -> {}: each loss estimate averages {} batches from here on",
+            old.eval_iters, new.eval_iters, new.eval_iters
+        ));
+    }
+    Ok(notes)
 }
 
 /// Checks only that the checkpoint reads the same tokens with the same ids.

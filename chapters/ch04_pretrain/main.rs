@@ -10,15 +10,16 @@ use burn::optim::ModuleOptimizer;
 use burn::prelude::*;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use course::ch03_gpt::Gpt;
+use course::ch03_gpt::Kernels;
 use course::ch04_pretrain::bench::{Bench, time_steps};
 use course::ch04_pretrain::checkpoint::{self, Meta};
 use course::ch04_pretrain::{
     Overrides, PretrainConfig, learning_rate, mfu, optimizer, param_groups, train_settings,
 };
-use course::ch05_fast::Kernels;
+use course::ch05_fast::KernelChoice;
 use course::ch07_bpe::Bpe;
 use course::common::backend::Backend;
-use course::common::cli::{CommonArgs, SampleArgs, parse_backend};
+use course::common::cli::{self, CommonArgs, SampleArgs, parse_backend};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Curve, Summary, plot_schedule, write_json, write_run};
 use course::common::sample::{SampleOptions, generate_fixed_shape};
@@ -64,6 +65,11 @@ struct TrainCmd {
     /// Stop after this step (with a checkpoint), as if interrupted; `--resume` continues.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Also save ckpt/last every N steps between evaluations (0: only at evaluations), so that
+    /// a run killed half-way loses at most N steps; `--resume` continues from it. (Ctrl-C
+    /// saves it too, at the end of the current step, and exits with code 130.)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    ckpt_interval: usize,
     /// Benchmark instead of training: time this many steps after the warm-up steps, write
     /// bench.json.
     #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -73,7 +79,7 @@ struct TrainCmd {
     bench_warmup: usize,
     /// Peak GFLOP/s of your hardware, for the model-FLOPs-utilisation estimate (default:
     /// about the fp32 peak of the 2-core AVX-512 CPU the course was measured on).
-    #[arg(long, default_value_t = 180.0)]
+    #[arg(long, default_value_t = 180.0, value_parser = cli::positive)]
     peak_gflops: f64,
     /// Tokens to sample from the best checkpoint after training (characters, with the
     /// character tokenizer).
@@ -85,8 +91,8 @@ struct TrainCmd {
     tokenizer: String,
     /// Burn's operations, or chapter 5's fused kernels (used where the backend runs them:
     /// flex; elsewhere this falls back to Burn's).
-    #[arg(long, value_enum, default_value_t = Kernels::Fused)]
-    kernels: Kernels,
+    #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
+    kernels: KernelChoice,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -111,8 +117,8 @@ struct SampleCmd {
     #[arg(long, default_value = "flex", value_parser = parse_backend)]
     backend: Backend,
     /// Burn's operations or chapter 5's fused kernels (see training's --kernels).
-    #[arg(long, value_enum, default_value_t = Kernels::Fused)]
-    kernels: Kernels,
+    #[arg(long, value_enum, default_value_t = KernelChoice::Fused)]
+    kernels: KernelChoice,
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,14 +134,14 @@ fn main() -> std::process::ExitCode {
 fn pretrain(a: TrainCmd) -> Result<()> {
     let run = a.common.start(CHAPTER, "Chapter 4: pre-training", None)?;
     let (cfg, data) = data_and_configuration(&a, &run)?;
-    let model = the_model(&cfg, &run.device).with_kernels(a.kernels);
+    let model = the_model(&cfg, &run.device).with_kernels(a.kernels.kernels());
     let optim = optimizer_groups(&cfg, &model);
     schedule(&cfg);
     if let Some(n) = a.bench {
         return benchmark(&a, cfg, model, &run, &data, n);
     }
     let (report, hooks) = training(&a, &cfg, model, optim, &run, &data)?;
-    let best = sample_from_best(&run, &data, a.sample_chars, a.kernels)?;
+    let best = sample_from_best(&run, &data, a.sample_chars, a.kernels.kernels())?;
     what_the_run_wrote(&run, &cfg, &best, &report, &hooks)
 }
 
@@ -226,6 +232,34 @@ struct Pretrain<'a> {
     steps: Vec<StepRecord>,
     best_val: f64,
     peak_flops: f64,
+    /// Save `last` every this many steps as well as at evaluations (0: only at evaluations).
+    ckpt_interval: usize,
+    /// The step of the `last` checkpoint on disk, so that no step is saved twice.
+    saved_at: Option<usize>,
+    /// Where Ctrl-C stopped the run (after saving `last`).
+    interrupted: Option<usize>,
+}
+
+impl Pretrain<'_> {
+    /// What a checkpoint after `step` steps records; between evaluations, the val loss of the
+    /// last one.
+    fn meta(&self, step: usize) -> Result<Meta> {
+        let last = self
+            .losses
+            .last()
+            .context("no evaluation yet to record with the checkpoint")?;
+        Ok(Meta {
+            format: checkpoint::FORMAT,
+            step,
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            val_loss: last.val,
+            best_val_loss: self.best_val,
+            losses: self.losses.clone(),
+            steps: self.steps.clone(),
+            backend: self.backend.to_string(),
+        })
+    }
 }
 
 impl TrainHooks<Gpt> for Pretrain<'_> {
@@ -241,22 +275,35 @@ impl TrainHooks<Gpt> for Pretrain<'_> {
         self.losses.push(*record);
         let improved = record.val < self.best_val;
         self.best_val = self.best_val.min(record.val);
-        let meta = Meta {
-            format: checkpoint::FORMAT,
-            step: record.step,
-            config: self.config.clone(),
-            tokenizer: self.tokenizer.clone(),
-            val_loss: record.val,
-            best_val_loss: self.best_val,
-            losses: self.losses.clone(),
-            steps: self.steps.clone(),
-            backend: self.backend.to_string(),
-        };
+        let meta = self.meta(record.step)?;
         checkpoint::save(&self.ckpt.join("last"), model, Some(optim), &meta)?;
+        self.saved_at = Some(record.step);
         if improved {
             checkpoint::save(&self.ckpt.join("best"), model, None, &meta)?;
         }
         Ok(())
+    }
+
+    fn between_steps(
+        &mut self,
+        steps_done: usize,
+        model: &Gpt,
+        optim: &ModuleOptimizer,
+    ) -> Result<std::ops::ControlFlow<()>> {
+        // Read once: a Ctrl-C that lands during the save below waits for the next step, and
+        // never stops a run whose last steps went unsaved.
+        let interrupted = course::ch04_pretrain::interrupt::requested();
+        let due = self.ckpt_interval > 0 && steps_done.is_multiple_of(self.ckpt_interval);
+        if (due || interrupted) && self.saved_at != Some(steps_done) {
+            let meta = self.meta(steps_done)?;
+            checkpoint::save(&self.ckpt.join("last"), model, Some(optim), &meta)?;
+            self.saved_at = Some(steps_done);
+        }
+        if interrupted {
+            self.interrupted = Some(steps_done);
+            return Ok(std::ops::ControlFlow::Break(()));
+        }
+        Ok(std::ops::ControlFlow::Continue(()))
     }
 
     fn progress_extra(&self, step: usize, tokens_per_second: f64) -> String {
@@ -287,18 +334,26 @@ fn training<'a>(
         steps: Vec::new(),
         best_val: f64::INFINITY,
         peak_flops: a.peak_gflops * 1e9,
+        ckpt_interval: a.ckpt_interval,
+        saved_at: None,
+        interrupted: None,
     };
     let (mut model, mut start) = (model, 0);
     if a.resume {
         let (m, o, meta) =
             checkpoint::load(&hooks.ckpt.join("last"), &model_device(&model), Some(optim))?;
-        checkpoint::check_compatible(&meta, cfg, &data.tokenizer)?;
+        // Only the number of steps and the evaluations may change; each change is named.
+        let changes = checkpoint::check_compatible(&meta, cfg, &data.tokenizer)?;
         println!(
             "resuming from step {} (best val so far {:.4})",
             meta.step, meta.best_val_loss
         );
+        for change in changes {
+            println!("resuming with {change}");
+        }
+        hooks.saved_at = Some(meta.step);
         (model, optim, start) = (
-            m.with_kernels(a.kernels),
+            m.with_kernels(a.kernels.kernels()),
             o.expect("optimizer state"),
             meta.step,
         );
@@ -310,7 +365,21 @@ fn training<'a>(
         );
     }
     let settings = train_settings(cfg, a.stop_after);
+    // Caught only while training: a Ctrl-C before or after ends the process as usual.
+    let ctrl_c = course::ch04_pretrain::interrupt::catch()?;
     let (_, report) = train(model, &mut optim, data, &settings, start, &mut hooks)?;
+    drop(ctrl_c);
+    if let Some(step) = hooks.interrupted {
+        let last = hooks.ckpt.join("last");
+        println!(
+            "interrupted at step {step}: saved {}; --resume continues",
+            last.display()
+        );
+        // 130 (128 + SIGINT), as a shell reports a process that Ctrl-C ended: a script sees
+        // that the run did not finish. The unfinished run writes no summary or plots.
+        std::io::stdout().flush()?;
+        std::process::exit(130);
+    }
     let last = hooks.losses.last().expect("evaluated");
     let gflops = cfg.model.flops_per_token() * report.tokens_per_second / 1e9;
     println!(
@@ -402,9 +471,9 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         .checkpoint
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(CHAPTER).join("ckpt/best"));
-    let device = cmd.backend.device();
+    let device = cmd.backend.open()?;
     let (model, _, meta) = checkpoint::load(&dir, &device, None)?;
-    let model = model.with_kernels(cmd.kernels);
+    let model = model.with_kernels(cmd.kernels.kernels());
     if let Some(file) = &cmd.tokenizer {
         let asked = Tokenizer::Bpe(Bpe::load(file)?);
         checkpoint::check_tokenizer(&meta, &asked).with_context(|| {
@@ -488,7 +557,11 @@ fn benchmark(
         let (trained, _, meta) = checkpoint::load(&ckpt, &model_device(&model), None)?;
         checkpoint::check_tokenizer(&meta, &data.tokenizer)?;
         data.check_block_size(meta.config.model.block_size)?;
-        (meta.config, trained.with_kernels(a.kernels), meta.step)
+        (
+            meta.config,
+            trained.with_kernels(a.kernels.kernels()),
+            meta.step,
+        )
     } else {
         (cfg, model, 0)
     };
@@ -509,7 +582,7 @@ fn benchmark(
     let result = Bench::new(
         &cfg,
         run.backend,
-        a.kernels,
+        a.kernels.kernels(),
         trained_steps,
         parameters,
         times,

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 
 use crate::ch03_gpt::{GptConfig, Norm};
+use crate::common::cli;
 use crate::common::train::{TrainHooks, TrainSettings};
 use anyhow::{Context, Result, bail};
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
@@ -195,6 +196,106 @@ pub fn train_settings(c: &PretrainConfig, stop_after: Option<usize>) -> TrainSet
     }
 }
 
+/// Ctrl-C during training. The first one only raises a flag: the training loop then saves
+/// `ckpt/last` at the end of the current step and stops, and `--resume` continues exactly. A
+/// second one kills the process as usual. Unix only; elsewhere Ctrl-C kills at once (and
+/// `--ckpt-interval` bounds what is lost).
+pub mod interrupt {
+    use anyhow::Result;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Raised by the signal handler (or `request`), read by the training loop's hooks.
+    static REQUESTED: AtomicBool = AtomicBool::new(false);
+
+    /// Whether a stop was asked for since `catch`.
+    pub fn requested() -> bool {
+        REQUESTED.load(Ordering::SeqCst)
+    }
+
+    /// Asks for a stop as Ctrl-C does, without a signal.
+    pub fn request() {
+        REQUESTED.store(true, Ordering::SeqCst);
+    }
+
+    /// While the returned guard lives, Ctrl-C (SIGINT) only calls `request`; dropping it puts
+    /// back what was there before. A process started with SIGINT ignored (a background job
+    /// of a script) keeps ignoring it, as shells expect.
+    pub fn catch() -> Result<Guard> {
+        REQUESTED.store(false, Ordering::SeqCst);
+        imp::install().map(Guard)
+    }
+
+    /// Catches Ctrl-C until dropped.
+    pub struct Guard(imp::Previous);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            imp::restore(&self.0);
+        }
+    }
+
+    #[cfg(unix)]
+    mod imp {
+        use anyhow::{Result, bail};
+        use std::sync::atomic::Ordering;
+
+        /// SIGINT's action before `install` (`None`: it was ignored and was left so).
+        pub struct Previous(Option<libc::sigaction>);
+
+        extern "C" fn on_sigint(_: libc::c_int) {
+            // Only what is async-signal-safe: a store to an atomic.
+            super::REQUESTED.store(true, Ordering::SeqCst);
+        }
+
+        pub fn install() -> Result<Previous> {
+            // SAFETY: `sigaction` reads and writes plain C structs that live on this stack;
+            // an all-zero `sigaction` is a valid value (no handler, empty mask, no flags).
+            unsafe {
+                let mut previous: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(libc::SIGINT, std::ptr::null(), &mut previous) != 0 {
+                    let error = std::io::Error::last_os_error();
+                    bail!("cannot read SIGINT's action: {error}");
+                }
+                if previous.sa_sigaction == libc::SIG_IGN {
+                    return Ok(Previous(None));
+                }
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                libc::sigemptyset(&mut action.sa_mask);
+                // RESETHAND: the handler runs once, and SIGINT's default action (end the
+                // process) is back for a second Ctrl-C. RESTART: a read or write that the
+                // signal interrupts carries on rather than failing.
+                action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+                if libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut()) != 0 {
+                    let error = std::io::Error::last_os_error();
+                    bail!("cannot catch Ctrl-C: {error}");
+                }
+                Ok(Previous(Some(previous)))
+            }
+        }
+
+        pub fn restore(previous: &Previous) {
+            if let Some(action) = &previous.0 {
+                // SAFETY: puts back an action `sigaction` itself returned.
+                unsafe {
+                    libc::sigaction(libc::SIGINT, action, std::ptr::null_mut());
+                }
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    mod imp {
+        pub struct Previous;
+
+        pub fn install() -> anyhow::Result<Previous> {
+            Ok(Previous)
+        }
+
+        pub fn restore(_: &Previous) {}
+    }
+}
+
 /// Counts (tensors, values) of the parameters in the decayed group and of the rest.
 pub fn param_groups<M: Module>(model: &M) -> ((usize, usize), (usize, usize)) {
     let mut g = Groups {
@@ -249,7 +350,7 @@ pub struct Overrides {
     pub block_size: Option<usize>,
     #[arg(long)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = cli::below_one)]
     pub dropout: Option<f64>,
     /// LayerNorm placement: pre (GPT-2) or post (GPT-1).
     #[arg(long, value_enum)]
@@ -267,21 +368,21 @@ pub struct Overrides {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = cli::positive)]
     pub lr: Option<f64>,
     /// Final learning rate of the cosine decay.
-    #[arg(long)]
+    #[arg(long, value_parser = cli::non_negative)]
     pub min_lr: Option<f64>,
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = cli::non_negative)]
     pub weight_decay: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = cli::below_one)]
     pub beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = cli::below_one)]
     pub beta2: Option<f64>,
     /// Global gradient-norm clip (0: off).
-    #[arg(long)]
+    #[arg(long, value_parser = cli::non_negative)]
     pub grad_clip: Option<f64>,
     #[arg(long)]
     pub eval_interval: Option<usize>,
@@ -331,6 +432,16 @@ impl PretrainConfig {
         }
         if self.grad_clip < 0.0 || !self.grad_clip.is_finite() {
             bail!("--grad-clip must be 0 (off) or positive");
+        }
+        let betas = [self.beta1, self.beta2];
+        if !betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            bail!("--beta1 and --beta2 must be in [0, 1), got {betas:?}");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            bail!(
+                "--weight-decay must be 0 or positive, got {}",
+                self.weight_decay
+            );
         }
         Ok(())
     }

@@ -348,7 +348,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         struct CrossEntropyBackward;
 
         impl Backward<Flex, 1> for CrossEntropyBackward {
-            type State = (FlexTensor, Vec<usize>, Vec<f32>); // logits, targets, log-sum-exp
+            type State = (FlexTensor, Vec<usize>, kernels::LogSumExp); // logits, targets, rows' lse
 
             fn backward(
                 self,

@@ -67,12 +67,25 @@ pub enum Isa {
     Avx2,
 }
 
-/// The best kernel this CPU runs (the detection is cached by the standard library).
+// ANCHOR: isa
+/// The best vector instructions this CPU runs, which the matrix product and every fused
+/// kernel then use; `None`: the portable code, as on a CPU without AVX2 (or not x86), also
+/// forced by setting `GPT_PORTABLE=1`, so that that path is tested on any machine.
 pub fn isa() -> Option<Isa> {
+    static ISA: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(
+        || match std::env::var("GPT_PORTABLE").is_ok_and(|v| v == "1") {
+            true => None,
+            false => detect(),
+        },
+    )
+}
+
+fn detect() -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::is_x86_feature_detected as has;
-        if has!("avx512f") {
+        if has!("avx512f") && has!("avx2") && has!("fma") {
             return Some(Isa::Avx512);
         }
         if has!("avx2") && has!("fma") {
@@ -81,6 +94,16 @@ pub fn isa() -> Option<Isa> {
     }
     None
 }
+
+/// What [`isa`] chose, for reports: "avx512", "avx2" or "portable".
+pub fn isa_name() -> &'static str {
+    match isa() {
+        Some(Isa::Avx512) => "avx512",
+        Some(Isa::Avx2) => "avx2",
+        None => "portable",
+    }
+}
+// ANCHOR_END: isa
 
 /// Steps of the inner dimension per block.
 const KC: usize = 256;

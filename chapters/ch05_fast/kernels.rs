@@ -12,7 +12,8 @@ use std::mem::MaybeUninit;
 
 // ANCHOR: simd
 /// Defines `fn name(..)` whose body is compiled three times: for AVX-512, for AVX2 + FMA and for
-/// the baseline target; the best one the CPU has is chosen when called (the check is cached).
+/// the baseline target; the best one the CPU has is chosen when called ([`gemm::isa`], cached;
+/// `GPT_PORTABLE=1` picks the baseline).
 /// The body is inlined into each copy, so its loops are vectorised 16 or 8 floats at a time.
 macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
@@ -27,16 +28,12 @@ macro_rules! simd_fn {
             #[target_feature(enable = "avx512f,avx2,fma")]
             unsafe fn avx512($($a: $t),*) $(-> $r)? { imp($($a),*) }
             #[cfg(target_arch = "x86_64")]
-            {
-                use std::is_x86_feature_detected as has;
-                if has!("avx512f") && has!("avx2") && has!("fma") {
-                    // SAFETY: the CPU has just been checked for these features.
-                    return unsafe { avx512($($a),*) };
-                }
-                if has!("avx2") && has!("fma") {
-                    // SAFETY: as above.
-                    return unsafe { avx2($($a),*) };
-                }
+            match gemm::isa() {
+                // SAFETY: `isa` checked that the CPU has these features.
+                Some(gemm::Isa::Avx512) => return unsafe { avx512($($a),*) },
+                // SAFETY: as above.
+                Some(gemm::Isa::Avx2) => return unsafe { avx2($($a),*) },
+                None => {}
             }
             imp($($a),*)
         }
@@ -55,14 +52,26 @@ pub fn exp(x: f32) -> f32 {
     let n = k - 12_582_912.0;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // ln2 split in two for precision
     let mut p: f32 = 1.987_569_1e-4;
-    p = p.mul_add(r, 1.398_2e-3); // p * r + c, one fused instruction
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5); // Cephes: 5.0000001e-1, which is 0.5 in f32
-    let e_r = (p * r).mul_add(r, r) + 1.0;
+    p = fma(p, r, 1.398_2e-3); // p * r + c
+    p = fma(p, r, 8.333_452e-3);
+    p = fma(p, r, 4.166_579_6e-2);
+    p = fma(p, r, 1.666_666_5e-1);
+    p = fma(p, r, 0.5); // Cephes: 5.0000001e-1, which is 0.5 in f32
+    let e_r = fma(p * r, r, r) + 1.0;
     let two_n = f32::from_bits((k.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127)) << 23);
     e_r * two_n
+}
+
+/// `a * b + c`. Where the whole crate is compiled for FMA (`-C target-cpu=native` on a CPU
+/// that has it) one fused instruction; elsewhere a multiply and an add, because
+/// `f32::mul_add` on a target without FMA is a call into the C library for every element,
+/// which computes the fused result in software and stops the loop from vectorising.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    match cfg!(target_feature = "fma") {
+        true => a.mul_add(b, c),
+        false => a * b + c,
+    }
 }
 // ANCHOR_END: exp
 
@@ -183,10 +192,13 @@ simd_fn! {
 simd_fn! {
     /// `d/dx x σ(2u) = σ(2u) + x σ'(2u) 2 du/dx`, with `σ' = σ (1 − σ) = e^{-2u} σ²`: the
     /// second form keeps its precision where `σ` is close to 1 and `1 − σ` would cancel.
+    /// It is taken as `(e^{-2u} σ) σ`: `e^{-2u} σ = 1 − σ` lies in `[0, 1]`, while
+    /// `e^{-2u}` alone reaches 1e38 for `x <= -10`, where `x e^{-2u}` would overflow.
     fn gelu_tanh_backward_chunk(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
             let (s, e, du) = sigmoid_2u(x);
-            dx.write(dy * (s + x * e * s * s * 2.0 * du));
+            let ds = (e * s) * s; // σ'(2u), never above 1/4
+            dx.write(dy * (s + x * ds * 2.0 * du));
         }
     }
 }
@@ -457,29 +469,44 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 // ANCHOR_END: layer_norm
 
 // ANCHOR: cross_entropy
+/// Each row's log-sum-exp `max + ln Σ e^{x - max}`, kept in its two parts: at logits of
+/// 1e4 one f32 holding the sum is only good to about 1e-3 (its spacing there), which would
+/// put an error of 1e-3 into every `e^{x - lse}` of the backward pass.
+#[derive(Clone, Debug, Default)]
+pub struct LogSumExp {
+    pub max: Vec<f32>,
+    pub log_sum: Vec<f32>,
+}
+
 /// Mean cross-entropy of `logits: [n, v]` against `targets: [n]`, as log-softmax and the
 /// negative log-likelihood in one pass: `loss_i = logsumexp(x_i) - x_i[target_i]`.
 /// Returns the mean loss and each row's log-sum-exp (the backward pass needs it).
-pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], v: usize) -> (f32, Vec<f32>) {
-    let mut lse = vec![0.0; targets.len()];
-    let total: f64 = lse
+pub fn cross_entropy_forward(logits: &[f32], targets: &[usize], v: usize) -> (f32, LogSumExp) {
+    let n = targets.len();
+    let (mut max, mut log_sum) = (vec![0.0; n], vec![0.0; n]);
+    let total: f64 = max
         .par_chunks_mut(ROWS)
+        .zip(log_sum.par_chunks_mut(ROWS))
         .zip(logits.par_chunks(ROWS * v).zip(targets.par_chunks(ROWS)))
-        .map(|(lse, (x, targets))| cross_entropy_rows(x, targets, v, lse))
+        .map(|((max, log_sum), (x, targets))| cross_entropy_rows(x, targets, v, max, log_sum))
         .sum();
-    ((total / targets.len() as f64) as f32, lse)
+    ((total / n as f64) as f32, LogSumExp { max, log_sum })
 }
 
 simd_fn! {
     /// Writes each row's log-sum-exp and returns the rows' summed loss.
-    fn cross_entropy_rows(x: &[f32], targets: &[usize], v: usize, lse: &mut [f32]) -> f64 {
+    fn cross_entropy_rows(
+        x: &[f32], targets: &[usize], v: usize, max: &mut [f32], log_sum: &mut [f32]
+    ) -> f64 {
         let mut total = 0.0f64;
         let mut e = vec![0.0f32; v];
-        for ((lse, x), &target) in lse.iter_mut().zip(x.chunks(v)).zip(targets) {
-            let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            e.iter_mut().zip(x).for_each(|(e, &x)| *e = exp(x - max));
-            *lse = max + sum(&e).ln();
-            total += (*lse - x[target]) as f64;
+        for (((max, log_sum), x), &target) in
+            max.iter_mut().zip(log_sum.iter_mut()).zip(x.chunks(v)).zip(targets)
+        {
+            *max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            e.iter_mut().zip(x).for_each(|(e, &x)| *e = exp(x - *max));
+            *log_sum = sum(&e).ln();
+            total += (*max - x[target]) as f64 + *log_sum as f64;
         }
         total
     }
@@ -489,7 +516,7 @@ simd_fn! {
 pub fn cross_entropy_backward(
     logits: &[f32],
     targets: &[usize],
-    lse: &[f32],
+    lse: &LogSumExp,
     v: usize,
     grad: f32,
 ) -> Vec<f32> {
@@ -497,21 +524,23 @@ pub fn cross_entropy_backward(
     let mut dx = vec![0.0; logits.len()];
     dx.par_chunks_mut(ROWS * v)
         .zip(logits.par_chunks(ROWS * v))
-        .zip(targets.par_chunks(ROWS).zip(lse.par_chunks(ROWS)))
-        .for_each(|((dx, x), (targets, lse))| {
-            cross_entropy_backward_rows(x, targets, lse, scale, dx)
+        .zip(targets.par_chunks(ROWS))
+        .zip(lse.max.par_chunks(ROWS).zip(lse.log_sum.par_chunks(ROWS)))
+        .for_each(|(((dx, x), targets), (max, log_sum))| {
+            cross_entropy_backward_rows(x, targets, max, log_sum, scale, dx)
         });
     dx
 }
 
 simd_fn! {
     fn cross_entropy_backward_rows(
-        x: &[f32], targets: &[usize], lse: &[f32], scale: f32, dx: &mut [f32]
+        x: &[f32], targets: &[usize], max: &[f32], log_sum: &[f32], scale: f32, dx: &mut [f32]
     ) {
         let v = x.len() / targets.len();
-        for (((dx, x), &target), &lse) in dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(lse) {
+        let rows = dx.chunks_mut(v).zip(x.chunks(v)).zip(targets).zip(max.iter().zip(log_sum));
+        for (((dx, x), &target), (&max, &log_sum)) in rows {
             for (dx, &x) in dx.iter_mut().zip(x) {
-                *dx = exp(x - lse) * scale;
+                *dx = exp((x - max) - log_sum) * scale; // softmax, from the two parts
             }
             dx[target] -= scale;
         }
@@ -550,11 +579,26 @@ impl View {
         }
     }
     fn check(&self, len: usize, rows: usize, cols: usize) {
+        assert!(rows > 0 && cols > 0, "an empty matrix view");
         let last = self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs;
-        assert!(
-            rows > 0 && cols > 0 && last < len,
-            "matrix view out of bounds"
-        );
+        assert!(last < len, "matrix view out of bounds");
+    }
+
+    /// True when the view's `rows x cols` elements are all different floats: sorted by
+    /// stride, each dimension (of more than one element) must step past the whole extent
+    /// of the one before it.
+    fn disjoint(&self, rows: usize, cols: usize) -> bool {
+        let mut dims: Vec<(usize, usize)> = [(self.rs, rows), (self.cs, cols)]
+            .into_iter()
+            .filter(|&(_, n)| n > 1)
+            .collect();
+        dims.sort();
+        match dims[..] {
+            [] => true,
+            [(s, _)] => s > 0,
+            [(s0, n0), (s1, _)] => s0 > 0 && s1 >= s0 * n0,
+            _ => unreachable!("two dimensions"),
+        }
     }
 }
 
@@ -571,8 +615,12 @@ pub fn gemm(
     va.check(a.len(), m, k);
     vb.check(b.len(), k, n);
     vc.check(c.len(), m, n);
-    // SAFETY: the three views were just checked to stay inside their slices, and `c` is a
-    // unique borrow, so it overlaps neither `a` nor `b`. With beta = 0 nothing reads `C`.
+    // Several threads write `C` at once, each its own tiles: two elements of the view that
+    // were one float would be written by two threads (a data race).
+    assert!(vc.disjoint(m, n), "gemm: the output view's rows overlap");
+    // SAFETY: the three views were just checked to stay inside their slices, the output's
+    // elements to be distinct, and `c` is a unique borrow, so it overlaps neither `a` nor
+    // `b`. With beta = 0 nothing reads `C`.
     unsafe {
         sgemm(
             (m, k, n),

@@ -8,16 +8,18 @@ use burn::nn::Gelu;
 use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::GptConfig;
+use course::ch03_gpt::Kernels;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
 use course::ch04_pretrain::{PretrainConfig, known_preset, preset, train_settings};
+use course::ch05_fast::gemm::isa_name;
 use course::ch05_fast::profile::{
     OpTiming, ProductTime, dropout_ops, fastest, model_ops, trace_products,
 };
-use course::ch05_fast::{Kernels, fused_available};
+use course::ch05_fast::{FUSED, fused_available};
 use course::common::cli::CommonArgs;
 use course::common::report::{Machine, plot_curves, write_json};
 use course::common::train::{ConstantLr, TrainSettings, human, train};
-use course::common::{Run, section};
+use course::common::{Run, abs_diff, section, worst};
 use serde::Serialize;
 
 const CHAPTER: &str = "ch05_fast";
@@ -48,6 +50,9 @@ struct Summary {
     backend: String,
     preset: String,
     fused_runs_here: bool,
+    /// The vector instructions the fused kernels and the product ran with ("avx512",
+    /// "avx2" or "portable").
+    instruction_set: &'static str,
     ops: Vec<OpTiming>,
     max_errors: Vec<(String, f32, f32)>,
     training_max_loss_diff: f64,
@@ -78,6 +83,7 @@ fn main() -> std::process::ExitCode {
             backend: run.backend.to_string(),
             preset: cfg.preset.clone(),
             fused_runs_here: fused_available(&run.device),
+            instruction_set: isa_name(),
             ops,
             max_errors,
             training_max_loss_diff,
@@ -98,6 +104,10 @@ fn the_profile(cfg: &PretrainConfig, ad: &Device, reps: usize) -> Vec<OpTiming> 
     if !fused_available(ad) {
         println!("(the fused kernels do not run on this backend: both columns are Burn's)");
     }
+    println!(
+        "the fused kernels' instructions on this CPU: {} (GPT_PORTABLE=1 forces the portable code)",
+        isa_name()
+    );
     println!(
         "{:<16} {:<30} {:>9} {:>9} {:>8}",
         "operation", "shape", "Burn ms", "fused ms", "speedup"
@@ -130,8 +140,8 @@ fn a_node_on_the_tape(ad: &Device) {
         "5.2",
         "A node on the tape: GELU forward, then its hand-written backward",
     );
-    let x0 = Tensor::<1>::from_floats([-2.0, -1.0, 0.0, 1.0, 2.0], ad);
-    for kernels in [Kernels::Burn, Kernels::Fused] {
+    let x0 = Tensor::<3>::from_floats([[[-2.0, -1.0, 0.0, 1.0, 2.0]]], ad); // [1, 1, 5]
+    for kernels in [Kernels::BURN, FUSED] {
         let x = x0.clone().require_grad();
         let y = kernels.gelu(&Gelu::new(), x.clone());
         let grads = y.clone().sum().backward(); // d(sum y)/dx = GELU'(x)
@@ -141,7 +151,7 @@ fn a_node_on_the_tape(ad: &Device) {
     }
 }
 
-fn fmt(t: Tensor<1>) -> String {
+fn fmt(t: Tensor<3>) -> String {
     let v = t.into_data().try_to_vec::<f32>().expect("f32 values");
     v.iter()
         .map(|x| format!("{x:>9.6}"))
@@ -189,7 +199,7 @@ fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
         ..train_settings(&tiny, None)
     };
     let mut curves = Vec::new();
-    for kernels in [Kernels::Burn, Kernels::Fused] {
+    for kernels in [Kernels::BURN, FUSED] {
         let device = run.device.clone().autodiff();
         device.seed(run.seed); // both runs draw the same weights and batches
         let model = tiny.model.clone().init(&device).with_kernels(kernels);
@@ -213,8 +223,8 @@ fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
         .1
         .iter()
         .zip(&curves[1].1)
-        .map(|(a, b)| (a.1 - b.1).abs())
-        .fold(0.0, f64::max);
+        .map(|(a, b)| abs_diff(a.1, b.1));
+    let diff = worst(diff);
     let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
     println!(
         "{steps} steps: last loss {:.4} (Burn) vs {:.4} (fused); largest difference at any step {diff:.1e}",
@@ -246,7 +256,7 @@ fn step_times(cfg: &PretrainConfig, run: &Run, n: usize) -> Result<Vec<(String, 
     }
     let mut best: Vec<(String, StepTimes)> = Vec::new();
     for _round in 0..2 {
-        for kernels in [Kernels::Burn, Kernels::Fused] {
+        for kernels in [Kernels::BURN, FUSED] {
             let model = cfg
                 .model
                 .init(&run.device.clone().autodiff())
@@ -296,7 +306,7 @@ fn the_machines_peak(device: &Device, reps: usize) -> Vec<(usize, f64, f64)> {
                 .fold(f64::INFINITY, f64::min);
             2.0 * (n * n * n) as f64 / best / 1e9
         };
-        let (burn, fused) = (gflops(Kernels::Burn), gflops(Kernels::Fused));
+        let (burn, fused) = (gflops(Kernels::BURN), gflops(FUSED));
         println!(
             "n = {n:>4}: Burn {burn:>6.1} GFLOP/s, fused {fused:>6.1} GFLOP/s (best of {})",
             reps.clamp(1, 10)
@@ -323,7 +333,7 @@ fn products_of_a_step(cfg: &PretrainConfig, run: &Run) -> Result<Vec<ProductTime
     let step = || {
         time_steps(
             cfg,
-            cfg.model.init(&ad).with_kernels(Kernels::Fused),
+            cfg.model.init(&ad).with_kernels(FUSED),
             &run.data,
             0,
             1,

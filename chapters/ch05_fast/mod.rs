@@ -1,44 +1,44 @@
 //! Chapter 5: fast training. The operations a training step spends its time in, written
 //! again as fused kernels with hand-written backward passes, and plugged into chapter 3's
-//! model through one switch, [`Kernels`].
+//! model through chapter 3's switch, [`Kernels`]: [`FUSED`].
 
 pub mod extension;
 pub mod gemm;
 pub mod kernels;
 pub mod profile;
 
-use crate::ch02_attention::{LinearRows, causal_weights, merge_heads, split_heads};
-use crate::common::train::cross_entropy as burn_cross_entropy;
+pub use crate::ch03_gpt::composed_attention;
+use crate::ch03_gpt::{BurnOps, KernelOps, Kernels};
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::{Dropout, Gelu, LayerNorm, Linear};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use extension::FusedOps;
-use serde::{Deserialize, Serialize};
 
 // ANCHOR: kernels
-/// Which implementation of GELU, LayerNorm, attention and cross-entropy the model runs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Kernels {
+/// Chapter 5's fused kernels, as an implementation of chapter 3's [`KernelOps`]: used where
+/// the device runs them (Flex, the CPU backend), Burn's operations everywhere else, so that
+/// asking for them on wgpu is not an error.
+pub struct Fused;
+
+/// The model's switch set to chapter 5's kernels: `model.with_kernels(FUSED)`.
+pub const FUSED: Kernels = Kernels(&Fused);
+
+/// The choice on the command line: `--kernels burn|fused`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelChoice {
     /// Burn's own tensor operations, composed as chapters 2 and 3 wrote them.
-    #[default]
     Burn,
-    /// Chapter 5's fused kernels where the device runs them (Flex, the CPU backend), Burn's
-    /// operations everywhere else: asking for them on wgpu is not an error.
+    /// Chapter 5's fused kernels where the backend runs them (flex), Burn's elsewhere.
+    #[default]
     Fused,
 }
 
-impl Kernels {
-    /// True when the fused kernels will run for tensors on `device`.
-    pub fn fused_on(self, device: &Device) -> bool {
-        self == Kernels::Fused && fused_available(device)
-    }
-
-    pub fn name(self) -> &'static str {
+impl KernelChoice {
+    pub fn kernels(self) -> Kernels {
         match self {
-            Kernels::Burn => "burn",
-            Kernels::Fused => "fused",
+            KernelChoice::Burn => Kernels::BURN,
+            KernelChoice::Fused => FUSED,
         }
     }
 }
@@ -56,12 +56,19 @@ pub fn fused_available(device: &Device) -> bool {
 /// LayerNorm's epsilon: Burn's default, which every model of the course uses.
 const LN_EPS: f64 = 1e-5;
 
-impl Kernels {
-    /// A Linear layer on `x: [b, t, c_in]` as one product over all `b * t` rows (chapter 2's
-    /// `forward_rows`).
-    pub fn linear(self, layer: &Linear, x: Tensor<3>) -> Tensor<3> {
-        if !self.fused_on(&x.device()) {
-            return layer.forward_rows(x);
+impl KernelOps for Fused {
+    fn name(&self) -> &'static str {
+        "fused"
+    }
+
+    fn runs_on(&self, device: &Device) -> bool {
+        fused_available(device)
+    }
+
+    /// A Linear layer on `x: [b, t, c_in]` as one product over all `b * t` rows.
+    fn linear(&self, layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+        if !fused_available(&x.device()) {
+            return BurnOps.linear(layer, x);
         }
         let [b, t, c] = x.dims();
         let y = self.matmul(x.reshape([b * t, c]), layer.weight.val()); // [b*t, c_out]
@@ -73,30 +80,28 @@ impl Kernels {
         y.reshape([b, t, c_out])
     }
 
-    /// `a @ b` for `a: [m, k]`, `b: [k, n]`.
-    pub fn matmul(self, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
-        match self.fused_on(&a.device()) {
+    fn matmul(&self, a: Tensor<2>, b: Tensor<2>) -> Tensor<2> {
+        match fused_available(&a.device()) {
             true => {
                 Tensor::from_dispatch(Dispatch::fused_matmul(a.into_dispatch(), b.into_dispatch()))
             }
-            false => a.matmul(b),
+            false => BurnOps.matmul(a, b),
         }
     }
 
-    /// `gelu.forward(x)`: the exact (erf) form, or GPT-2's tanh form when `gelu.approximate`.
-    pub fn gelu<const D: usize>(self, gelu: &Gelu, x: Tensor<D>) -> Tensor<D> {
-        match self.fused_on(&x.device()) {
+    /// The exact (erf) form, or GPT-2's tanh form when `gelu.approximate`.
+    fn gelu(&self, gelu: &Gelu, x: Tensor<3>) -> Tensor<3> {
+        match fused_available(&x.device()) {
             true => {
                 Tensor::from_dispatch(Dispatch::fused_gelu(x.into_dispatch(), gelu.approximate))
             }
-            false => gelu.forward(x),
+            false => BurnOps.gelu(gelu, x),
         }
     }
 
-    /// `ln.forward(x)` over the last dimension of `x: [b, t, c]`.
-    pub fn layer_norm(self, ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
-        if !self.fused_on(&x.device()) {
-            return ln.forward(x);
+    fn layer_norm(&self, ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+        if !fused_available(&x.device()) {
+            return BurnOps.layer_norm(ln, x);
         }
         let gamma = ln.gamma.val();
         let beta = match &ln.beta {
@@ -111,12 +116,12 @@ impl Kernels {
         ))
     }
 
-    /// `dropout.forward(x)`: the fused version draws its mask from a hash (`kernels::DropMask`)
-    /// instead of a stored random tensor.
-    pub fn dropout<const D: usize>(self, dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
+    /// The fused version draws its mask from a hash (`kernels::DropMask`) instead of a
+    /// stored random tensor.
+    fn dropout(&self, dropout: &Dropout, x: Tensor<3>) -> Tensor<3> {
         let device = x.device();
-        if !self.fused_on(&device) || !dropout_active(dropout, &device) {
-            return dropout.forward(x);
+        if !fused_available(&device) || !dropout_active(dropout, &device) {
+            return BurnOps.dropout(dropout, x);
         }
         let seed = draw_seed(&device);
         Tensor::from_dispatch(Dispatch::fused_dropout(
@@ -126,10 +131,14 @@ impl Kernels {
         ))
     }
 
-    /// Mean cross-entropy of `logits: [b, t, v]` against `targets: [b, t]`.
-    pub fn cross_entropy(self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-        if !self.fused_on(&logits.device()) {
-            return burn_cross_entropy(logits, targets);
+    /// Straight from `qkv: [b, t, 3c]` to `y: [b, t, c]`: [`fused_attention`].
+    fn attention(&self, qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
+        fused_attention(qkv, n_head, dropout)
+    }
+
+    fn cross_entropy(&self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
+        if !fused_available(&logits.device()) {
+            return BurnOps.cross_entropy(logits, targets);
         }
         let [b, t, v] = logits.dims();
         let (logits, targets) = (logits.reshape([b * t, v]), targets.reshape([b * t]));
@@ -188,11 +197,4 @@ pub fn dropout_mask<const D: usize>(
     let mut keep = vec![0.0; shape.iter().product()];
     kernels::DropMask::new(prob, seed).fill(0, &mut keep);
     Tensor::from_data(TensorData::new(keep, shape), device)
-}
-
-/// The same attention as Burn operations, as chapter 3 composes it: heads apart, weights,
-/// dropout, values, heads together. The fallback, and the reference the tests compare with.
-pub fn composed_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
-    let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
-    merge_heads(dropout.forward(causal_weights(q, k)).matmul(v)) // [b, t, c]
 }

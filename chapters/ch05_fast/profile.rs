@@ -2,9 +2,11 @@
 //! the fused ones, and how far apart their results are.
 
 use super::extension::FusedOps;
-use super::{Kernels, composed_attention, dropout_mask, fused_attention};
+use super::{FUSED, composed_attention, dropout_mask, fused_attention};
 use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
 use crate::ch03_gpt::GptConfig;
+use crate::ch03_gpt::Kernels;
+use crate::common::{max_rel_diff, worst};
 use burn::backend::Dispatch;
 use burn::nn::{DropoutConfig, Gelu, LayerNormConfig};
 use burn::prelude::*;
@@ -46,7 +48,7 @@ impl OpCase {
     pub fn time(&self, reps: usize) -> OpTiming {
         let mut times = [Vec::new(), Vec::new()];
         for _ in 0..reps.max(1) {
-            for (i, k) in [Kernels::Burn, Kernels::Fused].into_iter().enumerate() {
+            for (i, k) in [Kernels::BURN, FUSED].into_iter().enumerate() {
                 let tick = Instant::now();
                 self.run(k);
                 times[i].push(tick.elapsed().as_secs_f64() * 1e3);
@@ -67,15 +69,10 @@ impl OpCase {
     /// The largest difference between the two kernels' outputs and gradients, relative where
     /// values are larger than 1: `(output, gradients)`.
     pub fn max_error(&self) -> (f32, f32) {
-        let (burn, fused) = (self.run(Kernels::Burn), self.run(Kernels::Fused));
-        let err = |a: &[f32], b: &[f32]| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-                .fold(0.0f32, f32::max)
-        };
-        let grads = fused.1.iter().zip(&burn.1).map(|(f, b)| err(f, b));
-        (err(&fused.0, &burn.0), grads.fold(0.0, f32::max))
+        let (burn, fused) = (self.run(Kernels::BURN), self.run(FUSED));
+        let grads = fused.1.iter().zip(&burn.1);
+        let grads = worst(grads.map(|(f, b)| max_rel_diff(f, b) as f64)) as f32;
+        (max_rel_diff(&fused.0, &burn.0), grads)
     }
 }
 // ANCHOR_END: op_timing
@@ -157,9 +154,9 @@ fn attention_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCase {
         op: "attention core",
         shape: format!("{shape:?}, {nh} heads"),
         run: Box::new(move |k| {
-            with_grads(&qkv, &w, |x| match k {
-                Kernels::Fused => fused_attention(x[0].clone(), nh, &none),
-                Kernels::Burn => composed_attention(x[0].clone(), nh, &none),
+            with_grads(&qkv, &w, |x| match k == FUSED {
+                true => fused_attention(x[0].clone(), nh, &none),
+                false => composed_attention(x[0].clone(), nh, &none),
             })
         }),
     }

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig};
 use course::ch04_pretrain::{PRESETS, checkpoint, known_preset, preset};
-use course::ch05_fast::Kernels;
+use course::ch05_fast::FUSED;
 use course::ch06_generate::{
     Generation, KvCache, Window, config_of, forward_cached, generate, macs_per_token,
 };
@@ -78,7 +78,7 @@ fn main() -> std::process::ExitCode {
     course::common::exit_on_error(|| {
         let args = Args::parse();
         let opts = args.sampling.options()?;
-        let device = args.backend.device();
+        let device = args.backend.open()?;
         device.seed(args.seed);
         let (model, tok) = load(&args, &device)?;
         let how = generation(&args, &model, opts)?;
@@ -122,7 +122,7 @@ fn load(args: &Args, device: &Device) -> Result<(Gpt, Tokenizer)> {
         meta.val_loss
     );
     // Chapter 5's kernels on CPU backends (Burn's ops elsewhere), as chapter 4 samples.
-    Ok((model.with_kernels(Kernels::Fused), meta.tokenizer))
+    Ok((model.with_kernels(FUSED), meta.tokenizer))
 }
 
 /// The window and cache settings the flags ask for, checked against the model.
@@ -152,10 +152,7 @@ fn bench_preset(args: &Args, model: &Gpt) -> Result<Option<(String, Gpt)>> {
     };
     let vocab = model.wte.weight.val().dims()[0];
     let cfg = known_preset(name, vocab)?;
-    let fresh = cfg
-        .model
-        .init(&model_device(model))
-        .with_kernels(Kernels::Fused);
+    let fresh = cfg.model.init(&model_device(model)).with_kernels(FUSED);
     Ok(Some((format!("{name} (fresh weights)"), fresh)))
 }
 

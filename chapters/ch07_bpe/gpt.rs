@@ -2,7 +2,7 @@
 //! same preset (the same layers, batch, block and steps), compared in bits per character.
 
 use crate::ch04_pretrain::{Overrides, PretrainConfig, Schedule, optimizer, train_settings};
-use crate::ch05_fast::Kernels;
+use crate::ch05_fast::FUSED;
 use crate::common::dataset::{Dataset, Split, ids_tensor, rng_for, stream};
 use crate::common::sample::{SampleOptions, generate};
 use crate::common::tokenizer::Tokenizer;
@@ -55,7 +55,7 @@ pub fn compete(race: &Race, name: &str, tokenizer: Tokenizer) -> Result<Outcome>
     let vocab = data.tokenizer.vocab_size();
     let cfg = PretrainConfig::build(race.preset, vocab, &race.overrides, race.seed)?;
     let model = cfg.model.init(&race.device.clone().autodiff());
-    let model = model.with_kernels(Kernels::Fused);
+    let model = model.with_kernels(FUSED);
     let parameters = model.num_params();
     let mut optim = optimizer(&cfg);
     let settings = train_settings(&cfg, None);

@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::store::{ModuleStore, SafetensorsStore};
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig, Norm};
-use course::ch05_fast::Kernels;
+use course::ch05_fast::FUSED;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::gpt2;
@@ -118,7 +118,7 @@ fn the_weights(path: &Path, n_head: Option<usize>, run: &Run) -> Result<(Gpt, Gp
     section("8.1", "The weights");
     let start = Instant::now();
     let (model, cfg) = load_openai(path, n_head, &run.device)?;
-    let model = model.with_kernels(Kernels::Fused);
+    let model = model.with_kernels(FUSED);
     let seconds = start.elapsed().as_secs_f64();
     println!(
         "{}: {} parameters in {seconds:.2} s",

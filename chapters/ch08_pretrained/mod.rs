@@ -4,11 +4,12 @@
 //! GPT-2 or post-LN for GPT-1.
 
 use crate::ch03_gpt::{Gpt, GptConfig, Norm};
-use crate::common::data::{Remote, download_remote};
+use crate::common::data::{Remote, download_remote, sha256_of};
 use crate::common::train::{LanguageModel, model_device};
 use anyhow::{Context, Result, anyhow, bail};
 use burn::prelude::*;
 use burn::store::{ModuleSnapshot, ModuleStore, SafetensorsStore};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 pub mod gpt1_bpe;
@@ -122,12 +123,17 @@ pub fn load_openai(
         )
     })?;
     let mut model = config.clone().init(device);
+    // Partial: the store then reports what is missing instead of failing with advice for
+    // developers; the check below turns it into advice for the user.
+    let mut store = store.allow_partial(true);
     let result = (model.load_from(&mut store))
         .map_err(|e| anyhow!("cannot load {}: {e}", path.display()))?;
     if !result.missing.is_empty() || !result.errors.is_empty() {
         let missing = result.missing.iter().map(|(name, _)| name.as_str());
         bail!(
-            "{}: missing tensors [{}]; errors {:?}",
+            "{} is not a complete GPT-2 or GPT-1 checkpoint: missing tensors [{}]; errors {:?}. \
+             Download the model again (delete the file to fetch it anew), or pass --weights \
+             with an intact model.safetensors",
             path.display(),
             missing.collect::<Vec<_>>().join(", "),
             result.errors
@@ -244,8 +250,66 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".cache/gpt-from-scratch"))
 }
 
+/// Hugging Face's cache, where its `huggingface_hub` library (and so `transformers`) keeps
+/// downloads: `$HF_HUB_CACHE` (or the older `$HUGGINGFACE_HUB_CACHE`), else `$HF_HOME/hub`,
+/// else `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_cache_root() -> Option<PathBuf> {
+    hf_cache_root_from(|name| std::env::var_os(name))
+}
+
+/// `hf_cache_root` with the variables read through `var` (tests pass their own).
+pub fn hf_cache_root_from(var: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let env = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("HF_HUB_CACHE")
+        .or_else(|| env("HUGGINGFACE_HUB_CACHE"))
+        .or_else(|| env("HF_HOME").map(|d| d.join("hub")))
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("huggingface/hub")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/huggingface/hub")))
+}
+
+/// A `model.safetensors` with SHA-256 `sha256` in any snapshot of `repo` (such as
+/// `openai-community/gpt2`) in the Hugging Face cache at `root`, used where it lies: a model
+/// `transformers` downloaded already is not downloaded again. Every snapshot is looked at,
+/// not only the one `refs/main` names, as the pinned revision need not be the newest.
+pub fn find_in_hf_cache(root: &Path, repo: &str, sha256: &str) -> Option<PathBuf> {
+    let repo_dir = root.join(format!("models--{}", repo.replace('/', "--")));
+    let mut files: Vec<PathBuf> = (std::fs::read_dir(repo_dir.join("snapshots")).ok()?)
+        .flatten()
+        .map(|snapshot| snapshot.path().join("model.safetensors"))
+        .filter(|file| file.is_file())
+        .collect();
+    files.sort(); // the same choice on every run
+    files.into_iter().find(|file| has_sha256(file, sha256))
+}
+
+/// Whether `file` has SHA-256 `sha256`. HF links a snapshot's file to `blobs/<its SHA-256>`:
+/// a link to another hash is refused unread; any other file is hashed (a few seconds).
+fn has_sha256(file: &Path, sha256: &str) -> bool {
+    let target = std::fs::canonicalize(file).ok();
+    let name = (target.as_deref())
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str());
+    let is_hash = |n: &str| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit());
+    if name.is_some_and(|n| is_hash(n) && !n.eq_ignore_ascii_case(sha256)) {
+        return false;
+    }
+    sha256_of(file).is_ok_and(|got| got.eq_ignore_ascii_case(sha256))
+}
+
+/// The published `model`'s file in Hugging Face's cache, under the repository's name today
+/// (`openai-community/NAME`) or its older one (`NAME`), if it has the pinned SHA-256.
+pub fn hf_cached(model: &Published) -> Option<PathBuf> {
+    let root = hf_cache_root()?;
+    let repos = [
+        format!("openai-community/{}", model.name),
+        model.name.to_string(),
+    ];
+    (repos.iter()).find_map(|repo| find_in_hf_cache(&root, repo, model.sha256))
+}
+
 /// `weights` (`--weights FILE`), else `$GPT2_WEIGHTS`, else the published `model`'s file in
-/// the cache folder, downloaded there on first use (an interrupted download resumes).
+/// the cache folder, else the same file in Hugging Face's cache, else a download into the
+/// cache folder (an interrupted download resumes).
 pub fn pretrained_weights(weights: Option<&Path>, model: &Published) -> Result<PathBuf> {
     let env = std::env::var_os("GPT2_WEIGHTS").filter(|p| !p.is_empty());
     if let Some(path) = weights.map(Path::to_path_buf).or(env.map(PathBuf::from)) {
@@ -255,27 +319,36 @@ pub fn pretrained_weights(weights: Option<&Path>, model: &Published) -> Result<P
         "{}-{}/model.safetensors",
         model.name, model.revision
     ));
-    if !path.exists() {
-        let url = weights_url(model);
-        let hint = format!(
-            "No network? Download model.safetensors for {} elsewhere and pass --weights FILE \
-             (or set GPT2_WEIGHTS).",
-            model.name
-        );
-        let remote = Remote {
-            url: &url,
-            sha256: model.sha256,
-            size: model.size,
-            offline_hint: &hint,
-        };
-        eprintln!(
-            "{}'s weights ({}) into {}",
-            model.name,
-            model.shown,
-            path.display()
-        );
-        download_remote(&remote, &path)?;
+    if path.exists() {
+        return Ok(path);
     }
+    if let Some(found) = hf_cached(model) {
+        eprintln!(
+            "{}'s weights from Hugging Face's cache: {}",
+            model.name,
+            found.display()
+        );
+        return Ok(found);
+    }
+    let url = weights_url(model);
+    let hint = format!(
+        "No network? Download model.safetensors for {} elsewhere and pass --weights FILE \
+         (or set GPT2_WEIGHTS).",
+        model.name
+    );
+    let remote = Remote {
+        url: &url,
+        sha256: model.sha256,
+        size: model.size,
+        offline_hint: &hint,
+    };
+    eprintln!(
+        "{}'s weights ({}) into {}",
+        model.name,
+        model.shown,
+        path.display()
+    );
+    download_remote(&remote, &path)?;
     Ok(path)
 }
 

@@ -77,6 +77,17 @@ impl Backend {
     }
     // ANCHOR_END: device
 
+    /// The device, once the backend is known to run here: without a usable GPU adapter,
+    /// Burn's wgpu backend panics on its first tensor, deep inside, so a GPU backend is
+    /// checked first and refused with one line that names the fix.
+    pub fn open(self) -> anyhow::Result<Device> {
+        #[cfg(feature = "wgpu")]
+        if self == Backend::Wgpu {
+            check_wgpu_adapters()?;
+        }
+        Ok(self.device())
+    }
+
     /// True for the backends that run on the CPU itself (no GPU driver involved).
     pub fn is_cpu(self) -> bool {
         matches!(self, Backend::Ndarray | Backend::Flex)
@@ -120,3 +131,33 @@ impl FromStr for Backend {
             })
     }
 }
+
+// ANCHOR: check_wgpu
+/// What to install when wgpu has nothing it can run on.
+#[cfg(feature = "wgpu")]
+const VULKAN_FIX: &str = "install your GPU's driver with Vulkan support, or Mesa's software \
+     Vulkan driver (Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1)";
+
+/// Refuses a machine where wgpu finds no adapter, or only OpenGL ones: Burn's kernels use
+/// 64-bit integers, which wgpu's OpenGL backend cannot compile (it fails mid-run with a
+/// shader validation error).
+#[cfg(feature = "wgpu")]
+fn check_wgpu_adapters() -> anyhow::Result<()> {
+    let instance = wgpu::Instance::default();
+    let adapters =
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+    if infos.is_empty() {
+        anyhow::bail!("--backend wgpu: no GPU adapter found; {VULKAN_FIX}");
+    }
+    if infos.iter().all(|i| i.backend == wgpu::Backend::Gl) {
+        let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
+        anyhow::bail!(
+            "--backend wgpu: only OpenGL adapters found ({}), which cannot run Burn's kernels \
+             (they need 64-bit integers); {VULKAN_FIX}",
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+// ANCHOR_END: check_wgpu

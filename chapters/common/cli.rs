@@ -27,18 +27,60 @@ pub fn parse_backend(s: &str) -> Result<Backend, String> {
     s.parse()
 }
 
+// ANCHOR: numbers
+/// A float flag's value, refused when clap parses it unless it is a finite number inside
+/// `range`: "NaN", "inf" and "-0.5" for a learning rate stop the program with one line
+/// instead of training on something else.
+fn number_in(
+    s: &str,
+    range: (std::ops::Bound<f64>, std::ops::Bound<f64>),
+    what: &str,
+) -> Result<f64, String> {
+    use std::ops::RangeBounds;
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && range.contains(&x) => Ok(x),
+        Ok(_) => Err(format!("must be {what}")),
+        Err(_) => Err("not a number".into()),
+    }
+}
+
+/// `> 0` (learning rates, GFLOP/s).
+pub fn positive(s: &str) -> Result<f64, String> {
+    use std::ops::Bound::*;
+    number_in(s, (Excluded(0.0), Unbounded), "a finite number above 0")
+}
+
+/// `>= 0` (weight decay, clipping, temperature, the final learning rate).
+pub fn non_negative(s: &str) -> Result<f64, String> {
+    use std::ops::Bound::*;
+    number_in(s, (Included(0.0), Unbounded), "a finite number, 0 or above")
+}
+
+/// In `[0, 1)` (dropout, Adam's betas).
+pub fn below_one(s: &str) -> Result<f64, String> {
+    use std::ops::Bound::*;
+    number_in(s, (Included(0.0), Excluded(1.0)), "in [0, 1)")
+}
+
+/// In `(0, 1]` (top-p).
+pub fn up_to_one(s: &str) -> Result<f64, String> {
+    use std::ops::Bound::*;
+    number_in(s, (Excluded(0.0), Included(1.0)), "in (0, 1]")
+}
+// ANCHOR_END: numbers
+
 /// How to sample from a trained model (chapter 4's `sample`, and later chapters).
 #[derive(Args, Clone, Debug)]
 pub struct SampleArgs {
     /// Softmax temperature; 0 always picks the most likely character.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = non_negative)]
     pub temperature: f64,
     /// Sample only among the k most likely characters (k >= 1).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Nucleus sampling: only the most likely characters whose probabilities add up to p,
     /// in (0, 1].
-    #[arg(long)]
+    #[arg(long, value_parser = up_to_one)]
     pub top_p: Option<f64>,
     /// How many samples to draw.
     #[arg(long, default_value_t = 1)]
@@ -88,7 +130,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 8)]
     pub block_size: usize,
     /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = positive)]
     pub lr: f64,
     /// Estimate train and val loss every this many steps.
     #[arg(long, default_value_t = 500)]

@@ -92,14 +92,24 @@ pub fn download(url: &str, dest: &Path, sha256_hex: &str) -> Result<()> {
 /// Downloads `remote` to `dest`. The bytes go to `dest.part`, renamed to `dest` only when
 /// whole and verified, so a file at `dest` is always a good one. A transfer that breaks off
 /// keeps `dest.part`, and the next call asks the server for the rest only (an HTTP range);
-/// a checksum mismatch deletes it.
+/// a checksum mismatch deletes it. A `.part` with nothing left to fetch (the process died
+/// before the rename) is checked as it is; when corrupt, it is deleted and fetched anew, once.
 pub fn download_remote(remote: &Remote, dest: &Path) -> Result<()> {
     if let Some(dir) = dest.parent() {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let part = dest.with_extension("part");
-    fetch(remote, &part)?;
-    let got = sha256_of(&part)?;
+    let fetched = fetch(remote, &part)?;
+    let mut got = sha256_of(&part)?;
+    if fetched == Fetched::Nothing && got != remote.sha256 {
+        eprintln!(
+            "{} was whole but corrupt: removed, downloading again",
+            part.display()
+        );
+        fs::remove_file(&part).with_context(|| format!("cannot remove {}", part.display()))?;
+        fetch(remote, &part)?; // from byte 0: no range, so no second 416
+        got = sha256_of(&part)?;
+    }
     if got != remote.sha256 {
         let _ = fs::remove_file(&part);
         bail!(
@@ -115,11 +125,20 @@ pub fn download_remote(remote: &Remote, dest: &Path) -> Result<()> {
 }
 // ANCHOR_END: download
 
+/// What `fetch` did to the `.part` file.
+#[derive(Debug, PartialEq)]
+enum Fetched {
+    /// Bytes from the server went into it.
+    Bytes,
+    /// Nothing was left to fetch: its bytes are all there will be, right or wrong.
+    Nothing,
+}
+
 /// Appends the missing bytes of `remote` to `part` (all of them when it does not exist).
-fn fetch(remote: &Remote, part: &Path) -> Result<()> {
+fn fetch(remote: &Remote, part: &Path) -> Result<Fetched> {
     let have = fs::metadata(part).map_or(0, |m| m.len());
     if remote.size == Some(have) {
-        return Ok(()); // complete already; only the checksum is left
+        return Ok(Fetched::Nothing); // complete already; only the checksum is left
     }
     eprintln!("downloading {}", remote.url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -133,13 +152,20 @@ fn fetch(remote: &Remote, part: &Path) -> Result<()> {
         eprintln!("resuming after {have} bytes");
         request = request.header("Range", format!("bytes={have}-"));
     }
-    let mut response = request.call().map_err(|e| {
-        anyhow::anyhow!(
+    let mut response = match request.call() {
+        Ok(response) => response,
+        // 416 Range Not Satisfiable: the server has no byte past those kept, so they are the
+        // whole file (or not this file at all: the checksum tells).
+        Err(ureq::Error::StatusCode(416)) if have > 0 => {
+            eprintln!("nothing left to download after {have} bytes");
+            return Ok(Fetched::Nothing);
+        }
+        Err(e) => bail!(
             "could not download {}: {e}.\n{}",
             remote.url,
             remote.offline_hint
-        )
-    })?;
+        ),
+    };
     // 206: the rest, as asked; 200: the server sent the whole file again.
     let resumed = have > 0 && response.status().as_u16() == 206;
     let start = if resumed { have } else { 0 };
@@ -169,7 +195,7 @@ fn fetch(remote: &Remote, part: &Path) -> Result<()> {
             "the download of {} broke off after {got} of {n} bytes; run again to resume",
             remote.url
         ),
-        _ => Ok(()),
+        _ => Ok(Fetched::Bytes),
     }
 }
 

@@ -169,4 +169,6 @@ pub mod stream {
     pub const EVAL_VAL: u64 = 5;
     pub const SAMPLE: u64 = 3;
     pub const DEMO: u64 = 4;
+    /// The seed of Burn's generator for one training step's dropout masks.
+    pub const DROPOUT: u64 = 6;
 }

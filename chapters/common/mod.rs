@@ -37,7 +37,7 @@ impl CommonArgs {
     pub fn start(&self, chapter: &str, title: &str, block_size: Option<usize>) -> Result<Run> {
         let out = self.out_dir(chapter);
         check_writable(&out)?;
-        let device = self.backend.device();
+        let device = self.backend.open()?;
         // The one place a binary seeds Burn's (process-wide) generator: every weight and
         // random tensor after this follows from `--seed`.
         device.seed(self.seed);
@@ -140,13 +140,43 @@ pub fn fmt_ids(t: &Tensor<2, Int>) -> String {
         .join("\n")
 }
 
-/// Largest absolute difference between two tensors of the same shape (on any devices).
+// ANCHOR: max_diff
+/// `|a - b|`, or infinity where either is NaN or infinite: a comparison must fail on a NaN,
+/// and `f32::max`, which folds differences into the largest, silently drops one.
+pub fn abs_diff(a: f64, b: f64) -> f64 {
+    match a.is_finite() && b.is_finite() {
+        true => (a - b).abs(),
+        false => f64::INFINITY,
+    }
+}
+
+/// The largest of some differences, a NaN among them counted as infinite.
+pub fn worst(diffs: impl IntoIterator<Item = f64>) -> f64 {
+    diffs.into_iter().fold(
+        0.0,
+        |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) },
+    )
+}
+
+/// The largest `|a_i - b_i|` of two equally long slices (NaN or infinity: infinite).
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    worst(a.iter().zip(b).map(|(&x, &y)| abs_diff(x as f64, y as f64))) as f32
+}
+
+/// The largest `|a_i - b_i| / max(1, |b_i|)`: absolute for small values, relative for large.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "compared slices differ in length");
+    let rel = |(&x, &y): (&f32, &f32)| abs_diff(x as f64, y as f64) / (y as f64).abs().max(1.0);
+    worst(a.iter().zip(b).map(rel)) as f32
+}
+
+/// Largest absolute difference between two tensors of the same shape (on any devices);
+/// infinite where either holds a NaN or an infinity.
 pub fn max_abs_diff<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> f32 {
     let a = a.to_data().try_to_vec::<f32>().expect("f32 tensor");
     let b = b.to_data().try_to_vec::<f32>().expect("f32 tensor");
     assert_eq!(a.len(), b.len(), "tensors of different sizes");
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    max_diff(&a, &b)
 }
+// ANCHOR_END: max_diff

@@ -10,7 +10,9 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngExt;
 use serde::Serialize;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// What every model of the course is: token ids in, next-token logits out.
@@ -23,6 +25,10 @@ pub trait LanguageModel: Module {
     /// compute it its own way, as chapter 5's fused kernels do).
     fn loss(&self, idx: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<1> {
         cross_entropy(self.forward(idx), targets)
+    }
+    /// Whether training draws random dropout masks (from Burn's generator).
+    fn has_dropout(&self) -> bool {
+        false
     }
 }
 
@@ -146,6 +152,18 @@ pub trait TrainHooks<M> {
     ) -> Result<()> {
         Ok(())
     }
+    /// Called between two optimizer steps (after any evaluation there), with the number of
+    /// steps completed and the model and optimizer as they are then. `Break` ends the run at
+    /// this point, with no further evaluation. Chapter 4 saves a checkpoint here every
+    /// `--ckpt-interval` steps, and stops here after a Ctrl-C.
+    fn between_steps(
+        &mut self,
+        _steps_done: usize,
+        _model: &M,
+        _optim: &ModuleOptimizer,
+    ) -> Result<ControlFlow<()>> {
+        Ok(ControlFlow::Continue(()))
+    }
     /// Extra text for the progress bar (e.g. the learning rate or FLOPs utilisation).
     fn progress_extra(&self, _step: usize, _tokens_per_second: f64) -> String {
         String::new()
@@ -193,7 +211,8 @@ fn evaluate<M: LanguageModel, T>(
 
 /// Trains `model` (whose parameters live on an autodiff device) from `start_step` to
 /// `settings.steps`. Losses are estimated at every multiple of `eval_interval` and after the
-/// last step. A loss that is not finite stops the run with an error.
+/// last step. A loss that is not finite stops the run with an error; a hook's `between_steps`
+/// may end it early.
 pub fn train<M: LanguageModel, T>(
     mut model: M,
     optim: &mut ModuleOptimizer,
@@ -219,6 +238,11 @@ pub fn train<M: LanguageModel, T>(
             hooks.on_eval(&record, &model, optim)?;
         }
         if step == end {
+            break;
+        }
+        // After the evaluation, so that a checkpoint taken here holds it and a resumed run
+        // (which does not evaluate at its first step) loses nothing.
+        if hooks.between_steps(step, &model, optim)?.is_break() {
             break;
         }
         let lr = hooks.learning_rate(step);
@@ -315,7 +339,15 @@ pub fn train_step<M: LanguageModel, T>(
 ) -> (M, f32, f64) {
     let mut rng = rng_for(settings.seed, stream::TRAIN, step);
     let (b, t) = (settings.batch_size, settings.block_size);
-    let (x, y) = data.batch(Split::Train, b, t, &mut rng, &model_device(&model));
+    let device = model_device(&model);
+    if model.has_dropout() {
+        // Dropout draws its masks from Burn's generator, whose state no checkpoint can hold.
+        // Seeded from (seed, step) here, the masks of a step depend on nothing else, so a run
+        // resumed at step k draws exactly the masks the uninterrupted run drew, as it does
+        // the batches. (A model without dropout draws nothing, and the generator is left alone.)
+        device.seed(rng_for(settings.seed, stream::DROPOUT, step).random());
+    }
+    let (x, y) = data.batch(Split::Train, b, t, &mut rng, &device);
     let loss = model.loss(x, y); // [1]
     let loss_value = loss.clone().into_scalar::<f32>();
     if !loss_value.is_finite() {

@@ -10,7 +10,7 @@ use course::common::backend::Backend;
 use course::common::data::load_corpus;
 use course::common::dataset::Dataset;
 use course::common::report::{Machine, PALETTE, draw_legend, write_atomic, write_json};
-use course::common::section;
+use course::common::{section, worst};
 use course::compare_backends::{
     GenerationResult, MatmulResult, OpCost, ParityResult, TrainResult, generation_speed,
     matmul_gflops, op_costs, parity, train_speed,
@@ -63,6 +63,9 @@ struct BackendResults {
 #[derive(Serialize)]
 struct Results {
     machine: Machine,
+    /// The vector instructions chapter 5's kernels ran with on flex ("avx512", "avx2" or
+    /// "portable").
+    fused_instruction_set: &'static str,
     quick: bool,
     command: String,
     backends: Vec<BackendResults>,
@@ -79,6 +82,11 @@ fn run() -> Result<()> {
     } else {
         args.backends.clone()
     };
+    // Every backend checked before any work: a missing GPU driver is one line at the start,
+    // not an error after the CPU backends' minutes.
+    for backend in &backends {
+        backend.open()?;
+    }
     if args.ops {
         return ops(&args, &backends);
     }
@@ -113,6 +121,7 @@ fn run() -> Result<()> {
     let quick = args.quick;
     let all = Results {
         machine,
+        fused_instruction_set: course::ch05_fast::gemm::isa_name(),
         quick,
         command,
         backends: results,
@@ -168,9 +177,9 @@ impl Plan {
 
 /// Parity, matmul, training and generation on one backend.
 fn measure(backend: Backend, plan: &Plan, data: &Dataset, seed: u64) -> Result<BackendResults> {
-    let device = backend.device();
+    let device = backend.open()?;
     let parity = parity(data, &device, seed);
-    let max_abs_diff = parity.iter().map(|p| p.max_abs_diff).fold(0.0, f32::max);
+    let max_abs_diff = worst(parity.iter().map(|p| p.max_abs_diff as f64)) as f32;
     for p in &parity {
         println!(
             "parity with ndarray, {}: max |diff| {:.2e}",

@@ -5,7 +5,7 @@ use crate::ch02_attention::AttentionLmConfig;
 use crate::ch03_gpt::{GptConfig, Norm};
 use crate::ch04_pretrain::PretrainConfig;
 use crate::ch04_pretrain::bench::{StepTimes, time_steps};
-use crate::ch05_fast::Kernels;
+use crate::ch05_fast::FUSED;
 use crate::ch06_generate::{Generation, Window, generate};
 use crate::common::dataset::{Dataset, Split, rng_for, stream};
 use crate::common::max_abs_diff;
@@ -79,7 +79,7 @@ pub fn train_speed(
 ) -> anyhow::Result<TrainResult> {
     let ad = device.clone().autodiff();
     ad.seed(cfg.seed);
-    let model = cfg.model.init(&ad).with_kernels(Kernels::Fused); // Burn's ops where not flex
+    let model = cfg.model.init(&ad).with_kernels(FUSED); // Burn's ops where not flex
     let times = time_steps(cfg, model, data, warmup, steps)?;
     Ok(TrainResult {
         preset: cfg.preset.clone(),
@@ -98,7 +98,7 @@ pub fn generation_speed(
     fixed_shape: bool,
 ) -> GenerationResult {
     device.seed(cfg.seed);
-    let model = cfg.model.init(device).with_kernels(Kernels::Fused);
+    let model = cfg.model.init(device).with_kernels(FUSED);
     let opts = SampleOptions {
         temperature: 1.0,
         top_k: None,
@@ -171,7 +171,7 @@ pub fn parity(data: &Dataset, device: &Device, seed: u64) -> Vec<ParityResult> {
             max_abs_diff: diff(
                 GptConfig::new(v, 32, 2, 4, 64)
                     .init(&nd)
-                    .with_kernels(Kernels::Fused),
+                    .with_kernels(FUSED),
                 &x,
                 &x_dev,
                 device,
@@ -183,7 +183,7 @@ pub fn parity(data: &Dataset, device: &Device, seed: u64) -> Vec<ParityResult> {
                 GptConfig::new(v, 32, 2, 4, 64)
                     .with_norm(Norm::Post)
                     .init(&nd)
-                    .with_kernels(Kernels::Fused),
+                    .with_kernels(FUSED),
                 &x,
                 &x_dev,
                 device,

@@ -150,3 +150,12 @@ pub fn serve_once(body: Vec<u8>) -> String {
     });
     format!("http://{addr}/file")
 }
+
+/// The validation loss of the best bigram table the training split can give (counts with
+/// add-one smoothing, chapter 1): what a model that reads only the previous character
+/// reaches. A model that uses its context must end below it.
+pub fn bigram_floor(data: &Dataset) -> f64 {
+    use course::ch01_bigram::{bigram_nll, counted_bigram};
+    let v = data.tokenizer.vocab_size();
+    bigram_nll(&counted_bigram(&data.train, v, 1.0), &data.val, v)
+}

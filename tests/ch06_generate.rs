@@ -7,6 +7,7 @@ use burn::prelude::*;
 use course::ch03_gpt::Gpt;
 use course::ch04_pretrain::checkpoint;
 use course::ch06_generate::{Generation, KvCache, Window, config_of, forward_cached, generate};
+use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::common::dataset::{ids_tensor, rng_for, stream};
 use course::common::max_abs_diff;
 use course::common::sample::{SampleOptions, generate as generate_ch04};
@@ -52,7 +53,9 @@ fn checkpoint_dir() -> &'static Path {
 }
 
 fn trained(device: &Device) -> Gpt {
-    checkpoint::load(checkpoint_dir(), device, None).unwrap().0
+    checkpoint::load::<Tokenizer>(checkpoint_dir(), device, None)
+        .unwrap()
+        .0
 }
 
 fn how(opts: SampleOptions, window: Window, cached: bool, fixed_shape: bool) -> Generation {

@@ -7,8 +7,9 @@ use burn::tensor::activation::log_softmax;
 use course::ch03_gpt::GptConfig;
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::{Bpe, END_OF_TEXT, GPT2_PATTERN, train};
+use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::common::dataset::{Dataset, Split, ids_tensor};
-use course::common::tokenizer::{StreamDecoder, Tokenizer};
+use course::common::tokenizer::StreamDecoder;
 use course::common::train::LanguageModel;
 use std::path::Path;
 

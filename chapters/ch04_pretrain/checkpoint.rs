@@ -5,13 +5,14 @@
 use super::PretrainConfig;
 use crate::ch03_gpt::Gpt;
 use crate::common::report::{write_atomic, write_json};
-use crate::common::tokenizer::Tokenizer;
+use crate::common::tokenizer::Vocab;
 use crate::common::train::{LossRecord, StepRecord};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Device};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,13 +25,14 @@ const META: &str = "meta.json";
 pub const FORMAT: u32 = 3;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Meta {
+pub struct Meta<T> {
     pub format: u32,
     /// Steps completed.
     pub step: usize,
     pub config: PretrainConfig,
-    /// The tokenizer the model reads: its characters in id order, or chapter 7's whole BPE file.
-    pub tokenizer: Tokenizer,
+    /// The tokenizer the model reads, saved whole (the binaries use chapter 8's `Tokenizer`:
+    /// characters in id order, chapter 7's whole BPE file, or GPT-1's files).
+    pub tokenizer: T,
     /// Val loss at this step, and the best seen so far.
     pub val_loss: f64,
     pub best_val_loss: f64,
@@ -41,7 +43,12 @@ pub struct Meta {
 }
 
 /// Saves into `dir` (replacing what was there).
-pub fn save(dir: &Path, model: &Gpt, optim: Option<&ModuleOptimizer>, meta: &Meta) -> Result<()> {
+pub fn save<T: Serialize>(
+    dir: &Path,
+    model: &Gpt,
+    optim: Option<&ModuleOptimizer>,
+    meta: &Meta<T>,
+) -> Result<()> {
     let tmp = sibling(dir, "tmp");
     let old = sibling(dir, "old");
     let _ = fs::remove_dir_all(&tmp);
@@ -79,7 +86,7 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Reads only the metadata of a checkpoint.
-pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
+pub fn read_meta<T: DeserializeOwned>(dir: &Path) -> Result<(PathBuf, Meta<T>)> {
     let dir = if !dir.join(META).exists() && sibling(dir, "old").join(META).exists() {
         sibling(dir, "old")
     } else {
@@ -114,18 +121,18 @@ pub fn read_meta(dir: &Path) -> Result<(PathBuf, Meta)> {
             dir.display()
         );
     }
-    let meta: Meta = serde_json::from_str(&text).with_context(corrupt)?;
+    let meta: Meta<T> = serde_json::from_str(&text).with_context(corrupt)?;
     Ok((dir, meta))
 }
 
 /// Loads a checkpoint onto `device`: the model built from the saved config, its weights,
 /// and, when an optimizer is passed in, its saved state.
-pub fn load(
+pub fn load<T: Vocab + DeserializeOwned>(
     dir: &Path,
     device: &Device,
     optim: Option<ModuleOptimizer>,
-) -> Result<(Gpt, Option<ModuleOptimizer>, Meta)> {
-    let (dir, meta) = read_meta(dir)?;
+) -> Result<(Gpt, Option<ModuleOptimizer>, Meta<T>)> {
+    let (dir, meta) = read_meta::<T>(dir)?;
     if meta.tokenizer.vocab_size() != meta.config.model.vocab_size {
         bail!(
             "the checkpoint in {} is inconsistent: a tokenizer of {} for a {}-token model",
@@ -177,10 +184,10 @@ pub fn load(
 /// Refuses to resume a checkpoint made with another config or tokenizer, naming what differs.
 /// Only the length of the run (`steps`, which must go beyond the checkpoint's step) and its
 /// evaluations (`eval_interval`, `eval_iters`) may change: returns a note for each that did.
-pub fn check_compatible(
-    meta: &Meta,
+pub fn check_compatible<T: Vocab>(
+    meta: &Meta<T>,
     config: &PretrainConfig,
-    tokenizer: &Tokenizer,
+    tokenizer: &T,
 ) -> Result<Vec<String>> {
     check_tokenizer(meta, tokenizer)?;
     // The checkpoint's config with this run's length and evaluations: the rest must match,
@@ -233,10 +240,10 @@ pub fn check_compatible(
 }
 
 /// Checks only that the checkpoint reads the same tokens with the same ids.
-pub fn check_tokenizer(meta: &Meta, tokenizer: &Tokenizer) -> Result<()> {
+pub fn check_tokenizer<T: Vocab>(meta: &Meta<T>, tokenizer: &T) -> Result<()> {
     match (&meta.tokenizer, tokenizer) {
         (a, b) if a.same_as(b) => Ok(()),
-        (Tokenizer::Char(a), Tokenizer::Char(b)) => bail!(
+        (a, b) if a.is_characters() && b.is_characters() => bail!(
             "the checkpoint's vocabulary ({} characters) differs from this text's ({} characters): \
              it was trained on another corpus",
             a.vocab_size(),

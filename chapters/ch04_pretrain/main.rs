@@ -23,7 +23,10 @@ use course::common::cli::{self, CommonArgs, SampleArgs, parse_backend};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::{Curve, Summary, plot_schedule, write_json, write_run};
 use course::common::sample::{SampleOptions, generate_fixed_shape};
-use course::common::tokenizer::{StreamDecoder, Tokenizer};
+// The tokenizer is chapter 8's choice of all the course's tokenizers (characters, chapter 7's
+// BPE files): this binary reaches ahead for it, as for chapter 5's kernels.
+use course::ch08_pretrained::tokenizer::Tokenizer;
+use course::common::tokenizer::StreamDecoder;
 use course::common::train::{
     LossRecord, StepRecord, TrainHooks, TrainReport, human, model_device, train,
 };
@@ -243,7 +246,7 @@ struct Pretrain<'a> {
 impl Pretrain<'_> {
     /// What a checkpoint after `step` steps records; between evaluations, the val loss of the
     /// last one.
-    fn meta(&self, step: usize) -> Result<Meta> {
+    fn meta(&self, step: usize) -> Result<Meta<Tokenizer>> {
         let last = self
             .losses
             .last()
@@ -421,7 +424,8 @@ fn sample_from_best(
     kernels: Kernels,
 ) -> Result<Gpt> {
     section("4.6", "Sampling from the best checkpoint");
-    let (best, _, meta) = checkpoint::load(&run.out.join("ckpt/best"), &run.device, None)?;
+    let (best, _, meta) =
+        checkpoint::load::<Tokenizer>(&run.out.join("ckpt/best"), &run.device, None)?;
     let best = best.with_kernels(kernels);
     println!(
         "(step {}, val {:.4}, temperature 0.8)",

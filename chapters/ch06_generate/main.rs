@@ -13,6 +13,7 @@ use course::ch05_fast::FUSED;
 use course::ch06_generate::{
     Generation, KvCache, Window, config_of, forward_cached, generate, macs_per_token,
 };
+use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::common::backend::Backend;
 use course::common::cli::{SampleArgs, parse_backend};
 use course::common::dataset::ids_tensor;
@@ -20,7 +21,7 @@ use course::common::dataset::{rng_for, stream};
 use course::common::report::{plot_curves, write_atomic, write_json};
 use course::common::sample::SampleOptions;
 use course::common::section;
-use course::common::tokenizer::{StreamDecoder, Tokenizer};
+use course::common::tokenizer::StreamDecoder;
 use course::common::train::{LanguageModel, human, model_device};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

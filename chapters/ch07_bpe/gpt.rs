@@ -5,7 +5,7 @@ use crate::ch04_pretrain::{Overrides, PretrainConfig, Schedule, optimizer, train
 use crate::ch05_fast::FUSED;
 use crate::common::dataset::{Dataset, Split, ids_tensor, rng_for, stream};
 use crate::common::sample::{SampleOptions, generate};
-use crate::common::tokenizer::Tokenizer;
+use crate::common::tokenizer::Vocab;
 use crate::common::train::{LanguageModel, train};
 use anyhow::Result;
 use burn::module::Module;
@@ -50,7 +50,7 @@ pub struct Race<'a> {
 
 /// Trains the race's preset on its text cut into tokens by `tokenizer`, then measures the
 /// model per character and samples from it.
-pub fn compete(race: &Race, name: &str, tokenizer: Tokenizer) -> Result<Outcome> {
+pub fn compete<T: Vocab>(race: &Race, name: &str, tokenizer: T) -> Result<Outcome> {
     let data = Dataset::tokenized(race.text, tokenizer)?;
     let vocab = data.tokenizer.vocab_size();
     let cfg = PretrainConfig::build(race.preset, vocab, &race.overrides, race.seed)?;
@@ -94,9 +94,9 @@ pub fn compete(race: &Race, name: &str, tokenizer: Tokenizer) -> Result<Outcome>
 /// The model's code length for a whole split, in bits per character: the split cut into
 /// consecutive blocks, every token after a block's first predicted from the ones before it
 /// in its block; the summed loss divided by the characters of the predicted tokens.
-pub fn whole_split_bits<M: LanguageModel>(
+pub fn whole_split_bits<M: LanguageModel, T: Vocab>(
     model: &M,
-    data: &Dataset<Tokenizer>,
+    data: &Dataset<T>,
     split: Split,
     batch: usize,
 ) -> f64 {
@@ -130,7 +130,7 @@ pub fn whole_split_bits<M: LanguageModel>(
 // ANCHOR_END: whole_split
 
 /// About `chars` characters (whole tokens) generated after a newline, at temperature 0.8.
-fn sample<M: LanguageModel>(model: &M, tokenizer: &Tokenizer, chars: f64, seed: u64) -> String {
+fn sample<M: LanguageModel, T: Vocab>(model: &M, tokenizer: &T, chars: f64, seed: u64) -> String {
     let n = chars.ceil() as usize;
     let opts = SampleOptions {
         temperature: 0.8,

@@ -13,7 +13,8 @@ use course::common::dataset::split_text;
 use course::common::report::{
     Machine, plot_bars, plot_curves, plot_curves_at, write_atomic, write_json,
 };
-use course::common::tokenizer::Tokenizer;
+// Characters or BPE as one type: chapter 8's `Tokenizer` (this binary reaches ahead for it).
+use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::common::{Run, section};
 use plotters::prelude::SeriesLabelPosition;
 use serde::Serialize;

@@ -313,3 +313,32 @@ pub fn gpt2() -> Result<Bpe> {
     Bpe::new(vocab, vec![END_OF_TEXT.to_string()], GPT2_PATTERN)
 }
 // ANCHOR_END: gpt2
+
+/// Chapter 1's [`Vocab`] for byte-pair tokens, so that chapter 4's data, checkpoints and
+/// sampling take them as they take characters.
+impl crate::common::tokenizer::Vocab for Bpe {
+    fn vocab_size(&self) -> usize {
+        Bpe::vocab_size(self)
+    }
+    fn describe(&self) -> String {
+        format!("byte-level BPE, {} tokens", Bpe::vocab_size(self))
+    }
+    /// Never an error: the 256 byte tokens spell any text.
+    fn encode(&self, text: &str) -> Result<Vec<usize>> {
+        Ok(Bpe::encode(self, text)
+            .into_iter()
+            .map(|id| id as usize)
+            .collect())
+    }
+    /// An id the tokenizer lacks becomes U+FFFD's bytes.
+    fn decode_bytes(&self, ids: &[usize]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|&id| {
+                Bpe::decode_bytes(self, &[id as u32]).unwrap_or_else(|_| "\u{FFFD}".into())
+            })
+            .collect()
+    }
+    fn same_as(&self, other: &Self) -> bool {
+        self.to_file_string() == other.to_file_string()
+    }
+}

@@ -13,13 +13,14 @@ use course::ch05_fast::FUSED;
 use course::ch06_generate::{Generation, Window, generate};
 use course::ch07_bpe::gpt::whole_split_bits;
 use course::ch07_bpe::gpt2;
+use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::ch08_pretrained::{
     course_name, gpt1_tokenizer_dir, load_openai, pretrained_weights, published,
 };
 use course::common::cli::{CommonArgs, SampleArgs};
 use course::common::dataset::{Dataset, Split, rng_for, stream};
 use course::common::report::write_json;
-use course::common::tokenizer::{StreamDecoder, Tokenizer};
+use course::common::tokenizer::StreamDecoder;
 use course::common::{Run, section};
 use serde::Serialize;
 use std::io::Write;

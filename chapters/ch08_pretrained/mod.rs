@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 pub mod gpt1_bpe;
+pub mod tokenizer;
 
 // ANCHOR: names
 /// GPT-2's tensor names, made the course's (patterns applied in order). nanoGPT named its

@@ -1,6 +1,6 @@
 //! Train/validation split and random batches of (input, target) blocks.
 
-use crate::common::tokenizer::{CharTokenizer, Tokenizer};
+use crate::common::tokenizer::{CharTokenizer, Vocab};
 use anyhow::{Result, bail};
 use burn::prelude::*;
 use rand::rngs::StdRng;
@@ -13,7 +13,7 @@ pub enum Split {
 }
 
 /// The encoded corpus, split 90/10 into a training and a validation part. Chapters 1 to 6
-/// read characters; chapter 4's trainer can also read chapter 7's tokens (`Dataset<Tokenizer>`).
+/// read characters; chapter 4's trainer can also read chapter 7's tokens (any [`Vocab`]).
 pub struct Dataset<T = CharTokenizer> {
     pub tokenizer: T,
     pub train: Vec<usize>,
@@ -41,12 +41,12 @@ impl Dataset {
     // ANCHOR_END: split
 }
 
-impl Dataset<Tokenizer> {
+impl<T: Vocab> Dataset<T> {
     // ANCHOR: tokenized
     /// Splits `text` at 90% of its characters, then encodes each part: the same training
     /// and validation text as `Dataset::new`, whatever the tokenizer, so that losses can be
     /// compared per character.
-    pub fn tokenized(text: &str, tokenizer: Tokenizer) -> Result<Self> {
+    pub fn tokenized(text: &str, tokenizer: T) -> Result<Self> {
         let (train, val) = split_text(text);
         Ok(Self {
             train: tokenizer.encode(train)?,

@@ -1,12 +1,10 @@
 //! A character-level tokenizer: every distinct character of the corpus is one token. And
-//! the choice between it and chapter 7's byte-pair encoding, for chapter 4's trainer.
+//! what the data, the checkpoints and sampling need of any tokenizer ([`Vocab`]), so that
+//! chapter 7's byte-pair encoding and chapter 8's choice between tokenizers
+//! (`ch08_pretrained::tokenizer::Tokenizer`) fit in where characters do.
 
-use crate::ch07_bpe::Bpe;
-use crate::ch08_pretrained::gpt1_bpe::Gpt1Bpe;
-use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use anyhow::{Result, bail};
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 
 // ANCHOR: tokenizer
 #[derive(Clone, Debug, PartialEq)]
@@ -71,98 +69,52 @@ impl CharTokenizer {
 }
 // ANCHOR_END: tokenizer
 
-// ANCHOR: tokenizers
-/// The tokenizers a GPT of this course can read: chapter 1's characters, chapter 7's
-/// byte-level BPE, or GPT-1's BPE over lower-cased characters (chapter 8). A checkpoint stores its tokenizer whole (see `Saved`), so sampling from it
-/// never has to guess which one it was trained with.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(into = "Saved", try_from = "Saved")]
-pub enum Tokenizer {
-    Char(CharTokenizer),
-    Bpe(Bpe),
-    Gpt1(Gpt1Bpe),
-}
-
-impl Tokenizer {
-    /// `--tokenizer char` (the characters of `text`), `--tokenizer FILE` (a tokenizer file
-    /// written by chapter 7) or `--tokenizer DIR` (GPT-1's `vocab.json` and `merges.txt`).
-    pub fn choose(choice: &str, text: &str) -> Result<Self> {
-        match choice {
-            "char" => Ok(Self::Char(CharTokenizer::from_text(text))),
-            path => Self::load(Path::new(path)).with_context(|| {
-                format!(
-                    "--tokenizer takes `char`, a tokenizer file made by ch07_bpe or a folder \
-                     with GPT-1's files; {path}"
-                )
-            }),
-        }
-    }
-
-    /// A tokenizer on disk: a chapter 7 tokenizer file, or a folder holding GPT-1's
-    /// `vocab.json` and `merges.txt`.
-    pub fn load(path: &Path) -> Result<Self> {
-        Ok(match path.is_dir() {
-            true => Self::Gpt1(Gpt1Bpe::from_files(path)?),
-            false => Self::Bpe(Bpe::load(path)?),
-        })
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Self::Char(t) => t.vocab_size(),
-            Self::Bpe(t) => t.vocab_size(),
-            Self::Gpt1(t) => t.vocab_size(),
-        }
-    }
-
-    /// "65 characters" or "byte-level BPE, 1024 tokens".
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Char(t) => format!("{} characters", t.vocab_size()),
-            Self::Bpe(t) => format!("byte-level BPE, {} tokens", t.vocab_size()),
-            Self::Gpt1(t) => format!("GPT-1's lower-case BPE, {} tokens", t.vocab_size()),
-        }
-    }
-
-    /// Text to ids. Only the character tokenizer refuses text it cannot encode; BPE's
-    /// 256 byte tokens cover everything, and GPT-1's has `<unk>`.
-    pub fn encode(&self, text: &str) -> Result<Vec<usize>> {
-        match self {
-            Self::Char(t) => t.encode(text),
-            Self::Bpe(t) => Ok(t.encode(text).into_iter().map(|id| id as usize).collect()),
-            Self::Gpt1(t) => Ok(t.encode(text)),
-        }
-    }
-
-    /// Ids to the bytes of their text (an id the tokenizer lacks becomes U+FFFD's bytes).
-    pub fn decode_bytes(&self, ids: &[usize]) -> Vec<u8> {
-        match self {
-            Self::Char(t) => t.decode(ids).into_bytes(),
-            Self::Bpe(t) => ids
-                .iter()
-                .flat_map(|&id| {
-                    t.decode_bytes(&[id as u32])
-                        .unwrap_or_else(|_| "\u{FFFD}".into())
-                })
-                .collect(),
-            Self::Gpt1(t) => ids
-                .iter()
-                .flat_map(|&id| t.decode_symbol(id).into_bytes())
-                .collect(),
-        }
-    }
-
+// ANCHOR: vocab
+/// What the rest of the course needs of a tokenizer: text to ids and back, and its size.
+/// Chapter 1's characters implement it below; chapter 7's byte-pair encoding and chapter 8's
+/// choice between tokenizers implement it too, so that a dataset, a checkpoint or a sample
+/// works with any of them.
+pub trait Vocab: Clone + Send + Sync {
+    fn vocab_size(&self) -> usize;
+    /// "65 characters", "byte-level BPE, 1024 tokens".
+    fn describe(&self) -> String;
+    /// Text to ids; text the tokenizer cannot encode is an error, never a silent skip.
+    fn encode(&self, text: &str) -> Result<Vec<usize>>;
+    /// Ids to the bytes of their text (a token can end inside a character).
+    fn decode_bytes(&self, ids: &[usize]) -> Vec<u8>;
     /// Ids to text; a sequence cut inside a character shows U+FFFD there.
-    pub fn decode(&self, ids: &[usize]) -> String {
+    fn decode(&self, ids: &[usize]) -> String {
         String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
     }
-
-    /// The same tokens with the same ids (compared through the saved form).
-    pub fn same_as(&self, other: &Self) -> bool {
-        Saved::from(self.clone()) == Saved::from(other.clone())
+    /// The same tokens with the same ids.
+    fn same_as(&self, other: &Self) -> bool;
+    /// True for a vocabulary of characters, whose mismatch means another corpus.
+    fn is_characters(&self) -> bool {
+        false
     }
 }
-// ANCHOR_END: tokenizers
+
+impl Vocab for CharTokenizer {
+    fn vocab_size(&self) -> usize {
+        CharTokenizer::vocab_size(self)
+    }
+    fn describe(&self) -> String {
+        format!("{} characters", self.vocab_size())
+    }
+    fn encode(&self, text: &str) -> Result<Vec<usize>> {
+        CharTokenizer::encode(self, text)
+    }
+    fn decode_bytes(&self, ids: &[usize]) -> Vec<u8> {
+        self.decode(ids).into_bytes()
+    }
+    fn same_as(&self, other: &Self) -> bool {
+        self == other
+    }
+    fn is_characters(&self) -> bool {
+        true
+    }
+}
+// ANCHOR_END: vocab
 
 // ANCHOR: stream_decoder
 /// Decodes ids one at a time for printing as they are generated. A BPE token can end
@@ -175,7 +127,7 @@ pub struct StreamDecoder {
 
 impl StreamDecoder {
     /// The text that `id` completes (possibly empty).
-    pub fn push(&mut self, tokenizer: &Tokenizer, id: usize) -> String {
+    pub fn push<T: Vocab>(&mut self, tokenizer: &T, id: usize) -> String {
         self.pending.extend(tokenizer.decode_bytes(&[id]));
         let mut out = String::new();
         loop {
@@ -213,51 +165,3 @@ impl StreamDecoder {
     }
 }
 // ANCHOR_END: stream_decoder
-
-/// How a checkpoint's `meta.json` stores a tokenizer: the characters in id order, the
-/// whole chapter 7 tokenizer file, or GPT-1's two files.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Saved {
-    Char {
-        chars: String,
-    },
-    Bpe {
-        file: String,
-    },
-    Gpt1 {
-        vocab_json: String,
-        merges_txt: String,
-    },
-}
-
-impl From<Tokenizer> for Saved {
-    fn from(t: Tokenizer) -> Self {
-        match t {
-            Tokenizer::Char(t) => Saved::Char {
-                chars: t.vocab_string(),
-            },
-            Tokenizer::Bpe(t) => Saved::Bpe {
-                file: t.to_file_string(),
-            },
-            Tokenizer::Gpt1(t) => Saved::Gpt1 {
-                vocab_json: t.vocab_json,
-                merges_txt: t.merges_txt,
-            },
-        }
-    }
-}
-
-impl TryFrom<Saved> for Tokenizer {
-    type Error = anyhow::Error;
-    fn try_from(s: Saved) -> Result<Self> {
-        Ok(match s {
-            Saved::Char { chars } => Self::Char(CharTokenizer::from_chars(chars.chars().collect())),
-            Saved::Bpe { file } => Self::Bpe(Bpe::from_file_string(&file)?),
-            Saved::Gpt1 {
-                vocab_json,
-                merges_txt,
-            } => Self::Gpt1(Gpt1Bpe::new(vocab_json, merges_txt)?),
-        })
-    }
-}

@@ -480,20 +480,7 @@ fn attention_holds_at_scores_of_1e4() {
             };
         }
         let qkv0 = Tensor::<3>::from_data(TensorData::new(qkv, [1, t, 3 * c]), &ad());
-        let w = random([1, t, c], 1.0, &ad());
-        let none = DropoutConfig::new(0.0).init();
-        let run = |fused: bool| {
-            let qkv = qkv0.clone().require_grad();
-            let y = match fused {
-                true => fused_attention(qkv.clone(), nh, &none),
-                false => burn_attention(qkv.clone(), nh, &none),
-            };
-            let grads = (y.clone() * w.clone()).sum().backward();
-            (y, qkv.grad(&grads).unwrap())
-        };
-        let (a, r) = (run(true), run(false));
-        assert_close(&format!("attention at 1e4, t = {t}"), &a.0, &r.0, 1e-5);
-        assert_close(&format!("attention dqkv at 1e4, t = {t}"), &a.1, &r.1, 1e-5);
+        attention_matches_burn_at(&format!("scores of 1e4, t = {t}"), qkv0, nh);
     }
 }
 
@@ -563,6 +550,26 @@ fn cross_entropy_matches_burn_forward_and_backward() {
     );
 }
 
+/// The fused attention against Burn's composed one on `qkv0: [b, t, 3c]`, without dropout:
+/// the output and the gradient of a random weighting of it, within 1e-5.
+fn attention_matches_burn_at(what: &str, qkv0: Tensor<3>, nh: usize) {
+    let [b, t, c3] = qkv0.dims();
+    let w = random([b, t, c3 / 3], 1.0, &ad());
+    let none = DropoutConfig::new(0.0).init();
+    let run = |fused: bool| {
+        let qkv = qkv0.clone().require_grad();
+        let y = match fused {
+            true => fused_attention(qkv.clone(), nh, &none),
+            false => burn_attention(qkv.clone(), nh, &none),
+        };
+        let grads = (y.clone() * w.clone()).sum().backward();
+        (y, qkv.grad(&grads).unwrap())
+    };
+    let (a, r) = (run(true), run(false));
+    assert_close(&format!("attention ({what})"), &a.0, &r.0, 1e-5);
+    assert_close(&format!("attention dqkv ({what})"), &a.1, &r.1, 1e-5);
+}
+
 #[test]
 fn attention_matches_burn_forward_and_backward() {
     let _rng = rng_lock();
@@ -576,21 +583,8 @@ fn attention_matches_burn_forward_and_backward() {
         (2, 150, 2, 8),
     ] {
         let c = nh * hs;
-        let qkv0 = random([b, t, 3 * c], 1.0, &ad());
-        let w = random([b, t, c], 1.0, &ad());
+        attention_matches_burn_at("random", random([b, t, 3 * c], 1.0, &ad()), nh);
         let none = DropoutConfig::new(0.0).init();
-        let run = |fused: bool| {
-            let qkv = qkv0.clone().require_grad();
-            let y = match fused {
-                true => fused_attention(qkv.clone(), nh, &none),
-                false => burn_attention(qkv.clone(), nh, &none),
-            };
-            let grads = (y.clone() * w.clone()).sum().backward();
-            (y, qkv.grad(&grads).unwrap())
-        };
-        let (a, r) = (run(true), run(false));
-        assert_close("attention", &a.0, &r.0, 1e-5);
-        assert_close("attention dqkv", &a.1, &r.1, 1e-5);
         // Inference, on an input that is a slice of a bigger tensor (not contiguous).
         let big = random([b, t, 3 * c + 2], 1.0, &support::flex_device());
         let qkv = big.slice(s![.., .., 1..3 * c + 1]);

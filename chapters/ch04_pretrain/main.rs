@@ -323,7 +323,7 @@ fn training<'a>(
     a: &TrainCmd,
     cfg: &'a PretrainConfig,
     model: Gpt,
-    mut optim: ModuleOptimizer,
+    optim: ModuleOptimizer,
     run: &'a Run,
     data: &'a Dataset<Tokenizer>,
 ) -> Result<(TrainReport, Pretrain<'a>)> {
@@ -341,32 +341,18 @@ fn training<'a>(
         saved_at: None,
         interrupted: None,
     };
-    let (mut model, mut start) = (model, 0);
-    if a.resume {
-        let (m, o, meta) =
-            checkpoint::load(&hooks.ckpt.join("last"), &model_device(&model), Some(optim))?;
-        // Only the number of steps and the evaluations may change; each change is named.
-        let changes = checkpoint::check_compatible(&meta, cfg, &data.tokenizer)?;
-        println!(
-            "resuming from step {} (best val so far {:.4})",
-            meta.step, meta.best_val_loss
-        );
-        for change in changes {
-            println!("resuming with {change}");
+    let (model, mut optim, start) = match a.resume {
+        true => resume(a, &mut hooks, &model_device(&model), optim)?,
+        false => {
+            if hooks.ckpt.join("last").exists() {
+                let dir = hooks.ckpt.display();
+                println!(
+                    "(starting afresh: the checkpoints in {dir} will be replaced; --resume continues them)"
+                );
+            }
+            (model, optim, 0)
         }
-        hooks.saved_at = Some(meta.step);
-        (model, optim, start) = (
-            m.with_kernels(a.kernels.kernels()),
-            o.expect("optimizer state"),
-            meta.step,
-        );
-        (hooks.losses, hooks.steps, hooks.best_val) = (meta.losses, meta.steps, meta.best_val_loss);
-    } else if hooks.ckpt.join("last").exists() {
-        let dir = hooks.ckpt.display();
-        println!(
-            "(starting afresh: the checkpoints in {dir} will be replaced; --resume continues them)"
-        );
-    }
+    };
     let settings = train_settings(cfg, a.stop_after);
     // Caught only while training: a Ctrl-C before or after ends the process as usual.
     let ctrl_c = course::ch04_pretrain::interrupt::catch()?;
@@ -401,6 +387,30 @@ fn training<'a>(
     );
     clipping_summary(&hooks.steps, cfg.grad_clip);
     Ok((report, hooks))
+}
+
+/// `--resume`: the model, the optimizer and the step of `ckpt/last`, with the hooks' logs
+/// and best loss as they were there. Only the number of steps and the evaluations may
+/// change, and each change is named.
+fn resume(
+    a: &TrainCmd,
+    hooks: &mut Pretrain,
+    device: &Device,
+    optim: ModuleOptimizer,
+) -> Result<(Gpt, ModuleOptimizer, usize)> {
+    let (model, optim, meta) = checkpoint::load(&hooks.ckpt.join("last"), device, Some(optim))?;
+    let changes = checkpoint::check_compatible(&meta, hooks.config, hooks.tokenizer)?;
+    println!(
+        "resuming from step {} (best val so far {:.4})",
+        meta.step, meta.best_val_loss
+    );
+    for change in changes {
+        println!("resuming with {change}");
+    }
+    hooks.saved_at = Some(meta.step);
+    (hooks.losses, hooks.steps, hooks.best_val) = (meta.losses, meta.steps, meta.best_val_loss);
+    let model = model.with_kernels(a.kernels.kernels());
+    Ok((model, optim.expect("optimizer state"), meta.step))
 }
 
 /// How large the gradients were before clipping, and how often clipping fired.

@@ -1,7 +1,7 @@
 //! A character-level tokenizer: every distinct character of the corpus is one token. And
 //! what the data, the checkpoints and sampling need of any tokenizer ([`Vocab`]), so that
-//! chapter 7's byte-pair encoding and chapter 8's choice between tokenizers
-//! (`ch08_pretrained::tokenizer::Tokenizer`) fit in where characters do.
+//! chapter 7's byte-pair encoding and chapter 8's choice between tokenizers fit in where
+//! characters do.
 
 use anyhow::{Result, bail};
 use std::collections::{BTreeSet, HashMap};

@@ -14,6 +14,7 @@ pub mod ch05_fast;
 pub mod ch06_generate;
 pub mod ch07_bpe;
 pub mod ch08_pretrained;
+pub mod ch09_finetune;
 pub mod compare_backends;
 pub mod exercises;
 

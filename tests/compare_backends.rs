@@ -154,8 +154,14 @@ fn ops_mode_times_every_operation_on_each_cpu_backend() {
             // serde_json may read a float back one ulp off, which can flip a rounding at a
             // half, so the cell is checked to be the figure rounded, not the same string.
             let shown = |i: usize| cells[i].parse::<f64>().unwrap_or(f64::NAN);
-            assert!((shown(2 + 2 * column) - us).abs() <= 0.05 + 1e-9, "{row}: {us}");
-            assert!((shown(3 + 2 * column) - ns).abs() <= 0.005 + 1e-9, "{row}: {ns}");
+            assert!(
+                (shown(2 + 2 * column) - us).abs() <= 0.05 + 1e-9,
+                "{row}: {us}"
+            );
+            assert!(
+                (shown(3 + 2 * column) - ns).abs() <= 0.005 + 1e-9,
+                "{row}: {ns}"
+            );
         }
     }
     assert!(table.contains("flex: ns/element"), "{table}");

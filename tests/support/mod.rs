@@ -159,3 +159,21 @@ pub fn bigram_floor(data: &Dataset) -> f64 {
     let v = data.tokenizer.vocab_size();
     bigram_nll(&counted_bigram(&data.train, v, 1.0), &data.val, v)
 }
+
+/// LLMs-from-scratch's instruction records: `$GPT_INSTRUCTIONS`, else the copy in
+/// `../shared/data/` beside the checkout, else the downloaded one in `data/`.
+pub fn instruction_data() -> PathBuf {
+    if let Some(p) = std::env::var_os("GPT_INSTRUCTIONS").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    for p in [
+        root.join("../shared/data/instruction-data.json"),
+        root.join("data/instruction-data.json"),
+    ] {
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("set GPT_INSTRUCTIONS to a copy of instruction-data.json");
+}

@@ -50,6 +50,15 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
     BACKEND=flex bash "$self" ch08_pretrained
   TAG=gpt1-fixture ARGS="--weights tests/fixtures/ch08/gpt1-tiny/model.safetensors --tokenizer tests/fixtures/ch08/gpt1-tiny/tokenizer --max-new-tokens 40" \
     BACKEND=flex bash "$self" ch08_pretrained
+  # Chapter 9 on the default baby checkpoint (`ch04_pretrain`, flex): the task and the four
+  # methods, three seeds each (about 2 minutes)...
+  ARGS="--part classify --checkpoint runs/ch04_pretrain/ckpt/best" BACKEND=flex bash "$self" ch09_finetune
+  # ... and instruction tuning of chapter 4's tiny model on a 512-token BPE of chapter 7 (these
+  # machines cannot download GPT-2): `ch07_bpe --vocab-sizes 512 --gpt-vocab-sizes 512
+  # --gpt-preset tiny --gpt-steps 1`, then `ch04_pretrain --preset tiny --tokenizer
+  # runs/ch07_bpe/bpe-512.txt --block-size 256 --steps 600 --out runs/ch04_bpe`.
+  TAG=instruct ARGS="--part instruct --instruct-checkpoint runs/ch04_bpe/ckpt/best --instruct-steps 300 --instruct-lr 1e-3 --responses 10 --max-new-tokens 60" \
+    BACKEND=flex bash "$self" ch09_finetune
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain
@@ -70,6 +79,10 @@ split_sections() {
 }
 # The recordings print the corpus path: keep it relative to the checkout, not this machine's.
 if [ -n "${GPT_DATA:-}" ]; then export GPT_DATA="$(realpath --relative-to=. "$GPT_DATA")"; fi
+if [ -n "${GPT_INSTRUCTIONS:-}" ]; then
+  GPT_INSTRUCTIONS="$(realpath --relative-to=. "$GPT_INSTRUCTIONS")"
+  export GPT_INSTRUCTIONS
+fi
 cargo build --release --bins --quiet
 
 for ch in "${CHAPTERS[@]}"; do

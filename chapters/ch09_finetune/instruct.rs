@@ -225,7 +225,7 @@ pub fn instruct(
     val: &[Tokens],
     eot: usize,
     s: &InstructSettings,
-    mut on_eval: impl FnMut(usize, f64, f64),
+    mut on_eval: impl FnMut(usize, Option<f64>, f64),
 ) -> Result<(Gpt, InstructReport)> {
     if train.is_empty() || s.batch_size == 0 {
         bail!("instruction tuning needs records and a batch of at least one");
@@ -240,9 +240,11 @@ pub fn instruct(
     for step in 0..=s.steps {
         if step % s.eval_interval.max(1) == 0 || step == s.steps {
             let v = mean_loss(&model, val, eot, s);
-            let recent = report.train.iter().rev().take(s.eval_interval.max(1));
-            let n = recent.len().max(1) as f64;
-            let t = recent.map(|(_, l)| l).sum::<f64>() / n;
+            // The mean training loss of the steps since the last evaluation (none at step 0).
+            let recent: Vec<f64> = (report.train.iter().rev().take(s.eval_interval.max(1)))
+                .map(|&(_, l)| l)
+                .collect();
+            let t = (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
             report.val.push((step, v));
             on_eval(step, t, v);
         }

@@ -490,7 +490,8 @@ fn instruction_tuning(args: &Args, run: &Run) -> Result<()> {
         eval_interval: (args.instruct_steps / 5).max(1),
     };
     let (model, report) = instruct::instruct(model, &train_t, &val_t, eot, &s, |step, t, v| {
-        println!("step {step:>4}: train loss {t:.3}, val loss {v:.3}")
+        let t = t.map_or("-".into(), |t| format!("{t:.3}"));
+        println!("step {step:>4}: train loss {t}, val loss {v:.3}")
     })?;
     println!(
         "{:.0} ms/step, {:.0} tokens/s (batch {}, padded)",

@@ -11,7 +11,8 @@
 #   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
 #   book/record.sh ch04_pretrain-samples   # samples of the recorded baby checkpoint (run it after ch04_pretrain)
 #   ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best" BACKEND=flex book/record.sh ch06_generate
-# The speed tables against PyTorch come from book/speed.py (it needs a Python with torch), the
+# The speed tables against PyTorch come from book/speed.py, book/gpt2_speed.py and
+# book/instruct_speed.py (they need a Python with torch and transformers), the
 # profiles of chapter 5 from book/perf.sh (it needs perf).
 set -euo pipefail
 self="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
@@ -50,15 +51,19 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
     BACKEND=flex bash "$self" ch08_pretrained
   TAG=gpt1-fixture ARGS="--weights tests/fixtures/ch08/gpt1-tiny/model.safetensors --tokenizer tests/fixtures/ch08/gpt1-tiny/tokenizer --max-new-tokens 40" \
     BACKEND=flex bash "$self" ch08_pretrained
-  # Chapter 9 on the default baby checkpoint (`ch04_pretrain`, flex): the task and the four
-  # methods, three seeds each (about 2 minutes)...
+  # Chapter 9 on the default baby checkpoint (`ch04_pretrain`, flex): the spelling task and the
+  # four methods, three seeds each (about 3 minutes), then the speaker task...
   ARGS="--part classify --checkpoint runs/ch04_pretrain/ckpt/best" BACKEND=flex bash "$self" ch09_finetune
+  TAG=speaker ARGS="--part classify --task speaker --checkpoint runs/ch04_pretrain/ckpt/best" BACKEND=flex bash "$self" ch09_finetune
   # ... and instruction tuning of chapter 4's tiny model on a 512-token BPE of chapter 7 (these
   # machines cannot download GPT-2): `ch07_bpe --vocab-sizes 512 --gpt-vocab-sizes 512
   # --gpt-preset tiny --gpt-steps 1`, then `ch04_pretrain --preset tiny --tokenizer
   # runs/ch07_bpe/bpe-512.txt --block-size 256 --steps 600 --out runs/ch04_bpe`.
   TAG=instruct ARGS="--part instruct --instruct-checkpoint runs/ch04_bpe/ckpt/best --instruct-steps 300 --instruct-lr 1e-3 --responses 10 --max-new-tokens 60" \
     BACKEND=flex bash "$self" ch09_finetune
+  # ... and one training step at GPT-2 124M's shape (random weights; book/instruct_speed.py
+  # times it against PyTorch).
+  TAG=speed ARGS="--part speed" BACKEND=flex bash "$self" ch09_finetune
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain

@@ -209,8 +209,9 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
         weight_decay: 0.01,
         seed: 1,
         recipe: Recipe::GPT1,
+        eval_every: 0,
     };
-    let (trained, _) = fine_tune(model, &examples(), &settings).unwrap();
+    let (trained, _) = fine_tune(model, &examples(), &[], &settings).unwrap();
     let after = param_values(&trained);
     assert_eq!(before.len(), after.len());
     let mut changed = 0;
@@ -648,6 +649,12 @@ fn the_notebook_fine_tunes_and_writes_its_table() {
         table.contains("| LoRA + head |") && table.contains("most frequent"),
         "{table}"
     );
+    // The default task has two classes: the zero-shot row is there, an accuracy.
+    assert_eq!(json["task"], "spelling");
+    let zero_shot = json["zero_shot"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&zero_shot), "{zero_shot}");
+    assert!(table.contains("zero-shot heuristic"), "{table}");
+    assert!(out.path().join("finetune_test_losses.svg").exists());
 }
 
 /// Instruction tuning of a BPE checkpoint of chapter 4 (the path taken without GPT-2's
@@ -743,4 +750,170 @@ fn the_notebook_refuses_bad_input_in_one_line() {
             assert!(!out.join(file).exists(), "{args:?} wrote {file}");
         }
     }
+}
+
+/// Fine-tuning learns: on passages whose class is their first token's parity (so the head,
+/// which reads the last token, must attend back to the start), a tiny model from scratch
+/// gets the held-out passages right, and its test loss falls from chance.
+#[test]
+fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
+    use course::ch09_finetune::classify::{accuracy, task_loss};
+    use rand::{RngExt, SeedableRng};
+    let device = Backend::Flex.device().autodiff();
+    device.seed(5);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut passage = |_| {
+        let ids: Vec<usize> = (0..6).map(|_| rng.random_range(0..10)).collect();
+        let label = ids[0] % 2;
+        let mut ids = [vec![11], ids, vec![12]].concat(); // <start> ... <extract>
+        ids.truncate(8);
+        Encoded { ids, label }
+    };
+    let train: Vec<Encoded> = (0..200).map(&mut passage).collect();
+    let test: Vec<Encoded> = (0..100).map(&mut passage).collect();
+    let config = tiny_config(11);
+    let model = Method::Scratch.prepare(
+        &config.init(&device),
+        &config,
+        2,
+        Recipe::GPT1,
+        LoraSettings {
+            rank: 2,
+            alpha: 4.0,
+        },
+    );
+    let settings = FineTuneSettings {
+        steps: 300,
+        batch_size: 16,
+        lr: 1e-2,
+        weight_decay: 0.01,
+        seed: 1,
+        recipe: Recipe {
+            transform: true,
+            aux_weight: 0.0,
+        },
+        eval_every: 100,
+    };
+    let (trained, report) = fine_tune(model, &train, &test, &settings).unwrap();
+    let acc = accuracy(&trained, &test);
+    let losses = &report.test_losses;
+    assert_eq!(
+        losses.iter().map(|l| l.0).collect::<Vec<_>>(),
+        [0, 100, 200, 300]
+    );
+    assert!((losses[0].1 - 2f64.ln()).abs() < 0.2, "{losses:?}");
+    assert!(losses[3].1 < 0.2, "{losses:?}");
+    assert_eq!(losses[3].1, task_loss(&trained, &test));
+    assert!(acc > 0.95, "test accuracy {acc}");
+}
+
+/// The two corrupted tasks: every other held-out line of 6+ words is broken, the rest are
+/// verbatim; a broken line is its original with the inner words shuffled (keeping the first and
+/// last), or with the inner letters of its words of 5+ letters shuffled (keeping theirs); the
+/// classes are balanced in both splits.
+#[test]
+fn the_corrupted_tasks_break_every_other_held_out_line_and_nothing_else() {
+    use course::ch09_finetune::task::{Corruption, corrupted_task};
+    let text = support::corpus();
+    let (_, held_out) = split_text(&text);
+    let originals: Vec<Vec<&str>> = (held_out.lines())
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() >= 6)
+        .collect();
+    let sorted = |s: &str| {
+        let mut c: Vec<char> = s.chars().collect();
+        c.sort();
+        c
+    };
+    for corruption in [Corruption::WordOrder, Corruption::Spelling] {
+        let task = corrupted_task(&text, corruption, 5).unwrap();
+        assert_eq!(task.classes, ["broken", "as written"]);
+        for split in [&task.train, &task.test] {
+            let c = task.counts(split);
+            assert!(c[0].abs_diff(c[1]) <= 1, "{corruption:?}: {c:?}");
+        }
+        assert!(task.test.len() > 300 && task.train.len() > 4 * task.test.len() - 8);
+        let mut broken = 0;
+        for e in task.train.iter().chain(&task.test) {
+            let words: Vec<&str> = e.text.split_whitespace().collect();
+            let verbatim = originals.contains(&words);
+            assert_eq!(verbatim, e.label == 1, "{corruption:?}: {:?}", e.text);
+            if e.label == 1 {
+                continue;
+            }
+            // Its original: a held-out line that the corruption turns into this one.
+            let from = |o: &&Vec<&str>| {
+                o.len() == words.len()
+                    && match corruption {
+                        Corruption::WordOrder => {
+                            let (first, last) = (o[0] == words[0], o.last() == words.last());
+                            let (mut a, mut b) = ((*o).clone(), words.clone());
+                            a.sort();
+                            b.sort();
+                            first && last && a == b
+                        }
+                        Corruption::Spelling => o.iter().zip(&words).all(|(x, y)| {
+                            x == y
+                                || (x.len() >= 5
+                                    && x.chars().all(|c| c.is_ascii_alphabetic())
+                                    && x[..1] == y[..1]
+                                    && x[x.len() - 1..] == y[y.len() - 1..]
+                                    && sorted(x) == sorted(y))
+                        }),
+                    }
+            };
+            assert!(
+                originals.iter().any(|o| from(&o)),
+                "{corruption:?}: no original for {:?}",
+                e.text
+            );
+            broken += 1;
+        }
+        assert!(broken > 500, "{corruption:?}: {broken}");
+    }
+}
+
+/// GPT-1's zero-shot heuristic: a passage's score is minus chapter 4's loss on it, and the
+/// threshold is the training split's best cut.
+#[test]
+fn zero_shot_scores_are_the_language_model_loss_and_the_cut_is_the_best_on_training() {
+    use course::ch09_finetune::classify::{lm_scores, threshold_accuracy};
+    use course::ch09_finetune::task::Example;
+    use course::common::tokenizer::CharTokenizer;
+    let tok = CharTokenizer::from_text("abcdefgh ");
+    let device = Backend::Flex.device();
+    device.seed(2);
+    let gpt = tiny_config(9).init(&device);
+    let passages = ["abc defg", "hhh", "gfedcba abc"];
+    let examples: Vec<Example> = (passages.iter())
+        .map(|t| Example {
+            text: t.to_string(),
+            label: 0,
+        })
+        .collect();
+    let scores = lm_scores(&gpt, &tok, &examples).unwrap();
+    for (p, s) in passages.iter().zip(&scores) {
+        let ids: Vec<i64> = tok.encode(p).unwrap().iter().map(|&i| i as i64).collect();
+        let n = ids.len() - 1;
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(ids[..n].to_vec(), [1, n]), &device);
+        let tgt = Tensor::<2, Int>::from_data(TensorData::new(ids[1..].to_vec(), [1, n]), &device);
+        let loss = gpt.loss(idx, tgt).into_scalar::<f32>() as f64;
+        assert!((s + loss).abs() < 1e-5, "{s} vs -{loss}");
+    }
+    let ex = |labels: &[usize]| -> Vec<Example> {
+        (labels.iter())
+            .map(|&label| Example {
+                text: String::new(),
+                label,
+            })
+            .collect()
+    };
+    let (train, test) = (ex(&[0, 0, 1, 1]), ex(&[0, 1, 0]));
+    let (cut, acc) =
+        threshold_accuracy((&[0.1, 0.2, 0.8, 0.9], &train), (&[0.15, 0.85, 0.3], &test));
+    assert_eq!(cut, 0.2);
+    assert!((acc - 2.0 / 3.0).abs() < 1e-12, "{acc}");
+    // A NaN score is never above the cut: it counts as class 0, and cannot be the cut.
+    let (cut, _) = threshold_accuracy((&[f64::NAN, 0.2, 0.8], &ex(&[1, 0, 1])), (&[], &[]));
+    assert_eq!(cut, 0.2);
 }

@@ -3,7 +3,7 @@
 //! modelling kept on as an auxiliary loss, `L3 = L2 + lambda * L1` with lambda = 0.5.
 
 use super::task::Example;
-use super::{add_tokens, ids_1d};
+use super::{add_tokens, ids_1d, lm_loss_at};
 use crate::ch03_gpt::{Gpt, GptConfig};
 use crate::common::dataset::{rng_for, stream};
 use crate::common::tokenizer::Vocab;
@@ -15,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use rand::RngExt;
 use serde::Serialize;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 // ANCHOR: recipe
 /// What the fine-tuning adds to the pre-trained model; each piece can be switched off.
@@ -287,6 +287,8 @@ pub struct FineTuneSettings {
     pub weight_decay: f64,
     pub seed: u64,
     pub recipe: Recipe,
+    /// Measure the task loss on the held-out examples every this many steps (0: never).
+    pub eval_every: usize,
 }
 
 impl FineTuneSettings {
@@ -304,16 +306,20 @@ impl FineTuneSettings {
 pub struct FineTuneReport {
     /// The training loss (task + lambda * LM) of each step's batch.
     pub losses: Vec<f64>,
+    /// (steps done, the task loss on the held-out examples), every `eval_every` steps.
+    pub test_losses: Vec<(usize, f64)>,
+    /// Time per training step, the held-out evaluations left out.
     pub ms_per_step: f64,
 }
 
 // ANCHOR: fine_tune
 /// Trains `model` (on an autodiff device) on `train` with AdamW; only the parameters that
 /// require a gradient receive one, so frozen ones stay as they are. Batches are drawn at
-/// random from (seed, step), so every method sees the same ones.
+/// random from (seed, step), so every method sees the same ones. `test` is only measured.
 pub fn fine_tune(
     mut model: Classifier,
     train: &[Encoded],
+    test: &[Encoded],
     s: &FineTuneSettings,
 ) -> Result<(Classifier, FineTuneReport)> {
     if train.is_empty() || s.steps == 0 || s.batch_size == 0 {
@@ -324,7 +330,19 @@ pub fn fine_tune(
         .with_weight_decay(s.weight_decay as f32)
         .init();
     let mut report = FineTuneReport::default();
+    let mut evaluating = Duration::ZERO;
+    let mut evaluate = |model: &Classifier, done: usize, report: &mut FineTuneReport| {
+        if s.eval_every > 0
+            && !test.is_empty()
+            && (done.is_multiple_of(s.eval_every) || done == s.steps)
+        {
+            let t = Instant::now();
+            report.test_losses.push((done, task_loss(model, test)));
+            evaluating += t.elapsed();
+        }
+    };
     let started = Instant::now();
+    evaluate(&model, 0, &mut report);
     for step in 0..s.steps {
         let mut rng = rng_for(s.seed, stream::TRAIN, step);
         let picked: Vec<&Encoded> = (0..s.batch_size)
@@ -344,8 +362,10 @@ pub fn fine_tune(
         let (grads, _) = clip_grad_norm(grads, &model, Some(1.0));
         model = optim.step(s.lr_at(step), model, grads);
         report.losses.push(value);
+        evaluate(&model, step + 1, &mut report);
     }
-    report.ms_per_step = started.elapsed().as_secs_f64() * 1e3 / s.steps as f64;
+    let training = started.elapsed() - evaluating;
+    report.ms_per_step = training.as_secs_f64() * 1e3 / s.steps as f64;
     Ok((model, report))
 }
 // ANCHOR_END: fine_tune
@@ -369,6 +389,18 @@ pub fn scores(model: &Classifier, examples: &[Encoded]) -> Vec<Vec<f32>> {
     rows
 }
 
+/// The mean cross-entropy of the class scores against the labels (the task loss, no LM term).
+pub fn task_loss(model: &Classifier, examples: &[Encoded]) -> f64 {
+    let total: f64 = (scores(model, examples).iter().zip(examples))
+        .map(|(row, e)| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            max + sum.ln() - row[e.label] as f64
+        })
+        .sum();
+    total / examples.len().max(1) as f64
+}
+
 /// The share of `examples` whose highest score is their label.
 pub fn accuracy(model: &Classifier, examples: &[Encoded]) -> f64 {
     let right = (scores(model, examples).iter().zip(examples))
@@ -379,3 +411,43 @@ pub fn accuracy(model: &Classifier, examples: &[Encoded]) -> f64 {
         .count();
     right as f64 / examples.len().max(1) as f64
 }
+
+// ANCHOR: zero_shot
+/// GPT-1's zero-shot heuristic for CoLA (its section 5), with no training at all: a passage
+/// scores the mean log-probability the pre-trained model gives its tokens.
+pub fn lm_scores<T: Vocab>(gpt: &Gpt, tokenizer: &T, examples: &[Example]) -> Result<Vec<f64>> {
+    let gpt = gpt.valid();
+    let device = model_device(&gpt);
+    (examples.iter())
+        .map(|e| {
+            let mut ids = tokenizer.encode(&e.text)?;
+            ids.truncate(gpt.block_size + 1);
+            if ids.len() < 2 {
+                bail!("a passage of fewer than 2 tokens has no score");
+            }
+            let n = ids.len() - 1;
+            let idx = ids_1d(&ids[..n], &device).reshape([1, n]); // [1, n]
+            let rows = Tensor::<1, Int>::arange(0..n as i64, &device); // every position
+            let loss = lm_loss_at(&gpt, idx, rows, ids_1d(&ids[1..], &device));
+            Ok(-(loss.into_scalar::<f32>() as f64))
+        })
+        .collect()
+}
+
+/// Thresholding a score into labels 0 (below) and 1 (above): the threshold that is right most
+/// often on the training examples, and how often it is right on the test examples.
+pub fn threshold_accuracy(train: (&[f64], &[Example]), test: (&[f64], &[Example])) -> (f64, f64) {
+    let right = |(scores, examples): (&[f64], &[Example]), at: f64| {
+        let n = (scores.iter().zip(examples))
+            .filter(|&(&s, e)| usize::from(s > at) == e.label)
+            .count();
+        n as f64 / examples.len().max(1) as f64
+    };
+    let mut candidates: Vec<f64> = train.0.iter().copied().filter(|s| s.is_finite()).collect();
+    candidates.sort_by(f64::total_cmp);
+    let best = (candidates.iter().copied())
+        .max_by(|&a, &b| right(train, a).total_cmp(&right(train, b)))
+        .unwrap_or(f64::NAN);
+    (best, right(test, best))
+}
+// ANCHOR_END: zero_shot

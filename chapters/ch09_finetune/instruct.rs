@@ -11,7 +11,7 @@ use crate::common::tokenizer::Vocab;
 use crate::common::train::{LanguageModel, clip_grad_norm, model_device};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
@@ -216,6 +216,26 @@ pub fn mean_loss(model: &Gpt, data: &[Tokens], eot: usize, s: &InstructSettings)
     total / count.max(1) as f64
 }
 
+// ANCHOR: train_step
+/// One step on a batch: the masked loss, its gradients clipped to norm 1, AdamW's update.
+/// Returns the model and the loss before the update.
+pub fn train_step(
+    model: Gpt,
+    optim: &mut ModuleOptimizer,
+    batch: &LmBatch,
+    lr: f64,
+) -> Result<(Gpt, f64)> {
+    let loss = batch_loss(&model, batch);
+    let value = loss.clone().into_scalar::<f32>() as f64;
+    if !value.is_finite() {
+        bail!("the instruction-tuning loss became {value}");
+    }
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let (grads, _) = clip_grad_norm(grads, &model, Some(1.0));
+    Ok((optim.step(lr, model, grads), value))
+}
+// ANCHOR_END: train_step
+
 // ANCHOR: instruct
 /// AdamW on the training records, epoch by epoch in a shuffled order drawn from (seed, epoch);
 /// the validation loss every `eval_interval` steps and at the end.
@@ -269,14 +289,9 @@ pub fn instruct(
         }
         let tick = Instant::now();
         let batch = collate(&picked, eot, s.mask_prompt, &device);
-        let loss = batch_loss(&model, &batch);
-        let value = loss.clone().into_scalar::<f32>() as f64;
-        if !value.is_finite() {
-            bail!("the instruction-tuning loss became {value} at step {step} (try a lower --lr)");
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        let (grads, _) = clip_grad_norm(grads, &model, Some(1.0));
-        model = optim.step(s.lr, model, grads);
+        let value;
+        (model, value) = train_step(model, &mut optim, &batch, s.lr)
+            .with_context(|| format!("at step {step} (try a lower --lr)"))?;
         train_ms += tick.elapsed().as_secs_f64() * 1e3;
         tokens += batch.inputs.dims().iter().product::<usize>();
         report.train.push((step, value));

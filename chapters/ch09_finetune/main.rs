@@ -6,6 +6,8 @@
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
+use burn::optim::AdamWConfig;
+use burn::prelude::{Int, Tensor};
 use clap::Parser;
 use course::ch03_gpt::{Gpt, GptConfig};
 use course::ch04_pretrain::checkpoint;
@@ -16,13 +18,13 @@ use course::ch08_pretrained::tokenizer::Tokenizer;
 use course::ch08_pretrained::{load_openai, pretrained_weights, published};
 use course::ch09_finetune::classify::{
     Classifier, Encoded, FineTuneSettings, LoraSettings, Method, Recipe, accuracy, encode_all,
-    fine_tune, scores,
+    fine_tune, lm_scores, scores, threshold_accuracy,
 };
 use course::ch09_finetune::instruct::{
     self, InstructSettings, Record, Tokens, instruction_file, load_records, respond,
 };
 use course::ch09_finetune::lora::{count_params, merge};
-use course::ch09_finetune::task::{Task, speaker_task};
+use course::ch09_finetune::task::{Corruption, Task, corrupted_task, speaker_task};
 use course::common::cli::{CommonArgs, positive};
 use course::common::max_diff;
 use course::common::report::{plot_curves_at, write_atomic, write_json};
@@ -50,7 +52,11 @@ struct Args {
     /// Which parts to run.
     #[arg(long, value_enum, default_value = "all")]
     part: Part,
-    /// Speakers in the task (the most frequent ones of the held-out text).
+    /// The task: is a line's spelling, or its word order, as Shakespeare wrote it; or who says
+    /// a speech.
+    #[arg(long, value_enum, default_value = "spelling")]
+    task: TaskKind,
+    /// Speakers in the speaker task (the most frequent ones of the held-out text).
     #[arg(long, default_value_t = 4)]
     classes: usize,
     /// Optimizer steps of each fine-tuning run.
@@ -114,13 +120,27 @@ struct Args {
     /// After instruction tuning, read instructions from stdin, one per line, and answer each.
     #[arg(long)]
     interactive: bool,
+    /// `--part speed`: timed steps (after one untimed), at GPT-2 124M's shape with random
+    /// weights (or the `--weights` given).
+    #[arg(long, default_value_t = 3)]
+    speed_steps: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TaskKind {
+    Spelling,
+    Order,
+    Speaker,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
+    /// Classification, then instruction tuning.
     All,
     Classify,
     Instruct,
+    /// The time of an instruction-tuning step at GPT-2 124M's shape (not part of `all`).
+    Speed,
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,11 +148,14 @@ fn main() -> std::process::ExitCode {
         let args = Args::parse();
         check(&args)?;
         let run = args.common.start(CHAPTER, "Chapter 9: fine-tuning", None)?;
-        if args.part != Part::Instruct {
+        if matches!(args.part, Part::All | Part::Classify) {
             classification(&args, &run)?;
         }
-        if args.part != Part::Classify {
+        if matches!(args.part, Part::All | Part::Instruct) {
             instruction_tuning(&args, &run)?;
+        }
+        if args.part == Part::Speed {
+            speed(&args, &run)?;
         }
         Ok(())
     })
@@ -145,8 +168,12 @@ fn check(a: &Args) -> Result<()> {
     if !(a.aux_weight >= 0.0 && a.aux_weight.is_finite()) {
         bail!("--aux-weight must be 0 or positive, got {}", a.aux_weight);
     }
-    if a.lora_rank == 0 || a.instruct_steps == 0 || a.instruct_batch_size == 0 {
-        bail!("--lora-rank, --instruct-steps and --instruct-batch-size must be at least 1");
+    if a.lora_rank == 0 || a.instruct_steps == 0 || a.instruct_batch_size == 0 || a.speed_steps == 0
+    {
+        bail!(
+            "--lora-rank, --instruct-steps, --instruct-batch-size and --speed-steps must be at \
+             least 1"
+        );
     }
     Ok(())
 }
@@ -165,6 +192,7 @@ struct MethodResult {
 
 #[derive(Serialize)]
 struct ClassifySummary {
+    task: String,
     checkpoint: String,
     classes: Vec<String>,
     train_counts: Vec<usize>,
@@ -172,8 +200,17 @@ struct ClassifySummary {
     majority_baseline: f64,
     settings: FineTuneSettings,
     lora: LoraSettings,
+    /// GPT-1's zero-shot heuristic (two-class tasks): the pre-trained model's mean token
+    /// log-probability, thresholded on the training split.
+    zero_shot: Option<ZeroShot>,
     results: Vec<MethodResult>,
     lora_merge_max_diff: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct ZeroShot {
+    threshold: f64,
+    accuracy: f64,
 }
 
 fn classification(args: &Args, run: &Run) -> Result<()> {
@@ -184,6 +221,7 @@ fn classification(args: &Args, run: &Run) -> Result<()> {
         aux_weight: args.aux_weight,
     };
     the_input_transformation(&gpt, &tok, &task, recipe)?;
+    let zero_shot = zero_shot(&gpt, &tok, &task)?;
     let lora = LoraSettings {
         rank: args.lora_rank,
         alpha: args.lora_alpha,
@@ -191,29 +229,45 @@ fn classification(args: &Args, run: &Run) -> Result<()> {
     let (results, curves, merge_diff) =
         four_ways(args, run, (&gpt, &config), &tok, &task, recipe, lora)?;
     let summary = ClassifySummary {
+        task: format!("{:?}", args.task).to_lowercase(),
         checkpoint: args.checkpoint.display().to_string(),
         classes: task.classes.clone(),
         train_counts: task.counts(&task.train),
         test_counts: task.counts(&task.test),
         majority_baseline: task.majority_baseline(),
+        zero_shot,
         settings: settings(args, 0, recipe),
         lora,
         results,
         lora_merge_max_diff: merge_diff,
     };
     write_table(&summary, &run.out)?;
-    let named: Vec<(&str, Vec<(f64, f64)>)> =
-        curves.iter().map(|(m, c)| (m.name(), c.clone())).collect();
+    let train: Vec<(&str, Vec<(f64, f64)>)> = (curves.iter())
+        .map(|(m, c, _)| (m.name(), c.clone()))
+        .collect();
     plot_curves_at(
         &run.out.join("finetune_losses.svg"),
-        "Fine-tuning loss (task + 0.5 LM), mean of the seeds",
+        &format!(
+            "Training loss (task + {} LM, 25-step mean), mean of the seeds",
+            args.aux_weight
+        ),
         "step",
-        &named,
+        &train,
+        SeriesLabelPosition::UpperRight,
+    )?;
+    let test: Vec<(&str, Vec<(f64, f64)>)> = (curves.iter())
+        .map(|(m, _, c)| (m.name(), c.clone()))
+        .collect();
+    plot_curves_at(
+        &run.out.join("finetune_test_losses.svg"),
+        "Task loss on the held-out test split, mean of the seeds",
+        "step",
+        &test,
         SeriesLabelPosition::UpperRight,
     )?;
     write_json(&run.out.join("classify.json"), &summary)?;
     println!(
-        "{}: classify.json, classify.md, finetune_losses.svg",
+        "{}: classify.json, classify.md, finetune_losses.svg, finetune_test_losses.svg",
         run.out.display()
     );
     Ok(())
@@ -222,28 +276,39 @@ fn classification(args: &Args, run: &Run) -> Result<()> {
 // ANCHOR: the_task
 /// 9.1: the task, its classes and split, and the accuracy that needs no model at all.
 fn the_task(args: &Args, run: &Run) -> Result<Task> {
-    section("9.1", "The task: who says this speech?");
-    let task = speaker_task(&run.corpus.text, args.classes, 5)?;
-    let (train, test) = (task.counts(&task.train), task.counts(&task.test));
+    section("9.1", "The task");
+    let text = &run.corpus.text;
+    let task = match args.task {
+        TaskKind::Spelling => corrupted_task(text, Corruption::Spelling, 5)?,
+        TaskKind::Order => corrupted_task(text, Corruption::WordOrder, 5)?,
+        TaskKind::Speaker => speaker_task(text, args.classes, 5)?,
+    };
     println!(
-        "speeches of the last 10% of the text (which chapter 4 never trains on), {} speakers:",
+        "{} of the last 10% of the text (which chapter 4 never trains on), {} classes:",
+        match args.task {
+            TaskKind::Spelling => "is a line spelled as Shakespeare wrote it? Lines of 6+ words",
+            TaskKind::Order => "is a line in Shakespeare's word order? Lines of 6+ words",
+            TaskKind::Speaker => "who says this speech? Speeches",
+        },
         task.classes.len()
     );
+    let (train, test) = (task.counts(&task.train), task.counts(&task.test));
     for (i, name) in task.classes.iter().enumerate() {
         println!(
-            "  {i} {name:<12} train {:>3}  test {:>3}",
+            "  {i} {name:<12} train {:>4}  test {:>4}",
             train[i], test[i]
         );
     }
     println!(
-        "{} train, {} test; always answering the most frequent speaker: {:.1}% of the test",
+        "{} train, {} test; always answering the most frequent class: {:.1}% of the test",
         task.train.len(),
         task.test.len(),
         100.0 * task.majority_baseline()
     );
-    let e = &task.test[0];
-    let shown: String = e.text.chars().take(120).collect();
-    println!("test example 0 ({}):\n{shown}", task.classes[e.label]);
+    for e in task.test.iter().take(2) {
+        let shown: String = e.text.chars().take(120).collect();
+        println!("test example ({}):\n  {shown}", task.classes[e.label]);
+    }
     Ok(task)
 }
 // ANCHOR_END: the_task
@@ -302,6 +367,30 @@ fn the_input_transformation(gpt: &Gpt, tok: &Tokenizer, task: &Task, recipe: Rec
 }
 // ANCHOR_END: the_input_transformation
 
+// ANCHOR: zero_shot_main
+/// GPT-1's zero-shot heuristic, for a task of two classes: what the pre-trained model knows
+/// before any fine-tuning.
+fn zero_shot(gpt: &Gpt, tok: &Tokenizer, task: &Task) -> Result<Option<ZeroShot>> {
+    if task.classes.len() != 2 {
+        return Ok(None);
+    }
+    let train = lm_scores(gpt, tok, &task.train)?;
+    let test = lm_scores(gpt, tok, &task.test)?;
+    let (threshold, accuracy) = threshold_accuracy((&train, &task.train), (&test, &task.test));
+    println!(
+        "zero-shot (no training): a passage is '{}' when the pre-trained model's mean token \
+         log-probability is above {threshold:.3} (the best cut on the training split): \
+         {:.1}% of the test",
+        task.classes[1],
+        100.0 * accuracy
+    );
+    Ok(Some(ZeroShot {
+        threshold,
+        accuracy,
+    }))
+}
+// ANCHOR_END: zero_shot_main
+
 fn settings(args: &Args, seed: u64, recipe: Recipe) -> FineTuneSettings {
     FineTuneSettings {
         steps: args.steps,
@@ -310,10 +399,12 @@ fn settings(args: &Args, seed: u64, recipe: Recipe) -> FineTuneSettings {
         weight_decay: 0.01,
         seed,
         recipe,
+        eval_every: (args.steps / 12).max(1),
     }
 }
 
-type Curves = Vec<(Method, Vec<(f64, f64)>)>;
+/// Per method, the mean over the seeds of the smoothed training loss and of the test loss.
+type Curves = Vec<(Method, Vec<(f64, f64)>, Vec<(f64, f64)>)>;
 
 // ANCHOR: four_ways
 /// 9.3: every method, every seed, the same split, batches and steps; then 9.4, the LoRA run
@@ -330,7 +421,8 @@ fn four_ways(
     section("9.3", "Four ways to fine-tune");
     let (mut results, mut curves, mut merge_diff) = (Vec::new(), Vec::new(), None);
     for &method in &args.methods {
-        let (mut accuracies, mut ms, mut mean_curve, mut count) = (vec![], 0.0, vec![], None);
+        let (mut accuracies, mut ms, mut count) = (vec![], 0.0, None);
+        let (mut train_curve, mut test_curve) = (vec![], vec![]);
         for seed in 0..args.seeds {
             // The run's own random draws (head, new tokens, LoRA's A, a fresh model) follow
             // from its seed, here, where the notebook can be read.
@@ -340,22 +432,25 @@ fn four_ways(
             let train = encode_all(&model, tok, &task.train)?;
             let test = encode_all(&model, tok, &task.test)?;
             let s = settings(args, args.common.seed + seed, recipe);
-            let (trained, report) = fine_tune(model, &train, &s)?;
+            let (trained, report) = fine_tune(model, &train, &test, &s)?;
             let acc = accuracy(&trained, &test);
             println!(
-                "{:<18} seed {seed}: test accuracy {:5.1}%  ({:.0} ms/step, final loss {:.3})",
+                "{:<18} seed {seed}: test accuracy {:5.1}%  ({:.0} ms/step, final training \
+                 loss {:.3}, test loss {:.3})",
                 method.name(),
                 100.0 * acc,
                 report.ms_per_step,
-                smoothed(&report.losses).last().map_or(f64::NAN, |p| p.1)
+                smoothed(&report.losses).last().map_or(f64::NAN, |p| p.1),
+                report.test_losses.last().map_or(f64::NAN, |p| p.1)
             );
             accuracies.push(acc);
             ms += report.ms_per_step / args.seeds as f64;
-            add_curve(
-                &mut mean_curve,
-                &smoothed(&report.losses),
-                args.seeds as f64,
-            );
+            let n = args.seeds as f64;
+            add_curve(&mut train_curve, &smoothed(&report.losses), n);
+            let test_losses: Vec<(f64, f64)> = (report.test_losses.iter())
+                .map(|&(s, l)| (s as f64, l))
+                .collect();
+            add_curve(&mut test_curve, &test_losses, n);
             if method == Method::Lora && seed == 0 {
                 merge_diff = Some(merged_equals_unmerged(&trained, &test));
             }
@@ -371,7 +466,7 @@ fn four_ways(
             total: count.total,
             ms_per_step: ms,
         });
-        curves.push((method, mean_curve));
+        curves.push((method, train_curve, test_curve));
     }
     Ok((results, curves, merge_diff))
 }
@@ -448,8 +543,14 @@ fn write_table(s: &ClassifySummary, out: &std::path::Path) -> Result<()> {
             r.ms_per_step
         );
     }
+    if let Some(z) = &s.zero_shot {
+        t += &format!(
+            "| pre-trained, no training (GPT-1's zero-shot heuristic) | {:.1}% | | 0 | |\n",
+            100.0 * z.accuracy
+        );
+    }
     t += &format!(
-        "| always the most frequent speaker | {:.1}% | | 0 | |\n",
+        "| always the most frequent class | {:.1}% | | 0 | |\n",
         100.0 * s.majority_baseline
     );
     println!("\n{t}");
@@ -516,6 +617,150 @@ fn instruction_tuning(args: &Args, run: &Run) -> Result<()> {
     Ok(())
 }
 // ANCHOR_END: instruction_tuning
+
+#[derive(Serialize)]
+struct Speed {
+    program: String,
+    model: String,
+    parameters: usize,
+    batch: [usize; 2],
+    targets: usize,
+    step_ms: Vec<f64>,
+    median_ms: f64,
+    tokens_per_second: f64,
+}
+
+/// The batch `--part speed` times, for PyTorch to time the same one (`book/instruct_speed.py`).
+#[derive(Serialize)]
+struct SpeedBatch {
+    inputs: Vec<Vec<i64>>,
+    /// The next token at the positions that count, -100 elsewhere (PyTorch's `ignore_index`).
+    targets: Vec<Vec<i64>>,
+}
+
+// ANCHOR: speed
+/// 9.8: one instruction-tuning step at GPT-2 124M's shape: the first batch of the training
+/// records, GPT-2's tokenizer, random weights (they cost what GPT-2's do).
+fn speed(args: &Args, run: &Run) -> Result<()> {
+    section("9.8", "Speed at GPT-2's shape");
+    let device = run.device.clone().autodiff();
+    let (gpt, model) = match &args.weights {
+        Some(w) => (load_openai(w, None, &device)?.0, w.display().to_string()),
+        None => {
+            let gpt2_124m = GptConfig::new(50_257, 1024, 12, 12, 768)
+                .with_bias(true)
+                .with_tie_weights(true)
+                .with_gelu_tanh(true);
+            (
+                gpt2_124m.init(&device),
+                "GPT-2 124M's shape, random weights".into(),
+            )
+        }
+    };
+    let mut gpt = gpt.with_kernels(FUSED);
+    let bpe = gpt2()?;
+    let eot = bpe
+        .special_id(END_OF_TEXT)
+        .context("GPT-2's <|endoftext|>")? as usize;
+    let tok = Tokenizer::Bpe(bpe);
+    let rows = gpt.wte.weight.dims()[0];
+    if rows < tok.vocab_size() {
+        bail!(
+            "GPT-2's tokenizer has {} tokens but the model in {model} only {rows}",
+            tok.vocab_size()
+        );
+    }
+    let records = load_records(&instruction_file(args.instructions.as_deref())?)?;
+    let (train, _, _) = instruct::split(&records);
+    let first = fitting(
+        &tok,
+        &train[..args.instruct_batch_size.min(train.len())],
+        1024,
+        "",
+    )?;
+    let picked: Vec<&Tokens> = first.iter().collect();
+    let batch = instruct::collate(&picked, eot, !args.keep_prompt_in_loss, &device);
+    let [b, t] = batch.inputs.dims();
+    println!(
+        "{model}, {} parameters; batch {b} x {t} (the first {b} training records, padded), {} \
+         targets in the loss",
+        gpt.num_params(),
+        batch.count
+    );
+    let mut optim = AdamWConfig::new().with_weight_decay(0.1).init();
+    let mut step_ms = Vec::new();
+    for step in 0..=args.speed_steps {
+        let tick = std::time::Instant::now();
+        (gpt, _) = instruct::train_step(gpt, &mut optim, &batch, args.instruct_lr)?;
+        let ms = tick.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "step {step}: {ms:.0} ms{}",
+            if step == 0 { " (untimed)" } else { "" }
+        );
+        if step > 0 {
+            step_ms.push(ms);
+        }
+    }
+    let median_ms = median(&step_ms);
+    let result = Speed {
+        program: format!("{} ({})", run.backend.name(), gpt.kernels.name()),
+        model,
+        parameters: gpt.num_params(),
+        batch: [b, t],
+        targets: batch.count,
+        tokens_per_second: (b * t) as f64 / (median_ms / 1e3),
+        step_ms,
+        median_ms,
+    };
+    println!(
+        "median of {}: {:.0} ms/step, {:.0} tokens/s",
+        args.speed_steps, result.median_ms, result.tokens_per_second
+    );
+    // What an epoch costs at this rate: every training record, batches in file order.
+    let all = fitting(&tok, train, 1024, "training")?;
+    let padded: usize = (all.chunks(args.instruct_batch_size))
+        .map(|c| c.len() * c.iter().map(|r| r.ids.len()).max().unwrap_or(0))
+        .sum();
+    println!(
+        "one epoch of the {} training records in batches of {}: {padded} padded tokens, about \
+         {:.0} minutes at this rate",
+        all.len(),
+        args.instruct_batch_size,
+        padded as f64 / result.tokens_per_second / 60.0
+    );
+    write_json(&run.out.join("speed_batch.json"), &batch_rows(&batch)?)?;
+    write_json(&run.out.join("speed.json"), &result)?;
+    println!("{}: speed.json, speed_batch.json", run.out.display());
+    println!("{}", serde_json::to_string(&result)?); // last: for book/instruct_speed.py
+    Ok(())
+}
+// ANCHOR_END: speed
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The batch as rows of ids, and its targets with -100 where the loss leaves a position out.
+fn batch_rows(batch: &instruct::LmBatch) -> Result<SpeedBatch> {
+    let [b, t] = batch.inputs.dims();
+    let ints = |x: &Tensor<1, Int>| {
+        x.to_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let ids = ints(&batch.inputs.clone().reshape([b * t]))?;
+    let mut targets = vec![-100i64; b * t];
+    for (row, target) in ints(&batch.rows)?.into_iter().zip(ints(&batch.targets)?) {
+        targets[row as usize] = target;
+    }
+    Ok(SpeedBatch {
+        inputs: ids.chunks(t).map(<[i64]>::to_vec).collect(),
+        targets: targets.chunks(t).map(<[i64]>::to_vec).collect(),
+    })
+}
 
 /// GPT-2 when its weights can be had; else the `--instruct-checkpoint`; else one line on why
 /// this part is skipped.

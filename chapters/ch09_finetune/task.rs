@@ -1,7 +1,10 @@
-//! The task: who says this speech? Cut from the part of the corpus that pre-training held out.
+//! Two tasks cut from the part of the corpus that pre-training held out: who says this speech,
+//! and is this line in Shakespeare's word order.
 
-use crate::common::dataset::split_text;
+use crate::common::dataset::{rng_for, split_text};
 use anyhow::{Result, bail};
+use rand::seq::SliceRandom;
+use serde::Serialize;
 use std::collections::HashMap;
 
 /// One labelled passage.
@@ -15,7 +18,7 @@ pub struct Example {
 /// A classification task with a fixed split.
 #[derive(Clone, Debug)]
 pub struct Task {
-    /// The speakers, most frequent first.
+    /// The class names (the speakers, most frequent first; or the two orders).
     pub classes: Vec<String>,
     pub train: Vec<Example>,
     pub test: Vec<Example>,
@@ -80,6 +83,102 @@ pub fn speaker_task(text: &str, classes: usize, test_every: usize) -> Result<Tas
     })
 }
 // ANCHOR_END: speaker_task
+
+// ANCHOR: corrupted_task
+/// How the second class of a [`corrupted_task`] breaks a line of verse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Corruption {
+    /// Shuffle the words between the first and the last (so a capital letter or a closing
+    /// stop tells nothing).
+    WordOrder,
+    /// Shuffle the inner letters of every word of 5+ letters ("gentleman" -> "gnetlaemn"),
+    /// the first and last letters staying.
+    Spelling,
+}
+
+/// Is this line as Shakespeare wrote it? The spoken lines of the held-out part with at least 6
+/// words; every other one, in text order, is broken by `corruption`. Label 1: as written,
+/// 0: broken. Each line appears once, in one version only, and every `test_every`-th one is
+/// held out for the test. Like CoLA, GPT-1's test of grammar, it asks for what a language
+/// model learns from raw text alone: which words, and which orders of words, occur.
+pub fn corrupted_task(text: &str, corruption: Corruption, test_every: usize) -> Result<Task> {
+    if test_every < 2 {
+        bail!("a task needs a test split (test_every >= 2)");
+    }
+    let (_, held_out) = split_text(text);
+    let spoken = speeches(held_out);
+    let lines = spoken.iter().flat_map(|(_, speech)| speech.lines());
+    let (mut train, mut test, mut kept) = (Vec::new(), Vec::new(), 0);
+    for line in lines {
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        let Some(breakable) = breakable(&words, corruption) else {
+            continue; // too short, or nothing to break
+        };
+        let label = (kept + 1) % 2; // as written, broken, as written, ...
+        // A generator of the task's own, from the line's number: no global state.
+        let mut rng = rng_for(0, CORRUPT_STREAM, kept);
+        let mut broken = words.clone();
+        while label == 0 && broken == words {
+            match corruption {
+                Corruption::WordOrder => broken[1..words.len() - 1].shuffle(&mut rng),
+                Corruption::Spelling => {
+                    for &i in &breakable {
+                        let mut letters: Vec<char> = words[i].chars().collect();
+                        let n = letters.len();
+                        letters[1..n - 1].shuffle(&mut rng);
+                        broken[i] = letters.into_iter().collect();
+                    }
+                }
+            }
+        }
+        kept += 1;
+        let example = Example {
+            text: broken.join(" "),
+            label,
+        };
+        match kept % test_every == 0 {
+            true => test.push(example),
+            false => train.push(example),
+        }
+    }
+    if test.len() < 2 {
+        bail!("the held-out text has too few lines of 6+ words for this task");
+    }
+    Ok(Task {
+        classes: vec!["broken".into(), "as written".into()],
+        train,
+        test,
+    })
+}
+
+/// The words a corruption may change, or `None` when the line is left out (fewer than 6
+/// words, or nothing that a shuffle would change).
+fn breakable(words: &[String], corruption: Corruption) -> Option<Vec<usize>> {
+    let n = words.len();
+    if n < 6 {
+        return None;
+    }
+    let found: Vec<usize> = match corruption {
+        Corruption::WordOrder => match words[1..n - 1].iter().all(|w| *w == words[1]) {
+            true => vec![],
+            false => (1..n - 1).collect(),
+        },
+        Corruption::Spelling => (0..n)
+            .filter(|&i| {
+                let w: Vec<char> = words[i].chars().collect();
+                let inner = &w[1..w.len().max(2) - 1];
+                w.len() >= 5
+                    && w.iter().all(|c| c.is_ascii_alphabetic())
+                    && inner.iter().any(|c| *c != inner[0])
+            })
+            .collect(),
+    };
+    (!found.is_empty()).then_some(found)
+}
+
+/// `rng_for`'s purpose for the corrupted task's shuffles (apart from chapter 4's streams).
+const CORRUPT_STREAM: u64 = 9;
+// ANCHOR_END: corrupted_task
 
 impl Task {
     /// How many examples of each class a split holds.

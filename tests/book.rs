@@ -180,3 +180,65 @@ fn each_chapter_page_numbers_its_sections_as_the_binary_prints_them() {
     }
     assert!(checked >= 4, "{checked} chapter pages checked");
 }
+
+/// The numbers the prose takes from runs, marked `NUMBER<!-- in: recorded/FILE -->`: (page,
+/// number, file).
+fn marked_numbers() -> Vec<(PathBuf, String, String)> {
+    let mut out = Vec::new();
+    for page in pages() {
+        let text = fs::read_to_string(&page).unwrap();
+        for (i, _) in text.match_indices("<!-- in: ") {
+            let rest = &text[i + "<!-- in: ".len()..];
+            let file = rest[..rest.find("-->").expect("closed marker")].trim();
+            // A unit right after the number ("59.5%", "1.6x") is not part of it.
+            let before = text[..i].trim_end().trim_end_matches(['%', 'x', '×']);
+            let start = before
+                .rfind(|c: char| !(c.is_ascii_digit() || ".,-+eE".contains(c)))
+                .map_or(0, |j| j + 1);
+            let number = before[start..].trim_matches(|c| c == '.' || c == ',');
+            out.push((page.clone(), number.to_string(), file.to_string()));
+        }
+    }
+    out
+}
+
+/// Whether `text` holds `number` as a whole number (not inside a longer one), with or without
+/// its thousands separators.
+fn holds_number(text: &str, number: &str) -> bool {
+    [number.to_string(), number.replace(',', "")]
+        .iter()
+        .any(|n| {
+            text.match_indices(n.as_str()).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + n.len()..].chars().next();
+                let digit = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit());
+                !digit(before)
+                    && !digit(after)
+                    && !(after == Some('.') && digit(text[i + n.len() + 1..].chars().next()))
+            })
+        })
+}
+
+/// A number the prose takes from a recorded run is in that recording: re-recording a run that
+/// changes it fails here until the prose follows.
+#[test]
+fn every_marked_number_in_the_prose_is_in_its_recording() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("book/src");
+    let marked = marked_numbers();
+    for (page, number, file) in &marked {
+        assert!(
+            number.chars().any(|c| c.is_ascii_digit()),
+            "{}: a marker for {file} follows no number",
+            page.display()
+        );
+        let text = fs::read_to_string(src.join(file))
+            .unwrap_or_else(|_| panic!("{}: marker names missing file {file}", page.display()));
+        assert!(
+            holds_number(&text, number),
+            "{}: {number} is not in {file} (re-recorded? update the prose)",
+            page.display()
+        );
+    }
+    assert!(holds_number("x 3151 y", "3,151") && !holds_number("0.123", "0.12"));
+    assert!(!holds_number("13.5", "3.5") && !holds_number("3.51", "3.5"));
+}

@@ -108,7 +108,8 @@ impl<T> Dataset<T> {
 
     // ANCHOR: sample_ids
     /// Token ids of a random batch: `x[b]` is a block of the split, `y[b]` the same block
-    /// shifted one character to the right (the next character at every position).
+    /// shifted one character to the left, `y[b][t] = x[b][t + 1]` (the next character at every
+    /// position).
     pub fn sample_ids(
         &self,
         split: Split,

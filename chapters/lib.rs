@@ -15,6 +15,7 @@ pub mod ch06_generate;
 pub mod ch07_bpe;
 pub mod ch08_pretrained;
 pub mod ch09_finetune;
+pub mod ch10_gpu;
 pub mod compare_backends;
 pub mod exercises;
 

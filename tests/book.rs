@@ -212,9 +212,9 @@ fn holds_number(text: &str, number: &str) -> bool {
                 let before = text[..i].chars().next_back();
                 let after = text[i + n.len()..].chars().next();
                 let digit = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit());
-                !digit(before)
-                    && !digit(after)
-                    && !(after == Some('.') && digit(text[i + n.len() + 1..].chars().next()))
+                // A digit right before or after, or a decimal part after, means a longer number.
+                let decimals = after == Some('.') && digit(text[i + n.len() + 1..].chars().next());
+                !(digit(before) || digit(after) || decimals)
             })
         })
 }

@@ -1,0 +1,218 @@
+//! Chapter 10 as a notebook: a kernel of the course's own on the GPU, in CubeCL, checked
+//! against Burn's operations forward and backward, then a model trained with it.
+//!
+//! Run: `cargo run --release --bin ch10_gpu -- --backend wgpu` (any GPU backend; on a CPU
+//! backend the kernels fall back to chapter 5's, and the notebook says so).
+
+use anyhow::Result;
+use burn::nn::LayerNormConfig;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use clap::Parser;
+use course::ch03_gpt::Kernels;
+use course::ch04_pretrain::bench::{StepTimes, time_steps};
+use course::ch04_pretrain::{known_preset, preset, train_settings};
+use course::ch10_gpu::{GPU, gpu_available};
+use course::common::cli::CommonArgs;
+use course::common::report::{Machine, plot_curves, write_json};
+use course::common::train::{ConstantLr, TrainSettings, train};
+use course::common::{abs_diff, max_rel_diff, section, worst};
+use serde::Serialize;
+use std::time::Instant;
+
+const CHAPTER: &str = "ch10_gpu";
+
+/// Chapter 10: fast training on a GPU.
+#[derive(Parser, Debug)]
+#[command(name = CHAPTER, version)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Whose shapes to time: tiny, baby, medium or lecture.
+    #[arg(long, default_value = "baby")]
+    preset: String,
+    /// Repetitions of each kernel timing (median).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
+    /// Training steps of the side-by-side run in section 10.3.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    train_steps: u64,
+    /// Timed training steps per kernel choice in section 10.4 (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    bench_steps: usize,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    machine: Machine,
+    backend: String,
+    preset: String,
+    gpu_kernels_run_here: bool,
+    /// Largest relative differences from Burn's LayerNorm: output, dx, dgamma.
+    layer_norm_errors: [f32; 3],
+    /// Milliseconds for a forward and backward pass: Burn's, the GPU kernel's.
+    layer_norm_ms: [f64; 2],
+    training_max_loss_diff: f64,
+    steps: Vec<(String, StepTimes)>,
+}
+
+fn main() -> std::process::ExitCode {
+    course::common::exit_on_error(|| {
+        let args = Args::parse();
+        let run = args
+            .common
+            .start(CHAPTER, "Chapter 10: fast training on a GPU", None)?;
+        let cfg = known_preset(&args.preset, run.data.tokenizer.vocab_size())?;
+        run.data.check_block_size(cfg.model.block_size)?;
+        let here = where_the_kernels_run(&run.device);
+        let shape = [cfg.batch_size, cfg.model.block_size, cfg.model.n_embd];
+        let (layer_norm_errors, layer_norm_ms) =
+            layer_norm_on_the_gpu(&run.device.clone().autodiff(), shape, args.reps as usize);
+        let training_max_loss_diff = the_same_training(&run, args.train_steps as usize)?;
+        let mut steps = Vec::new();
+        if args.bench_steps > 0 {
+            section("10.4", &format!("Training steps ({})", args.preset));
+            for kernels in [Kernels::BURN, GPU] {
+                let device = run.device.clone().autodiff();
+                let model = cfg.model.init(&device).with_kernels(kernels);
+                let t = time_steps(&cfg, model, &run.data, 1, args.bench_steps)?;
+                println!(
+                    "{:<5} first step {:>8.0} ms, then {:>8.1} ms/step ({:.0} tokens/s)",
+                    kernels.name(),
+                    t.first_step_ms,
+                    t.median_ms_per_step,
+                    t.tokens_per_s
+                );
+                steps.push((kernels.name().to_string(), t));
+            }
+        }
+        let summary = Summary {
+            machine: Machine::detect(here),
+            backend: run.backend.to_string(),
+            preset: args.preset.clone(),
+            gpu_kernels_run_here: here,
+            layer_norm_errors,
+            layer_norm_ms,
+            training_max_loss_diff,
+            steps,
+        };
+        write_json(&run.out.join("summary.json"), &summary)?;
+        println!("{}: summary.json, same_training.svg", run.out.display());
+        Ok(())
+    })
+}
+
+// ANCHOR: where
+/// 10.1: the device, and whether chapter 10's kernels run on it.
+fn where_the_kernels_run(device: &Device) -> bool {
+    section("10.1", "Where the kernels run");
+    let here = gpu_available(device);
+    match here {
+        true => println!("{device:?}: a GPU backend (CubeCL): chapter 10's kernels run here"),
+        false => println!(
+            "{device:?}: not a GPU backend; the GPU kernels fall back to chapter 5's (pass \
+             --backend wgpu, vulkan, cuda or metal)"
+        ),
+    }
+    here
+}
+// ANCHOR_END: where
+
+// ANCHOR: layer_norm_on_the_gpu
+/// 10.2: LayerNorm at the model's shape, the GPU kernel against Burn's composed operations:
+/// the largest differences in the output and the gradients, and the time of a forward and
+/// backward pass (median of `reps`, after one that compiles the kernels).
+fn layer_norm_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 3], [f64; 2]) {
+    section("10.2", "LayerNorm, forward and backward");
+    let c = shape[2];
+    let ln = LayerNormConfig::new(c).init(ad);
+    let x0 = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), ad);
+    let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), ad);
+    let run = |k: Kernels| {
+        let x = x0.clone().require_grad();
+        let y = k.layer_norm(&ln, x.clone()); // [b, t, c]
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let dgamma = ln.gamma.val().grad(&grads).expect("gamma's gradient");
+        let dx = x.grad(&grads).expect("x's gradient");
+        let floats = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        let dgamma = dgamma
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap();
+        [floats(y), floats(dx), dgamma] // reading back waits for the device
+    };
+    let time = |k: Kernels| {
+        let mut ms: Vec<f64> = (0..=reps)
+            .map(|_| {
+                let tick = Instant::now();
+                run(k);
+                tick.elapsed().as_secs_f64() * 1e3
+            })
+            .skip(1)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    };
+    let (ours, burns) = (run(GPU), run(Kernels::BURN));
+    let errors = [0, 1, 2].map(|i| max_rel_diff(&ours[i], &burns[i]));
+    println!(
+        "x: {shape:?}; largest difference from Burn's: y {:.1e}, dx {:.1e}, dgamma {:.1e}",
+        errors[0], errors[1], errors[2]
+    );
+    let ms = [time(Kernels::BURN), time(GPU)];
+    println!(
+        "forward + backward (with reading back): Burn's {:.2} ms, the GPU kernel's {:.2} ms",
+        ms[0], ms[1]
+    );
+    (errors, ms)
+}
+// ANCHOR_END: layer_norm_on_the_gpu
+
+/// 10.3: the tiny model trained twice from the same weights and batches, with Burn's
+/// operations and with the GPU kernels.
+fn the_same_training(run: &course::common::Run, steps: usize) -> Result<f64> {
+    section("10.3", "The same training run with either kernels");
+    let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
+    let settings = TrainSettings {
+        steps,
+        eval_interval: steps,
+        eval_iters: 2,
+        seed: run.seed,
+        ..train_settings(&tiny, None)
+    };
+    let mut curves = Vec::new();
+    for kernels in [Kernels::BURN, GPU] {
+        let device = run.device.clone().autodiff();
+        device.seed(run.seed); // both runs draw the same weights and batches
+        let model = tiny.model.clone().init(&device).with_kernels(kernels);
+        let mut optim = burn::optim::AdamWConfig::new().init();
+        let (_, report) = train(
+            model,
+            &mut optim,
+            &run.data,
+            &settings,
+            0,
+            &mut ConstantLr(3e-3),
+        )?;
+        let losses: Vec<(f64, f64)> = (report.steps.iter())
+            .map(|s| (s.step as f64, s.loss))
+            .collect();
+        curves.push((kernels.name(), losses));
+    }
+    let diff = worst((curves[0].1.iter().zip(&curves[1].1)).map(|(a, b)| abs_diff(a.1, b.1)));
+    let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
+    println!(
+        "{steps} steps: last loss {:.4} (Burn) vs {:.4} (GPU kernels); largest difference at \
+         any step {diff:.1e}",
+        last(0),
+        last(1)
+    );
+    plot_curves(
+        &run.out.join("same_training.svg"),
+        "Training loss with Burn's operations and with the GPU kernels",
+        "step",
+        &curves,
+    )?;
+    Ok(diff)
+}

@@ -1,0 +1,176 @@
+//! Chapter 10: the GPU kernels equal Burn's operations, forward and in every gradient, on
+//! awkward shapes and at extreme inputs; a whole model trains to the same losses with them.
+//! On wgpu (CI: Mesa's lavapipe, a software Vulkan driver); `GPT_SKIP_WGPU=1` skips.
+
+mod support;
+
+use burn::nn::LayerNormConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use course::ch03_gpt::{GptConfig, Kernels};
+use course::ch09_finetune::lora::param_values;
+use course::ch10_gpu::{GPU, gpu_available};
+use course::common::max_rel_diff;
+use course::common::train::LanguageModel;
+
+fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.to_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// `|a - b| / max(1, |b|)` at most `tol` everywhere (NaN fails).
+fn assert_close<const D: usize>(what: &str, a: &Tensor<D>, b: &Tensor<D>, tol: f32) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shapes differ");
+    let d = max_rel_diff(&values(a), &values(b));
+    assert!(d <= tol, "{what}: off by {d:e} (at most {tol:e})");
+}
+
+/// LayerNorm of rows of `c` in f64, and the gradients of `sum(y * w)`: `(y, dx, dgamma,
+/// dbeta)`, rounded to f32.
+fn layer_norm_f64(
+    x: &[f32],
+    gamma: &[f32],
+    beta: Option<&[f32]>,
+    w: &[f32],
+    c: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut y, mut dx) = (vec![], vec![]);
+    let (mut dgamma, mut dbeta) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (row, wr) in x.chunks(c).zip(w.chunks(c)) {
+        let n = c as f64;
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        let rstd = 1.0 / (var + 1e-5).sqrt();
+        let xhat: Vec<f64> = row.iter().map(|&v| (v as f64 - mean) * rstd).collect();
+        let g: Vec<f64> = (0..c).map(|i| wr[i] as f64 * gamma[i] as f64).collect();
+        let mean_g = g.iter().sum::<f64>() / n;
+        let mean_gx = (0..c).map(|i| g[i] * xhat[i]).sum::<f64>() / n;
+        for i in 0..c {
+            let b = beta.map_or(0.0, |b| b[i] as f64);
+            y.push((xhat[i] * gamma[i] as f64 + b) as f32);
+            dx.push((rstd * (g[i] - mean_g - xhat[i] * mean_gx)) as f32);
+            dgamma[i] += wr[i] as f64 * xhat[i];
+            dbeta[i] += wr[i] as f64;
+        }
+    }
+    let f32s = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (y, dx, f32s(dgamma), f32s(dbeta))
+}
+
+#[test]
+fn the_kernels_run_on_gpu_devices_only() {
+    assert!(!gpu_available(&support::flex_device()));
+    assert!(!gpu_available(&support::ndarray_device()));
+    if let Some(device) = support::wgpu_device() {
+        assert!(gpu_available(&device) && gpu_available(&device.clone().autodiff()));
+        assert!(GPU.runs_on(&device));
+    }
+}
+
+/// LayerNorm: rows shorter and longer than a cube (7 and 300 columns against 128 units), one
+/// row alone, and rows at |x| = 30 with a spread of 0.01 (where a one-pass variance cancels).
+#[test]
+fn gpu_layer_norm_matches_burn_forward_and_every_gradient() {
+    let Some(device) = support::wgpu_device() else {
+        return;
+    };
+    let ad = device.autodiff();
+    ad.seed(3);
+    let cases: [([usize; 3], bool, f64, f64); 5] = [
+        ([1, 1, 7], true, 0.0, 1.0),
+        ([2, 5, 7], true, 0.5, 3.0),
+        ([2, 3, 300], false, 0.0, 1.0),
+        ([3, 17, 128], true, 0.0, 1.0),
+        ([2, 4, 64], true, 30.0, 0.01),
+    ];
+    for (shape, bias, offset, std) in cases {
+        let c = shape[2];
+        let mut ln = LayerNormConfig::new(c).with_bias(bias).init(&ad);
+        let random =
+            |shape: [usize; 1]| Tensor::<1>::random(shape, Distribution::Normal(0.0, 1.0), &ad);
+        ln.gamma = burn::module::Param::from_tensor(random([c]) + 1.0);
+        if bias {
+            ln.beta = Some(burn::module::Param::from_tensor(random([c])));
+        }
+        let x0 = Tensor::<3>::random(shape, Distribution::Normal(offset, std), &ad);
+        let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), &ad);
+        let run = |k: Kernels| {
+            let x = x0.clone().require_grad();
+            let y = k.layer_norm(&ln, x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            let dgamma = ln.gamma.val().grad(&grads).unwrap();
+            let dbeta = ln.beta.as_ref().map(|b| b.val().grad(&grads).unwrap());
+            (y, x.grad(&grads).unwrap(), dgamma, dbeta)
+        };
+        let (a, b) = (run(GPU), run(Kernels::BURN));
+        let what = format!("{shape:?}, mean {offset}, std {std}");
+        // Against LayerNorm and its gradients in f64 on the host, everywhere ...
+        let gamma = values(&ln.gamma.val());
+        let beta = ln.beta.as_ref().map(|b| values(&b.val()));
+        let exact = layer_norm_f64(&values(&x0), &gamma, beta.as_deref(), &values(&w), c);
+        let got = [&a.0, &a.1].map(values);
+        for (name, got, exact) in [("y", &got[0], &exact.0), ("dx", &got[1], &exact.1)] {
+            let d = max_rel_diff(got, exact);
+            assert!(d <= 1e-4, "{name} {what}: {d:e} from f64");
+        }
+        let d = max_rel_diff(&values(&a.2), &exact.2);
+        assert!(d <= 1e-4, "dgamma {what}: {d:e} from f64");
+        if let Some(dbeta) = &a.3 {
+            let d = max_rel_diff(&values(dbeta), &exact.3);
+            assert!(d <= 1e-4, "dbeta {what}: {d:e} from f64");
+        }
+        // ... and against Burn's composed operations where f32 lets those be exact too (a row
+        // at 30 with a spread of 0.01 costs Burn's unshifted sums more).
+        let tol = if offset.abs() > 1.0 { 1e-2 } else { 1e-4 };
+        assert_close(&format!("y {what}"), &a.0, &b.0, tol);
+        assert_close(&format!("dx {what}"), &a.1, &b.1, tol);
+        assert_close(&format!("dgamma {what}"), &a.2, &b.2, tol);
+        if let (Some(x), Some(y)) = (a.3, b.3) {
+            assert_close(&format!("dbeta {what}"), &x, &y, tol);
+        }
+        // Inference too: the same kernel without the tape.
+        let (ln_inner, x_inner) = (ln.valid(), x0.clone().inner());
+        assert_close(
+            &format!("inference {what}"),
+            &GPU.layer_norm(&ln_inner, x_inner.clone()),
+            &Kernels::BURN.layer_norm(&ln_inner, x_inner),
+            tol,
+        );
+    }
+}
+
+/// A tiny GPT trained for 8 steps of AdamW on one batch: the same losses with the GPU kernels
+/// as with Burn's operations.
+#[test]
+fn a_model_trains_to_the_same_losses_with_the_gpu_kernels() {
+    let Some(device) = support::wgpu_device() else {
+        return;
+    };
+    let ad = device.autodiff();
+    let config = GptConfig::new(17, 12, 2, 2, 16);
+    let idx: Vec<i64> = (0..2 * 12).map(|i| (i * 7 % 17) as i64).collect();
+    let tgt: Vec<i64> = (0..2 * 12).map(|i| ((i * 7 + 3) % 17) as i64).collect();
+    let x = Tensor::<2, Int>::from_data(TensorData::new(idx, [2, 12]), &ad);
+    let y = Tensor::<2, Int>::from_data(TensorData::new(tgt, [2, 12]), &ad);
+    ad.seed(11);
+    let init = config.init(&ad);
+    param_values(&init); // every weight drawn now, once: both runs start from these
+    let losses = |kernels: Kernels| {
+        let mut model = init.clone().with_kernels(kernels);
+        let mut optim = AdamWConfig::new().init();
+        (0..8)
+            .map(|_| {
+                let loss = model.loss(x.clone(), y.clone());
+                let value = loss.clone().into_scalar::<f32>();
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-2, model.clone(), grads);
+                value
+            })
+            .collect::<Vec<f32>>()
+    };
+    let (gpu, burn) = (losses(GPU), losses(Kernels::BURN));
+    assert!(gpu.iter().all(|l| l.is_finite()), "{gpu:?}");
+    assert!(gpu[7] < gpu[0] - 0.3, "the loss does not fall: {gpu:?}");
+    let d = max_rel_diff(&gpu, &burn);
+    assert!(d < 1e-4, "GPU kernels {gpu:?}\nBurn's {burn:?}");
+}

@@ -760,6 +760,7 @@ fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
     use course::ch09_finetune::classify::{accuracy, task_loss};
     use rand::{RngExt, SeedableRng};
     let device = Backend::Flex.device().autodiff();
+    // Other tests may reseed Burn's generator meanwhile: the bounds below hold for any start.
     device.seed(5);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mut passage = |_| {
@@ -783,7 +784,7 @@ fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
         },
     );
     let settings = FineTuneSettings {
-        steps: 300,
+        steps: 600,
         batch_size: 16,
         lr: 1e-2,
         weight_decay: 0.01,
@@ -792,14 +793,14 @@ fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
             transform: true,
             aux_weight: 0.0,
         },
-        eval_every: 100,
+        eval_every: 200,
     };
     let (trained, report) = fine_tune(model, &train, &test, &settings).unwrap();
     let acc = accuracy(&trained, &test);
     let losses = &report.test_losses;
     assert_eq!(
         losses.iter().map(|l| l.0).collect::<Vec<_>>(),
-        [0, 100, 200, 300]
+        [0, 200, 400, 600]
     );
     assert!((losses[0].1 - 2f64.ln()).abs() < 0.2, "{losses:?}");
     assert!(losses[3].1 < 0.2, "{losses:?}");

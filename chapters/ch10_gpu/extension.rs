@@ -12,9 +12,10 @@ use burn::backend::autodiff::{
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::fusion::custom::TensorSpec;
 use burn::backend::ops::FloatTensorOps;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Cube, Shape, TensorMetadata, backend_extension};
 use burn_cubecl::{CubeBackend, kernel::into_contiguous, tensor::CubeTensor};
+use cubecl::calculate_cube_count_elemwise;
 use cubecl::prelude::{CubeCount, CubeDim};
 
 // ANCHOR: trait
@@ -41,6 +42,30 @@ pub trait GpuKernels: Backend {
         rstd: FloatTensor<Self>,
         dy: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// GELU, exact or (`approximate`) GPT-2's tanh form.
+    #[fusion(dtype = x, shape = x)]
+    fn gpu_gelu_forward(x: FloatTensor<Self>, approximate: bool) -> FloatTensor<Self>;
+    /// `dy ⊙ GELU'(x)`.
+    #[fusion(dtype = x, shape = x)]
+    fn gpu_gelu_backward(
+        x: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        approximate: bool,
+    ) -> FloatTensor<Self>;
+    /// Each row's cross-entropy against its target, and its log-sum-exp: `(loss, lse)`.
+    #[fusion(meta = cross_entropy_meta)]
+    fn gpu_cross_entropy_forward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// The mean cross-entropy's gradient, times `dloss` (`[1]`).
+    #[fusion(dtype = logits, shape = logits)]
+    fn gpu_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dloss: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// What the model calls: the forward kernel, with the backward kernel on autodiff's tape.
@@ -53,6 +78,11 @@ pub trait GpuOps: Backend {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self>;
+    #[fusion(dtype = x, shape = x)]
+    fn gpu_gelu(x: FloatTensor<Self>, approximate: bool) -> FloatTensor<Self>;
+    /// The mean cross-entropy of `logits: [rows, v]` against `targets: [rows]`, as `[1]`.
+    #[fusion(meta = mean_meta)]
+    fn gpu_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self>;
 }
 // ANCHOR_END: trait
 
@@ -79,6 +109,14 @@ fn layer_norm_backward_meta(
     _: &TensorSpec,
 ) -> (TensorSpec, TensorSpec, TensorSpec) {
     (x.clone(), gamma.clone(), gamma.clone())
+}
+
+fn cross_entropy_meta(logits: &TensorSpec, _: &TensorSpec) -> (TensorSpec, TensorSpec) {
+    (per_row(logits), per_row(logits))
+}
+
+fn mean_meta(logits: &TensorSpec, _: &TensorSpec) -> TensorSpec {
+    TensorSpec::new(Shape::new([1]), logits.dtype)
 }
 
 // ANCHOR: host
@@ -172,6 +210,91 @@ impl GpuKernels for CubeBackend {
             column_sum(dy),
         )
     }
+
+    fn gpu_gelu_forward(x: CubeTensor, approximate: bool) -> CubeTensor {
+        let x = into_contiguous(x);
+        let y = empty(&x, x.shape());
+        let (client, dtype, n) = (x.client.clone(), x.dtype, x.shape().num_elements());
+        let units = CubeDim::new_1d(256);
+        kernels::gelu_forward::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, n, units), // one unit per element
+            units,
+            x.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            approximate,
+            dtype_to_storage_type(dtype),
+        );
+        y
+    }
+
+    fn gpu_gelu_backward(x: CubeTensor, dy: CubeTensor, approximate: bool) -> CubeTensor {
+        let (x, dy) = (into_contiguous(x), into_contiguous(dy));
+        let dx = empty(&x, x.shape());
+        let (client, dtype, n) = (x.client.clone(), x.dtype, x.shape().num_elements());
+        let units = CubeDim::new_1d(256);
+        kernels::gelu_backward::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, n, units),
+            units,
+            x.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            dx.clone().into_tensor_arg(),
+            approximate,
+            dtype_to_storage_type(dtype),
+        );
+        dx
+    }
+
+    fn gpu_cross_entropy_forward(
+        logits: CubeTensor,
+        targets: CubeTensor,
+    ) -> (CubeTensor, CubeTensor) {
+        let (logits, _, rows, _) = as_rows(logits);
+        let targets = into_contiguous(targets);
+        let (loss, lse) = (
+            empty(&logits, Shape::new([rows])),
+            empty(&logits, Shape::new([rows])),
+        );
+        let (client, dtypes) = (logits.client.clone(), [logits.dtype, targets.dtype]);
+        kernels::cross_entropy_forward::launch(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1), // one cube per row
+            CubeDim::new_1d(BLOCK as u32),
+            logits.into_tensor_arg(),
+            targets.into_tensor_arg(),
+            loss.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            BLOCK,
+            dtypes.map(dtype_to_storage_type),
+        );
+        (loss, lse)
+    }
+
+    fn gpu_cross_entropy_backward(
+        logits: CubeTensor,
+        targets: CubeTensor,
+        lse: CubeTensor,
+        dloss: CubeTensor,
+    ) -> CubeTensor {
+        let (logits, shape, ..) = as_rows(logits);
+        let dlogits = empty(&logits, logits.shape());
+        let (client, n) = (logits.client.clone(), logits.shape().num_elements());
+        let dtypes = [logits.dtype, targets.dtype];
+        let units = CubeDim::new_1d(256);
+        kernels::cross_entropy_backward::launch(
+            &client,
+            calculate_cube_count_elemwise(&client, n, units), // one unit per element
+            units,
+            logits.into_tensor_arg(),
+            into_contiguous(targets).into_tensor_arg(),
+            lse.into_tensor_arg(),
+            into_contiguous(dloss).into_tensor_arg(),
+            dlogits.clone().into_tensor_arg(),
+            dtypes.map(dtype_to_storage_type),
+        );
+        CubeBackend::float_reshape(dlogits, shape)
+    }
 }
 // ANCHOR_END: host
 
@@ -179,6 +302,15 @@ impl GpuKernels for CubeBackend {
 impl GpuOps for CubeBackend {
     fn gpu_layer_norm(x: CubeTensor, gamma: CubeTensor, beta: CubeTensor, eps: f64) -> CubeTensor {
         <Self as GpuKernels>::gpu_layer_norm_forward(x, gamma, beta, eps).0
+    }
+
+    fn gpu_gelu(x: CubeTensor, approximate: bool) -> CubeTensor {
+        <Self as GpuKernels>::gpu_gelu_forward(x, approximate)
+    }
+
+    fn gpu_cross_entropy(logits: CubeTensor, targets: CubeTensor) -> CubeTensor {
+        let (loss, _) = <Self as GpuKernels>::gpu_cross_entropy_forward(logits, targets);
+        CubeBackend::float_mean(loss)
     }
 }
 
@@ -244,6 +376,91 @@ impl<C: CheckpointStrategy> GpuOps for Autodiff<Cube, C> {
                 gamma.into_primitive(),
                 beta.into_primitive(),
                 eps,
+            )),
+        }
+    }
+
+    fn gpu_gelu(x: FloatTensor<Self>, approximate: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GeluBackward {
+            approximate: bool,
+        }
+
+        impl Backward<Cube, 1> for GeluBackward {
+            type State = FloatTensor<Cube>; // x
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dy = grads.consume::<Cube>(&ops.node);
+                let dx = <Cube as GpuKernels>::gpu_gelu_backward(ops.state, dy, self.approximate);
+                let [parent] = ops.parents;
+                if let Some(parent) = parent {
+                    grads.register::<Cube>(parent.id, dx);
+                }
+            }
+        }
+
+        match (GeluBackward { approximate })
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.primitive().clone();
+                let y = <Cube as GpuKernels>::gpu_gelu_forward(x.clone(), approximate);
+                prep.finish(x, y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(<Cube as GpuOps>::gpu_gelu(x.into_primitive(), approximate))
+            }
+        }
+    }
+
+    fn gpu_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossEntropyBackward;
+
+        impl Backward<Cube, 1> for CrossEntropyBackward {
+            // logits, targets, each row's log-sum-exp
+            type State = (FloatTensor<Cube>, IntTensor<Cube>, FloatTensor<Cube>);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let dloss = grads.consume::<Cube>(&ops.node); // [1]
+                let (logits, targets, lse) = ops.state;
+                if let [Some(parent)] = ops.parents {
+                    let dlogits = <Cube as GpuKernels>::gpu_cross_entropy_backward(
+                        logits, targets, lse, dloss,
+                    );
+                    grads.register::<Cube>(parent.id, dlogits);
+                }
+            }
+        }
+
+        match CrossEntropyBackward
+            .prepare::<C>([logits.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let logits = logits.primitive().clone();
+                let (loss, lse) = <Cube as GpuKernels>::gpu_cross_entropy_forward(
+                    logits.clone(),
+                    targets.clone(),
+                );
+                prep.finish((logits, targets, lse), Cube::float_mean(loss))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<Cube as GpuOps>::gpu_cross_entropy(
+                logits.into_primitive(),
+                targets,
             )),
         }
     }

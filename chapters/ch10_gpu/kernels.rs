@@ -137,3 +137,180 @@ pub fn layer_norm_backward<F: Float>(
     }
 }
 // ANCHOR_END: layer_norm_backward
+
+// ANCHOR: gelu
+/// `Φ(x)`, the normal distribution's CDF, through `erf(x / √2)` by Abramowitz and Stegun
+/// 7.1.26 (absolute error below 1.5e-7): chapter 5's formula, so both chapters' kernels give
+/// the same numbers.
+#[cube]
+fn normal_cdf<F: Float>(x: F) -> F {
+    let a = select(x < F::new(0.0), -x, x) * F::new(std::f32::consts::FRAC_1_SQRT_2);
+    let t = F::new(1.0) / (F::new(1.0) + F::new(0.327_591_1) * a);
+    let poly = ((((F::new(1.061_405_4) * t - F::new(1.453_152_1)) * t + F::new(1.421_413_8)) * t
+        - F::new(0.284_496_74))
+        * t
+        + F::new(0.254_829_6))
+        * t;
+    let erf_abs = F::new(1.0) - poly * F::exp(-a * a);
+    let erf = select(x < F::new(0.0), -erf_abs, erf_abs);
+    F::new(0.5) * (F::new(1.0) + erf)
+}
+
+/// GPT-2's tanh form as chapter 5 writes it: `x σ(2u)` with `u = √(2/π) (x + 0.044715 x³)`,
+/// `σ(2u) = 1 / (1 + e^{-2u})`. The exponent is capped at 80 (e^80 = 5.5e34, inside f32), so
+/// `e^{-2u}` stays finite for x far below 0, where `σ(2u)` is 0 to f32 precision anyway.
+#[cube]
+fn exp_minus_2u<F: Float>(x: F) -> F {
+    let u = F::new(0.797_884_6) * (x + F::new(0.044_715) * x * x * x);
+    let exponent = F::new(-2.0) * u;
+    F::exp(select(exponent > F::new(80.0), F::new(80.0), exponent))
+}
+
+/// GELU of every element: the exact form, or (`approximate`) GPT-2's tanh form. One unit per
+/// element; the choice is made when the kernel is compiled (`comptime`), not per element.
+#[cube(launch)]
+pub fn gelu_forward<F: Float>(
+    x: &Tensor<F>,
+    y: &mut Tensor<F>,
+    #[comptime] approximate: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= x.len() {
+        terminate!();
+    }
+    let v = x[i];
+    if approximate {
+        y[i] = v / (F::new(1.0) + exp_minus_2u::<F>(v));
+    } else {
+        y[i] = v * normal_cdf::<F>(v);
+    }
+}
+
+/// `dx = dy ⊙ GELU'(x)`: `Φ(x) + x φ(x)` for the exact form; for the tanh form
+/// `σ(2u) + x σ'(2u) 2 du/dx` with `σ' = (e^{-2u} σ) σ`, chapter 5's overflow-free order.
+#[cube(launch)]
+pub fn gelu_backward<F: Float>(
+    x: &Tensor<F>,
+    dy: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    #[comptime] approximate: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= x.len() {
+        terminate!();
+    }
+    let v = x[i];
+    if approximate {
+        let e = exp_minus_2u::<F>(v);
+        let s = F::new(1.0) / (F::new(1.0) + e);
+        let du = F::new(0.797_884_6) * (F::new(1.0) + F::new(3.0 * 0.044_715) * v * v);
+        let ds = (e * s) * s; // σ'(2u), never above 1/4
+        dx[i] = dy[i] * (s + v * ds * F::new(2.0) * du);
+    } else {
+        let a = select(v < F::new(0.0), -v, v) * F::new(std::f32::consts::FRAC_1_SQRT_2);
+        let density = F::new(0.398_942_3) * F::exp(-a * a); // φ(x) = e^{-x²/2} / √(2π)
+        dx[i] = dy[i] * (normal_cdf::<F>(v) + v * density);
+    }
+}
+// ANCHOR_END: gelu
+
+// ANCHOR: cross_entropy
+/// The cross-entropy of each row of `logits: [rows, v]` against its target: `lse - x[target]`,
+/// with `lse = m + ln Σ e^{x - m}` and `m` the row's largest logit, so that no `e^x` overflows
+/// (logits of 1e4 are fine). One cube per row; also writes each row's `lse` for the backward
+/// pass. A target outside `0..v` gives a NaN loss rather than a read out of bounds.
+#[cube(launch)]
+pub fn cross_entropy_forward<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    targets: &Tensor<I>,
+    loss: &mut Tensor<F>,
+    lse_out: &mut Tensor<F>,
+    #[comptime] block: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let row = CUBE_POS;
+    let v = logits.shape(1);
+    let start = row * v;
+    let step = CUBE_DIM as usize;
+    let mut smem = Shared::new_slice(block);
+
+    let mut m = F::min_value();
+    let mut j = UNIT_POS as usize;
+    while j < v {
+        m = select(logits[start + j] > m, logits[start + j], m);
+        j += step;
+    }
+    let m = block_max::<F>(&mut smem, m);
+
+    let mut sum = F::new(0.0);
+    let mut k = UNIT_POS as usize;
+    while k < v {
+        sum += F::exp(logits[start + k] - m);
+        k += step;
+    }
+    let lse = m + F::ln(block_sum::<F>(&mut smem, sum));
+
+    if UNIT_POS == 0 {
+        let t = u32::cast_from(targets[row]) as usize; // a negative one wraps: out of range too
+        if t < v {
+            loss[row] = lse - logits[start + t];
+        } else {
+            // NaN, made at run time from a number below zero: a NaN constant is no valid
+            // WGSL, and CubeCL folds `lse - lse` to one.
+            let negative = F::new(-1.0) - select(lse < F::new(0.0), -lse, lse);
+            loss[row] = F::sqrt(negative);
+        }
+        lse_out[row] = lse;
+    }
+}
+
+/// The largest of one `value` per unit over the cube: [`block_sum`]'s tree, with `max`.
+#[cube]
+pub fn block_max<F: Float>(smem: &mut Shared<[F]>, value: F) -> F {
+    smem[UNIT_POS as usize] = value;
+    sync_cube();
+    let mut active = CUBE_DIM / 2;
+    while active > 0 {
+        if UNIT_POS < active {
+            let other = smem[(UNIT_POS + active) as usize];
+            let mine = smem[UNIT_POS as usize];
+            smem[UNIT_POS as usize] = select(other > mine, other, mine);
+        }
+        sync_cube();
+        active /= 2;
+    }
+    let top = smem[0];
+    sync_cube();
+    top
+}
+
+/// The gradient of the mean cross-entropy over `rows` rows, scaled by the loss's own gradient
+/// `dloss[0]`: `(softmax(x) - onehot(target)) * dloss / rows`, with `softmax = e^{x - lse}`.
+/// One unit per element.
+#[cube(launch)]
+pub fn cross_entropy_backward<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    targets: &Tensor<I>,
+    lse: &Tensor<F>,
+    dloss: &Tensor<F>,
+    dlogits: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let i = ABSOLUTE_POS;
+    if i >= logits.len() {
+        terminate!();
+    }
+    let v = logits.shape(1);
+    let rows = logits.shape(0);
+    let (row, col) = (i / v, i % v);
+    let p = F::exp(logits[i] - lse[row]);
+    let hit = select(
+        u32::cast_from(targets[row]) as usize == col,
+        F::new(1.0),
+        F::new(0.0),
+    );
+    dlogits[i] = (p - hit) * dloss[0] / F::cast_from(rows as u32);
+}
+// ANCHOR_END: cross_entropy

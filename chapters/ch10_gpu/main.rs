@@ -52,6 +52,12 @@ struct Summary {
     layer_norm_errors: [f32; 3],
     /// Milliseconds for a forward and backward pass: Burn's, the GPU kernel's.
     layer_norm_ms: [f64; 2],
+    /// GPT-2's tanh GELU: the largest relative differences from Burn's (y, dx), and times.
+    gelu_errors: [f32; 2],
+    gelu_ms: [f64; 2],
+    /// Cross-entropy: the largest relative differences from Burn's (loss, dlogits), and times.
+    cross_entropy_errors: [f32; 2],
+    cross_entropy_ms: [f64; 2],
     training_max_loss_diff: f64,
     steps: Vec<(String, StepTimes)>,
 }
@@ -66,8 +72,14 @@ fn main() -> std::process::ExitCode {
         run.data.check_block_size(cfg.model.block_size)?;
         let here = where_the_kernels_run(&run.device);
         let shape = [cfg.batch_size, cfg.model.block_size, cfg.model.n_embd];
+        let ad = run.device.clone().autodiff();
         let (layer_norm_errors, layer_norm_ms) =
-            layer_norm_on_the_gpu(&run.device.clone().autodiff(), shape, args.reps as usize);
+            layer_norm_on_the_gpu(&ad, shape, args.reps as usize);
+        let (gelu_errors, gelu_ms) =
+            gelu_on_the_gpu(&ad, [shape[0], shape[1], 4 * shape[2]], args.reps as usize); // the MLP's width
+        let logits = [shape[0], shape[1], cfg.model.vocab_size];
+        let (cross_entropy_errors, cross_entropy_ms) =
+            cross_entropy_on_the_gpu(&ad, logits, args.reps as usize);
         let training_max_loss_diff = the_same_training(&run, args.train_steps as usize)?;
         let mut steps = Vec::new();
         if args.bench_steps > 0 {
@@ -93,6 +105,10 @@ fn main() -> std::process::ExitCode {
             gpu_kernels_run_here: here,
             layer_norm_errors,
             layer_norm_ms,
+            gelu_errors,
+            gelu_ms,
+            cross_entropy_errors,
+            cross_entropy_ms,
             training_max_loss_diff,
             steps,
         };
@@ -123,7 +139,7 @@ fn where_the_kernels_run(device: &Device) -> bool {
 /// the largest differences in the output and the gradients, and the time of a forward and
 /// backward pass (median of `reps`, after one that compiles the kernels).
 fn layer_norm_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 3], [f64; 2]) {
-    section("10.2", "LayerNorm, forward and backward");
+    section("10.2", "Three kernels against Burn's");
     let c = shape[2];
     let ln = LayerNormConfig::new(c).init(ad);
     let x0 = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), ad);
@@ -142,25 +158,74 @@ fn layer_norm_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 
             .unwrap();
         [floats(y), floats(dx), dgamma] // reading back waits for the device
     };
-    let time = |k: Kernels| {
-        let mut ms: Vec<f64> = (0..=reps)
-            .map(|_| {
-                let tick = Instant::now();
-                run(k);
-                tick.elapsed().as_secs_f64() * 1e3
-            })
-            .skip(1)
-            .collect();
-        ms.sort_by(f64::total_cmp);
-        ms[ms.len() / 2]
-    };
     let (ours, burns) = (run(GPU), run(Kernels::BURN));
     let errors = [0, 1, 2].map(|i| max_rel_diff(&ours[i], &burns[i]));
     println!(
-        "x: {shape:?}; largest difference from Burn's: y {:.1e}, dx {:.1e}, dgamma {:.1e}",
+        "LayerNorm of {shape:?}: largest difference from Burn's: y {:.1e}, dx {:.1e}, dgamma {:.1e}",
         errors[0], errors[1], errors[2]
     );
-    let ms = [time(Kernels::BURN), time(GPU)];
+    let ms = [
+        median_ms(reps, || run(Kernels::BURN)),
+        median_ms(reps, || run(GPU)),
+    ];
+    println!(
+        "forward + backward (with reading back): Burn's {:.2} ms, the GPU kernel's {:.2} ms",
+        ms[0], ms[1]
+    );
+    (errors, ms)
+}
+
+/// GPT-2's GELU (the tanh form) at the MLP's shape, as LayerNorm above.
+fn gelu_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 2], [f64; 2]) {
+    let gelu = burn::nn::Gelu { approximate: true };
+    let x0 = Tensor::<3>::random(shape, Distribution::Normal(0.0, 2.0), ad);
+    let w = Tensor::<3>::random(shape, Distribution::Normal(0.0, 1.0), ad);
+    let run = |k: Kernels| {
+        let x = x0.clone().require_grad();
+        let y = k.gelu(&gelu, x.clone()); // [b, t, 4c]
+        let grads = (y.clone() * w.clone()).sum().backward();
+        let floats = |t: Tensor<3>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        [floats(y), floats(x.grad(&grads).expect("x's gradient"))]
+    };
+    let (ours, burns) = (run(GPU), run(Kernels::BURN));
+    let errors = [0, 1].map(|i| max_rel_diff(&ours[i], &burns[i]));
+    println!(
+        "GELU (tanh form) of {shape:?}: largest difference from Burn's: y {:.1e}, dx {:.1e}",
+        errors[0], errors[1]
+    );
+    let ms = [
+        median_ms(reps, || run(Kernels::BURN)),
+        median_ms(reps, || run(GPU)),
+    ];
+    println!(
+        "forward + backward (with reading back): Burn's {:.2} ms, the GPU kernel's {:.2} ms",
+        ms[0], ms[1]
+    );
+    (errors, ms)
+}
+/// The mean cross-entropy of the model's logits, as LayerNorm above.
+fn cross_entropy_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 2], [f64; 2]) {
+    let [b, t, v] = shape;
+    let logits0 = Tensor::<3>::random(shape, Distribution::Normal(0.0, 3.0), ad);
+    let targets = Tensor::<2, Int>::random([b, t], Distribution::Uniform(0.0, v as f64), ad);
+    let run = |k: Kernels| {
+        let logits = logits0.clone().require_grad();
+        let loss = k.cross_entropy(logits.clone(), targets.clone()); // [1]
+        let grads = loss.clone().backward();
+        let floats = |t: TensorData| t.convert::<f32>().try_to_vec::<f32>().unwrap();
+        let dlogits = logits.grad(&grads).expect("the logits' gradient");
+        [floats(loss.into_data()), floats(dlogits.into_data())]
+    };
+    let (ours, burns) = (run(GPU), run(Kernels::BURN));
+    let errors = [0, 1].map(|i| max_rel_diff(&ours[i], &burns[i]));
+    println!(
+        "cross-entropy of {shape:?}: largest difference from Burn's: loss {:.1e}, dlogits {:.1e}",
+        errors[0], errors[1]
+    );
+    let ms = [
+        median_ms(reps, || run(Kernels::BURN)),
+        median_ms(reps, || run(GPU)),
+    ];
     println!(
         "forward + backward (with reading back): Burn's {:.2} ms, the GPU kernel's {:.2} ms",
         ms[0], ms[1]
@@ -168,6 +233,20 @@ fn layer_norm_on_the_gpu(ad: &Device, shape: [usize; 3], reps: usize) -> ([f32; 
     (errors, ms)
 }
 // ANCHOR_END: layer_norm_on_the_gpu
+
+/// The median time of `reps` calls of `f`, after one untimed call (which compiles kernels).
+fn median_ms<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
+    let mut ms: Vec<f64> = (0..=reps)
+        .map(|_| {
+            let tick = Instant::now();
+            f();
+            tick.elapsed().as_secs_f64() * 1e3
+        })
+        .skip(1)
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
+}
 
 /// 10.3: the tiny model trained twice from the same weights and batches, with Burn's
 /// operations and with the GPU kernels.

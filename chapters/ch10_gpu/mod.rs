@@ -69,8 +69,12 @@ impl KernelOps for Gpu {
         Fused.matmul(a, b)
     }
 
+    /// The exact (erf) form, or GPT-2's tanh form when `gelu.approximate`.
     fn gelu(&self, gelu: &Gelu, x: Tensor<3>) -> Tensor<3> {
-        Fused.gelu(gelu, x)
+        match gpu_available(&x.device()) {
+            true => gpu_gelu(x, gelu.approximate),
+            false => Fused.gelu(gelu, x),
+        }
     }
 
     fn layer_norm(&self, ln: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
@@ -94,7 +98,11 @@ impl KernelOps for Gpu {
     }
 
     fn cross_entropy(&self, logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-        Fused.cross_entropy(logits, targets)
+        if !gpu_available(&logits.device()) {
+            return Fused.cross_entropy(logits, targets);
+        }
+        let [b, t, v] = logits.dims();
+        gpu_cross_entropy(logits.reshape([b * t, v]), targets.reshape([b * t]))
     }
 }
 // ANCHOR_END: ops
@@ -133,5 +141,59 @@ pub fn gpu_layer_norm<const D: usize>(
     {
         let _ = (gamma, beta);
         unreachable!("no GPU backend in this build: {:?}", x.device())
+    }
+}
+
+/// GELU of every element of `x` with the GPU kernel (the device must be a GPU one).
+pub fn gpu_gelu<const D: usize>(x: Tensor<D>, approximate: bool) -> Tensor<D> {
+    #[cfg(any(
+        feature = "wgpu",
+        feature = "vulkan",
+        feature = "cuda",
+        feature = "metal"
+    ))]
+    {
+        use burn::backend::Dispatch;
+        use extension::GpuOps;
+        Tensor::from_dispatch(Dispatch::gpu_gelu(x.into_dispatch(), approximate))
+    }
+    #[cfg(not(any(
+        feature = "wgpu",
+        feature = "vulkan",
+        feature = "cuda",
+        feature = "metal"
+    )))]
+    {
+        let _ = approximate;
+        unreachable!("no GPU backend in this build: {:?}", x.device())
+    }
+}
+
+/// The mean cross-entropy of `logits: [rows, v]` against `targets: [rows]` with the GPU
+/// kernels (the device must be a GPU one).
+pub fn gpu_cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    #[cfg(any(
+        feature = "wgpu",
+        feature = "vulkan",
+        feature = "cuda",
+        feature = "metal"
+    ))]
+    {
+        use burn::backend::Dispatch;
+        use extension::GpuOps;
+        Tensor::from_dispatch(Dispatch::gpu_cross_entropy(
+            logits.into_dispatch(),
+            targets.into_dispatch(),
+        ))
+    }
+    #[cfg(not(any(
+        feature = "wgpu",
+        feature = "vulkan",
+        feature = "cuda",
+        feature = "metal"
+    )))]
+    {
+        let _ = targets;
+        unreachable!("no GPU backend in this build: {:?}", logits.device())
     }
 }

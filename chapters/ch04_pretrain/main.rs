@@ -210,7 +210,9 @@ fn optimizer_groups(cfg: &PretrainConfig, model: &Gpt) -> ModuleOptimizer {
     println!(
         "AdamW, betas ({b1}, {b2}), weight decay {wd} on {n_decayed} weight matrices ({decayed} values);"
     );
-    println!("  no decay on {n_kept} biases, LayerNorm gains and embeddings ({kept} values)");
+    println!(
+        "  no decay on the {n_kept} other tensors: biases, LayerNorm gains, embeddings ({kept} values)"
+    );
     optimizer(cfg)
 }
 // ANCHOR_END: optimizer_demo

@@ -10,16 +10,16 @@ use clap::Parser;
 use course::ch03_gpt::GptConfig;
 use course::ch03_gpt::Kernels;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
-use course::ch04_pretrain::{PretrainConfig, known_preset, preset, train_settings};
+use course::ch04_pretrain::{PretrainConfig, known_preset};
 use course::ch05_fast::gemm::isa_name;
 use course::ch05_fast::profile::{
     OpTiming, ProductTime, dropout_ops, fastest, model_ops, trace_products,
 };
-use course::ch05_fast::{FUSED, fused_available};
+use course::ch05_fast::{FUSED, fused_available, train_twice};
 use course::common::cli::CommonArgs;
 use course::common::report::{Machine, plot_curves, write_json};
-use course::common::train::{ConstantLr, TrainSettings, human, train};
-use course::common::{Run, abs_diff, section, worst};
+use course::common::train::human;
+use course::common::{Run, section};
 use serde::Serialize;
 
 const CHAPTER: &str = "ch05_fast";
@@ -190,41 +190,7 @@ fn checked_against_burn(ad: &Device) -> Vec<(String, f32, f32)> {
 /// loss curves should be one. (Without dropout: the fused kernels draw other masks.)
 fn the_same_training(run: &Run, steps: usize) -> Result<f64> {
     section("5.4", "The same training run with either kernels");
-    let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
-    let settings = TrainSettings {
-        steps,
-        eval_interval: steps,
-        eval_iters: 2,
-        seed: run.seed,
-        ..train_settings(&tiny, None)
-    };
-    let mut curves = Vec::new();
-    for kernels in [Kernels::BURN, FUSED] {
-        let device = run.device.clone().autodiff();
-        device.seed(run.seed); // both runs draw the same weights and batches
-        let model = tiny.model.clone().init(&device).with_kernels(kernels);
-        let mut optim = burn::optim::AdamWConfig::new().init();
-        let (_, report) = train(
-            model,
-            &mut optim,
-            &run.data,
-            &settings,
-            0,
-            &mut ConstantLr(3e-3),
-        )?;
-        let losses: Vec<(f64, f64)> = report
-            .steps
-            .iter()
-            .map(|s| (s.step as f64, s.loss))
-            .collect();
-        curves.push((kernels.name(), losses));
-    }
-    let diff = curves[0]
-        .1
-        .iter()
-        .zip(&curves[1].1)
-        .map(|(a, b)| abs_diff(a.1, b.1));
-    let diff = worst(diff);
+    let (curves, diff) = train_twice(run, steps, [Kernels::BURN, FUSED])?;
     let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
     println!(
         "{steps} steps: last loss {:.4} (Burn) vs {:.4} (fused); largest difference at any step {diff:.1e}",

@@ -198,3 +198,50 @@ pub fn dropout_mask<const D: usize>(
     kernels::DropMask::new(prob, seed).fill(0, &mut keep);
     Tensor::from_data(TensorData::new(keep, shape), device)
 }
+
+// ANCHOR: train_twice
+/// A loss curve, (step, loss), named by the kernels that gave it.
+pub type NamedCurve = (&'static str, Vec<(f64, f64)>);
+
+/// The `tiny` model trained for `steps` steps twice, once with each of `kernels`, from the
+/// same seed: both runs draw the same weights and batches, so their (step, loss) curves
+/// should be one. Returns the curves, named by the kernels, and their largest difference.
+pub fn train_twice(
+    run: &crate::common::Run,
+    steps: usize,
+    kernels: [Kernels; 2],
+) -> anyhow::Result<(Vec<NamedCurve>, f64)> {
+    use crate::ch04_pretrain::{preset, train_settings};
+    use crate::common::train::{ConstantLr, TrainSettings, train};
+    let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
+    let settings = TrainSettings {
+        steps,
+        eval_interval: steps,
+        eval_iters: 2,
+        seed: run.seed,
+        ..train_settings(&tiny, None)
+    };
+    let mut curves = Vec::new();
+    for kernels in kernels {
+        let device = run.device.clone().autodiff();
+        device.seed(run.seed); // both runs draw the same weights and batches
+        let model = tiny.model.clone().init(&device).with_kernels(kernels);
+        let mut optim = burn::optim::AdamWConfig::new().init();
+        let (_, report) = train(
+            model,
+            &mut optim,
+            &run.data,
+            &settings,
+            0,
+            &mut ConstantLr(3e-3),
+        )?;
+        let losses: Vec<(f64, f64)> = (report.steps.iter())
+            .map(|s| (s.step as f64, s.loss))
+            .collect();
+        curves.push((kernels.name(), losses));
+    }
+    let pairs = curves[0].1.iter().zip(&curves[1].1);
+    let diff = crate::common::worst(pairs.map(|(a, b)| crate::common::abs_diff(a.1, b.1)));
+    Ok((curves, diff))
+}
+// ANCHOR_END: train_twice

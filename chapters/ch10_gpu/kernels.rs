@@ -4,20 +4,26 @@
 
 use cubecl::prelude::*;
 
-// ANCHOR: block_sum
-/// The sum over the cube of one `value` per unit. A tree in shared memory: half the units add
-/// the other half's values, then a quarter, ...; `sync_cube` makes every unit wait until all
-/// have written. The cube's size must be a power of two. The last barrier lets the caller
-/// reuse `smem` at once.
+// ANCHOR: block_reduce
+/// The sum (or, with `max`, the largest) over the cube of one `value` per unit. A tree in
+/// shared memory: half the units combine the other half's values with theirs, then a
+/// quarter, ...; `sync_cube` makes every unit wait until all have written. The cube's size
+/// must be a power of two. The last barrier lets the caller reuse `smem` at once. `max` is
+/// known when the kernel is compiled, so each kernel gets the one loop it asks for.
 #[cube]
-pub fn block_sum<F: Float>(smem: &mut Shared<[F]>, value: F) -> F {
+pub fn block_reduce<F: Float>(smem: &mut Shared<[F]>, value: F, #[comptime] max: bool) -> F {
     smem[UNIT_POS as usize] = value;
     sync_cube();
     let mut active = CUBE_DIM / 2;
     while active > 0 {
         if UNIT_POS < active {
             let other = smem[(UNIT_POS + active) as usize];
-            smem[UNIT_POS as usize] += other;
+            let mine = smem[UNIT_POS as usize];
+            if max {
+                smem[UNIT_POS as usize] = select(other > mine, other, mine);
+            } else {
+                smem[UNIT_POS as usize] = mine + other;
+            }
         }
         sync_cube();
         active /= 2;
@@ -26,7 +32,7 @@ pub fn block_sum<F: Float>(smem: &mut Shared<[F]>, value: F) -> F {
     sync_cube();
     total
 }
-// ANCHOR_END: block_sum
+// ANCHOR_END: block_reduce
 
 // ANCHOR: layer_norm_forward
 /// LayerNorm of each row of `x: [rows, c]` (contiguous): `y = (x - mean) * rstd * gamma +
@@ -63,7 +69,7 @@ pub fn layer_norm_forward<F: Float>(
         sum += x[start + j] - shift;
         j += step;
     }
-    let mean = block_sum::<F>(&mut smem, sum) / n; // of the shifted row
+    let mean = block_reduce::<F>(&mut smem, sum, false) / n; // of the shifted row
 
     // The variance from the centred values: a second pass, no cancellation.
     let mut squares = F::new(0.0);
@@ -73,7 +79,7 @@ pub fn layer_norm_forward<F: Float>(
         squares += d * d;
         k += step;
     }
-    let var = block_sum::<F>(&mut smem, squares) / n;
+    let var = block_reduce::<F>(&mut smem, squares, false) / n;
     let rstd = F::new(1.0) / F::sqrt(var + F::cast_from(eps));
 
     let mut i = UNIT_POS as usize;
@@ -124,8 +130,8 @@ pub fn layer_norm_backward<F: Float>(
         sum_gx += g * xhat;
         j += step;
     }
-    let mean_g = block_sum::<F>(&mut smem, sum_g) / n;
-    let mean_gx = block_sum::<F>(&mut smem, sum_gx) / n;
+    let mean_g = block_reduce::<F>(&mut smem, sum_g, false) / n;
+    let mean_gx = block_reduce::<F>(&mut smem, sum_gx, false) / n;
 
     let mut k = UNIT_POS as usize;
     while k < c {
@@ -242,7 +248,7 @@ pub fn cross_entropy_forward<F: Float, I: Int>(
         m = select(logits[start + j] > m, logits[start + j], m);
         j += step;
     }
-    let m = block_max::<F>(&mut smem, m);
+    let m = block_reduce::<F>(&mut smem, m, true);
 
     let mut sum = F::new(0.0);
     let mut k = UNIT_POS as usize;
@@ -250,7 +256,7 @@ pub fn cross_entropy_forward<F: Float, I: Int>(
         sum += F::exp(logits[start + k] - m);
         k += step;
     }
-    let lse = m + F::ln(block_sum::<F>(&mut smem, sum));
+    let lse = m + F::ln(block_reduce::<F>(&mut smem, sum, false));
 
     if UNIT_POS == 0 {
         let t = u32::cast_from(targets[row]) as usize; // a negative one wraps: out of range too
@@ -264,26 +270,6 @@ pub fn cross_entropy_forward<F: Float, I: Int>(
         }
         lse_out[row] = lse;
     }
-}
-
-/// The largest of one `value` per unit over the cube: [`block_sum`]'s tree, with `max`.
-#[cube]
-pub fn block_max<F: Float>(smem: &mut Shared<[F]>, value: F) -> F {
-    smem[UNIT_POS as usize] = value;
-    sync_cube();
-    let mut active = CUBE_DIM / 2;
-    while active > 0 {
-        if UNIT_POS < active {
-            let other = smem[(UNIT_POS + active) as usize];
-            let mine = smem[UNIT_POS as usize];
-            smem[UNIT_POS as usize] = select(other > mine, other, mine);
-        }
-        sync_cube();
-        active /= 2;
-    }
-    let top = smem[0];
-    sync_cube();
-    top
 }
 
 /// The gradient of the mean cross-entropy over `rows` rows, scaled by the loss's own gradient

@@ -11,12 +11,12 @@ use burn::tensor::Distribution;
 use clap::Parser;
 use course::ch03_gpt::Kernels;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
-use course::ch04_pretrain::{known_preset, preset, train_settings};
+use course::ch04_pretrain::known_preset;
+use course::ch05_fast::train_twice;
 use course::ch10_gpu::{GPU, gpu_available};
 use course::common::cli::CommonArgs;
 use course::common::report::{Machine, plot_curves, write_json};
-use course::common::train::{ConstantLr, TrainSettings, train};
-use course::common::{abs_diff, max_rel_diff, section, worst};
+use course::common::{max_rel_diff, section};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -252,34 +252,7 @@ fn median_ms<T>(reps: usize, mut f: impl FnMut() -> T) -> f64 {
 /// operations and with the GPU kernels.
 fn the_same_training(run: &course::common::Run, steps: usize) -> Result<f64> {
     section("10.3", "The same training run with either kernels");
-    let tiny = preset("tiny", run.data.tokenizer.vocab_size()).expect("the tiny preset");
-    let settings = TrainSettings {
-        steps,
-        eval_interval: steps,
-        eval_iters: 2,
-        seed: run.seed,
-        ..train_settings(&tiny, None)
-    };
-    let mut curves = Vec::new();
-    for kernels in [Kernels::BURN, GPU] {
-        let device = run.device.clone().autodiff();
-        device.seed(run.seed); // both runs draw the same weights and batches
-        let model = tiny.model.clone().init(&device).with_kernels(kernels);
-        let mut optim = burn::optim::AdamWConfig::new().init();
-        let (_, report) = train(
-            model,
-            &mut optim,
-            &run.data,
-            &settings,
-            0,
-            &mut ConstantLr(3e-3),
-        )?;
-        let losses: Vec<(f64, f64)> = (report.steps.iter())
-            .map(|s| (s.step as f64, s.loss))
-            .collect();
-        curves.push((kernels.name(), losses));
-    }
-    let diff = worst((curves[0].1.iter().zip(&curves[1].1)).map(|(a, b)| abs_diff(a.1, b.1)));
+    let (curves, diff) = train_twice(run, steps, [Kernels::BURN, GPU])?;
     let last = |i: usize| curves[i].1.last().map_or(f64::NAN, |p| p.1);
     println!(
         "{steps} steps: last loss {:.4} (Burn) vs {:.4} (GPU kernels); largest difference at \

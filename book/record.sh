@@ -66,7 +66,7 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   TAG=speed ARGS="--part speed" BACKEND=flex bash "$self" ch09_finetune
   # Chapter 10 on wgpu (here Mesa's software Vulkan driver: the checks are real, the times
   # are a CPU's; a GPU machine gives the GPU's).
-  BACKEND=wgpu bash "$self" ch10_gpu
+  ARGS="--profile" BACKEND=wgpu bash "$self" ch10_gpu
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain

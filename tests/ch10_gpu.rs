@@ -303,3 +303,42 @@ fn gpu_cross_entropy_matches_f64_with_huge_logits() {
     let loss = values(&course::ch10_gpu::gpu_cross_entropy(logits, bad))[0];
     assert!(loss.is_nan(), "a target out of range gave {loss}");
 }
+
+/// Reading CubeCL's profile log: a launch is a line with a duration first; a kernel's hash
+/// suffix is dropped; the summary table and the kernels' sources are not launches; the last
+/// step is what lies between the last two markers.
+#[test]
+fn the_profile_log_is_read_step_by_step() {
+    use course::ch10_gpu::profile::{last_step, launches};
+    let log = "\
+[START_KERNEL_COMPILATION]
+name: LayerNormForward
+source:
+| fake | line | in | a | source |
+| 101.2ms | PrngKernel | NormalFamily_75b4d705
+| 5.1µs  | StepMarker_0a1b2c3d
+| 104.0µs  | ElemwiseFuse_1056600c
+| 35.5µs   | ElemwiseFuse_551f0830
+| 50.8µs   | ReduceKernel | TensorArgs_7e7e63e0
+| 7.0µs  | StepMarker_0a1b2c3d
+| 78.0µs  | ElemwiseFuse_1056600c
+| 2.5ms   | LayerNormForward_419aabc7
+| 6.0µs  | StepMarker_0a1b2c3d
+| Name | Duration | Num Computed | Ratio |
+| PrngKernel | NormalFamily_75b4d705 | 101.374378ms | 2 | 37 % |
+";
+    let all = launches(log);
+    assert_eq!(all["ElemwiseFuse"], 3);
+    assert_eq!(all["StepMarker"], 3);
+    assert_eq!(all["PrngKernel"], 1); // its summary row is no launch
+    assert_eq!(all.values().sum::<usize>(), 9);
+    let last = last_step(log).unwrap();
+    assert_eq!(
+        last,
+        [
+            ("ElemwiseFuse".to_string(), 1),
+            ("LayerNormForward".to_string(), 1)
+        ]
+    );
+    assert!(last_step("| 5.1µs | StepMarker_0a1b2c3d\n").is_none());
+}

@@ -58,6 +58,9 @@ pub trait GpuKernels: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Launches `step_marker` on `x` and returns it: a mark in CubeCL's profile log.
+    #[fusion(dtype = x, shape = x)]
+    fn gpu_step_marker(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// The mean cross-entropy's gradient, times `dloss` (`[1]`).
     #[fusion(dtype = logits, shape = logits)]
     fn gpu_cross_entropy_backward(
@@ -244,6 +247,19 @@ impl GpuKernels for CubeBackend {
             dtype_to_storage_type(dtype),
         );
         dx
+    }
+
+    fn gpu_step_marker(x: CubeTensor) -> CubeTensor {
+        let x = into_contiguous(x);
+        let client = x.client.clone();
+        kernels::step_marker::launch(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(32),
+            x.clone().into_tensor_arg(),
+            dtype_to_storage_type(x.dtype),
+        );
+        x
     }
 
     fn gpu_cross_entropy_forward(

@@ -4,7 +4,7 @@
 //! Run: `cargo run --release --bin ch10_gpu -- --backend wgpu` (any GPU backend; on a CPU
 //! backend the kernels fall back to chapter 5's, and the notebook says so).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::nn::LayerNormConfig;
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -13,7 +13,8 @@ use course::ch03_gpt::Kernels;
 use course::ch04_pretrain::bench::{StepTimes, time_steps};
 use course::ch04_pretrain::known_preset;
 use course::ch05_fast::train_twice;
-use course::ch10_gpu::{GPU, gpu_available};
+use course::ch10_gpu::profile::last_step;
+use course::ch10_gpu::{GPU, gpu_available, mark_step};
 use course::common::cli::CommonArgs;
 use course::common::report::{Machine, plot_curves, write_json};
 use course::common::{max_rel_diff, section};
@@ -40,6 +41,15 @@ struct Args {
     /// Timed training steps per kernel choice in section 10.4 (0 skips it).
     #[arg(long, default_value_t = 5)]
     bench_steps: usize,
+    /// Section 10.4 also counts the kernels a training step launches, per kernel, from
+    /// CubeCL's profile log (four more runs of this binary, on a GPU backend).
+    #[arg(long)]
+    profile: bool,
+    /// Internal, for `--profile`: only train this many steps with `--profile-kernels`.
+    #[arg(long, hide = true)]
+    profile_child: Option<usize>,
+    #[arg(long, hide = true, default_value = "gpu")]
+    profile_kernels: String,
 }
 
 #[derive(Serialize)]
@@ -60,6 +70,8 @@ struct Summary {
     cross_entropy_ms: [f64; 2],
     training_max_loss_diff: f64,
     steps: Vec<(String, StepTimes)>,
+    /// Per kernel choice, the launches of one training step, per kernel.
+    launches_per_step: Vec<(String, Vec<(String, usize)>)>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -70,6 +82,14 @@ fn main() -> std::process::ExitCode {
             .start(CHAPTER, "Chapter 10: fast training on a GPU", None)?;
         let cfg = known_preset(&args.preset, run.data.tokenizer.vocab_size())?;
         run.data.check_block_size(cfg.model.block_size)?;
+        if let Some(steps) = args.profile_child {
+            let kernels = if args.profile_kernels == "burn" {
+                Kernels::BURN
+            } else {
+                GPU
+            };
+            return marked_steps(&cfg, &run, kernels, steps);
+        }
         let here = where_the_kernels_run(&run.device);
         let shape = [cfg.batch_size, cfg.model.block_size, cfg.model.n_embd];
         let ad = run.device.clone().autodiff();
@@ -98,6 +118,21 @@ fn main() -> std::process::ExitCode {
                 steps.push((kernels.name().to_string(), t));
             }
         }
+        let mut launches_per_step = Vec::new();
+        if args.profile && here {
+            for kernels in ["burn", "gpu"] {
+                let rows = launches_of_a_step(&args, &run, kernels)?;
+                let total: usize = rows.iter().map(|r| r.1).sum();
+                let top: Vec<String> = (rows.iter().take(6))
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                println!(
+                    "{kernels:<5} {total} kernel launches per step; most: {}",
+                    top.join(", ")
+                );
+                launches_per_step.push((kernels.to_string(), rows));
+            }
+        }
         let summary = Summary {
             machine: Machine::detect(here),
             backend: run.backend.to_string(),
@@ -111,12 +146,78 @@ fn main() -> std::process::ExitCode {
             cross_entropy_ms,
             training_max_loss_diff,
             steps,
+            launches_per_step,
         };
         write_json(&run.out.join("summary.json"), &summary)?;
         println!("{}: summary.json, same_training.svg", run.out.display());
         Ok(())
     })
 }
+
+// ANCHOR: launches_of_a_step
+/// The kernels one training step launches, per kernel: this binary run again with CubeCL's
+/// profile log on, for 3 training steps with a marker kernel after each; the launches between
+/// the last two markers are a whole step's, after the first step's compiling and tuning.
+fn launches_of_a_step(
+    args: &Args,
+    run: &course::common::Run,
+    kernels: &str,
+) -> Result<Vec<(String, usize)>> {
+    let dir = run.out.join("profile");
+    std::fs::create_dir_all(&dir)?;
+    let log = dir.join(format!("{kernels}.log"));
+    let _ = std::fs::remove_file(&log);
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child
+        .env("CUBECL_DEBUG_OPTION", "profile")
+        .env("CUBECL_DEBUG_LOG", &log)
+        .args(["--backend", &args.common.backend.to_string()])
+        .args([
+            "--preset",
+            &args.preset,
+            "--seed",
+            &args.common.seed.to_string(),
+        ])
+        .arg("--out")
+        .arg(&dir)
+        .args(["--profile-child", "3", "--profile-kernels", kernels]);
+    if let Some(data) = &args.common.data {
+        child.arg("--data").arg(data);
+    }
+    let out = child.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "the profiled run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    last_step(&std::fs::read_to_string(&log)?)
+        .context("the profile log has no two step markers (is CubeCL's profiling on?)")
+}
+
+/// `steps` training steps, each followed by a marker kernel (for `launches_of_a_step`).
+fn marked_steps(
+    cfg: &course::ch04_pretrain::PretrainConfig,
+    run: &course::common::Run,
+    kernels: Kernels,
+    steps: usize,
+) -> Result<()> {
+    let device = run.device.clone().autodiff();
+    let mut model = cfg.model.init(&device).with_kernels(kernels);
+    let mut optim = course::ch04_pretrain::optimizer(cfg);
+    let settings = course::ch04_pretrain::train_settings(cfg, None);
+    for step in 0..steps {
+        let lr = course::ch04_pretrain::learning_rate(cfg, step);
+        let next =
+            course::common::train::train_step(model, &mut optim, &run.data, &settings, step, lr);
+        model = next.0;
+        mark_step(&run.device);
+    }
+    Ok(())
+}
+// ANCHOR_END: launches_of_a_step
 
 // ANCHOR: where
 /// 10.1: the device, and whether chapter 10's kernels run on it.

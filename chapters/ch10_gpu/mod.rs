@@ -17,6 +17,7 @@ pub mod extension;
     feature = "metal"
 ))]
 pub mod kernels;
+pub mod profile;
 
 use crate::ch03_gpt::{KernelOps, Kernels};
 use crate::ch05_fast::Fused;
@@ -196,4 +197,23 @@ pub fn gpu_cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1
         let _ = targets;
         unreachable!("no GPU backend in this build: {:?}", logits.device())
     }
+}
+
+/// Marks the end of a training step in CubeCL's profile log (see [`profile`]); on a device
+/// that is not a GPU one, nothing.
+pub fn mark_step(device: &Device) {
+    #[cfg(any(
+        feature = "wgpu",
+        feature = "vulkan",
+        feature = "cuda",
+        feature = "metal"
+    ))]
+    if gpu_available(device) {
+        use burn::backend::Dispatch;
+        use extension::GpuKernels;
+        let x = Tensor::<1>::zeros([1], &device.clone().inner());
+        let marked = Tensor::<1>::from_dispatch(Dispatch::gpu_step_marker(x.into_dispatch()));
+        let _ = marked.into_data(); // waits for the launch, so the log line comes in order
+    }
+    let _ = device;
 }

@@ -52,6 +52,7 @@ fn examples() -> Vec<Encoded> {
 
 #[test]
 fn the_task_is_cut_from_held_out_speeches_with_a_fixed_split() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let text = support::corpus();
     let task = speaker_task(&text, 4, 5).unwrap();
     assert_eq!(task.classes.len(), 4);
@@ -99,6 +100,7 @@ fn loss_with(
 /// the new tokens' embeddings and a weight inside a block, on a tiny model in f64-free f32.
 #[test]
 fn head_and_auxiliary_loss_pass_a_gradient_check() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device().autodiff();
     device.seed(7);
     let gpt = tiny_config(11).init(&device);
@@ -164,6 +166,7 @@ fn head_and_auxiliary_loss_pass_a_gradient_check() {
 /// the plain way, from the full logits, and weighted by lambda.
 #[test]
 fn the_auxiliary_loss_is_lambda_times_the_text_tokens_lm_loss() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device();
     device.seed(3);
     let model = Classifier::new(tiny_config(11).init(&device), 3, true);
@@ -191,6 +194,7 @@ fn the_auxiliary_loss_is_lambda_times_the_text_tokens_lm_loss() {
 /// adapters and the head and nothing else, and the merged model scores as the adapted one.
 #[test]
 fn lora_trains_only_its_adapters_and_merges_exactly() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device().autodiff();
     device.seed(11);
     let config = tiny_config(11);
@@ -244,6 +248,7 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
 /// head's, and from scratch or fully everything trains.
 #[test]
 fn methods_train_what_they_say() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device().autodiff();
     let config = tiny_config(11);
     let gpt = config.init(&device).with_kernels(Kernels::BURN);
@@ -270,6 +275,7 @@ fn methods_train_what_they_say() {
 
 #[test]
 fn collate_pads_with_end_of_text_and_masks_padding_and_prompt() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device();
     let a = Tokens {
         ids: vec![1, 2, 3, 4, 5],
@@ -375,6 +381,7 @@ const NAMES: [&str; 7] = [
 /// AdamW steps, within 1e-4, with Burn's kernels and with chapter 5's.
 #[test]
 fn instruction_loss_gradients_and_adamw_steps_match_pytorch() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let bytes = std::fs::read(fixture("ch09/instruct-batch.safetensors")).unwrap();
     let file = SafeTensors::deserialize(&bytes).unwrap();
     let (inputs, shape) = read(&file, "inputs");
@@ -484,6 +491,7 @@ fn grad_of(model: &Gpt, name: &str, grads: &burn::tensor::Gradients) -> Vec<f32>
 /// The loss over chosen positions is the plain cross-entropy over those positions.
 #[test]
 fn loss_at_positions_is_the_mean_over_them() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let device = Backend::Flex.device();
     device.seed(5);
     let model = tiny_config(11).init(&device);
@@ -512,6 +520,7 @@ fn loss_at_positions_is_the_mean_over_them() {
 
 #[test]
 fn instruction_records_split_prompt_and_bad_input() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let path = support::instruction_data();
     let records = load_records(&path).unwrap();
     assert_eq!(records.len(), 1100);
@@ -602,6 +611,7 @@ fn trained_checkpoint(bpe: bool) -> &'static Path {
 /// table with a trainable count, and LoRA merged scores as unmerged.
 #[test]
 fn the_notebook_fine_tunes_and_writes_its_table() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let out = support::tempdir();
     let corpus = support::corpus_path().to_string_lossy().into_owned();
     let ckpt = trained_checkpoint(false).to_str().unwrap().to_string();
@@ -664,6 +674,7 @@ fn the_notebook_fine_tunes_and_writes_its_table() {
 /// weights): the losses are finite, and the test split's answers are written.
 #[test]
 fn the_notebook_instruction_tunes_a_bpe_checkpoint() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let out = support::tempdir();
     let corpus = support::corpus_path().to_string_lossy().into_owned();
     let ckpt = trained_checkpoint(true).to_str().unwrap().to_string();
@@ -711,6 +722,7 @@ fn the_notebook_instruction_tunes_a_bpe_checkpoint() {
 /// Bad input: one line on stderr, exit 1, and no result file written.
 #[test]
 fn the_notebook_refuses_bad_input_in_one_line() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     let dir = support::tempdir();
     let corpus = support::corpus_path().to_string_lossy().into_owned();
     let char_ckpt = trained_checkpoint(false).to_str().unwrap().to_string();
@@ -760,6 +772,7 @@ fn the_notebook_refuses_bad_input_in_one_line() {
 /// gets the held-out passages right, and its test loss falls from chance.
 #[test]
 fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     use course::ch09_finetune::classify::{accuracy, task_loss};
     use rand::{RngExt, SeedableRng};
     let device = Backend::Flex.device().autodiff();
@@ -817,6 +830,7 @@ fn fine_tuning_learns_a_task_that_needs_attention_to_the_start() {
 /// classes are balanced in both splits.
 #[test]
 fn the_corrupted_tasks_break_every_other_held_out_line_and_nothing_else() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     use course::ch09_finetune::task::{Corruption, corrupted_task};
     let text = support::corpus();
     let (_, held_out) = split_text(&text);
@@ -881,6 +895,7 @@ fn the_corrupted_tasks_break_every_other_held_out_line_and_nothing_else() {
 /// threshold is the training split's best cut.
 #[test]
 fn zero_shot_scores_are_the_language_model_loss_and_the_cut_is_the_best_on_training() {
+    let _rng = support::rng_lock(); // this test seeds or draws from Burn's generator
     use course::ch09_finetune::classify::{lm_scores, threshold_accuracy};
     use course::ch09_finetune::task::Example;
     use course::common::tokenizer::CharTokenizer;

@@ -177,3 +177,10 @@ pub fn instruction_data() -> PathBuf {
     }
     panic!("set GPT_INSTRUCTIONS to a copy of instruction-data.json");
 }
+
+/// Burn's random generator is one per process, and tests run in parallel: a test that seeds it
+/// and draws from it holds this lock, so that no other test's draws come in between.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -16,6 +16,7 @@ pub mod ch07_bpe;
 pub mod ch08_pretrained;
 pub mod ch09_finetune;
 pub mod ch10_gpu;
+pub mod ch11_distributed;
 pub mod compare_backends;
 pub mod exercises;
 

@@ -77,6 +77,23 @@ impl Backend {
     }
     // ANCHOR_END: device
 
+    /// The device of the `n`-th process on this machine (chapter 11): on a GPU backend the
+    /// `n`-th GPU, so that the ranks of one machine do not share one; on a CPU, the CPU.
+    pub fn device_for_local_rank(self, n: usize) -> Device {
+        match (self, n) {
+            (_, 0) => self.device(),
+            #[cfg(feature = "wgpu")]
+            (Backend::Wgpu, n) => Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(n)),
+            #[cfg(feature = "cuda")]
+            (Backend::Cuda, n) => Device::cuda(n),
+            #[cfg(feature = "vulkan")]
+            (Backend::Vulkan, n) => Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(n)),
+            #[cfg(feature = "metal")]
+            (Backend::Metal, n) => Device::metal(burn::tensor::DeviceKind::DiscreteGpu(n)),
+            _ => self.device(),
+        }
+    }
+
     /// The device, once the backend is known to run here: without a usable GPU adapter,
     /// Burn's wgpu backend panics on its first tensor, deep inside, so a GPU backend is
     /// checked first and refused with one line that names the fix.

@@ -110,12 +110,13 @@ fn tiny(vocab: usize, batch: usize, dropout: f64) -> PretrainConfig {
 /// `steps` data-parallel steps on `comm`, from `model`; the losses and the final weights.
 fn train_on(
     comm: &dyn Collective,
+    kernels: Kernels,
     model: Gpt,
     cfg: &PretrainConfig,
     data: &Dataset<Tokenizer>,
     steps: usize,
 ) -> (Vec<f64>, u64) {
-    let (kernels, dropout) = SampleDropout::install(Kernels::BURN, cfg.seed);
+    let (kernels, dropout) = SampleDropout::install(kernels, cfg.seed);
     let mut model = broadcast_model(model.with_kernels(kernels), comm).unwrap();
     let mut optim = optimizer(cfg);
     let job = Job {
@@ -236,9 +237,18 @@ fn dropout_masks_belong_to_the_sample() {
     let diff = max_abs_diff(&whole.clone().slice([2..4, 0..t]), &part);
     assert!(diff <= 1e-5, "shard differs from the whole batch by {diff}");
     dropout.begin(6, 0);
-    let other = model.forward(x);
+    let other = model.forward(x.clone());
     let moved = max_abs_diff(&whole, &other);
     assert!(moved > 1e-3, "step 6 drew step 5's masks ({moved})");
+    // Chapter 5's fused kernels, told where the shard starts, draw the very same masks.
+    let (fused, fused_dropout) = SampleDropout::install(course::ch05_fast::FUSED, 11);
+    let model_fused = model.clone().with_kernels(fused);
+    for (step, first, rows) in [(5, 0, 0..4), (5, 2, 2..4)] {
+        fused_dropout.begin(step, first);
+        let y = model_fused.forward(x.clone().slice([rows.clone(), 0..t]));
+        let diff = max_abs_diff(&whole.clone().slice([rows, 0..t]), &y);
+        assert!(diff <= 1e-4, "fused kernels from sample {first}: {diff}");
+    }
     // Without autodiff (evaluation) there is no dropout at all.
     let valid = model.valid();
     let x = course::common::dataset::ids_tensor(ids, [4, t], &support::flex_device());
@@ -248,9 +258,10 @@ fn dropout_masks_belong_to_the_sample() {
     assert!(max_abs_diff(&a, &b) == 0.0);
 }
 
-/// One rank's all-reduce is the identity: every gradient comes back where it was taken from.
+/// Two ranks with the same gradients average to those gradients, every one back in its place:
+/// the flat layout, the buckets and the way back agree.
 #[test]
-fn one_rank_all_reduce_gives_back_every_gradient() {
+fn two_equal_ranks_average_to_the_same_gradients() {
     let _lock = support::rng_lock();
     let data = data();
     let cfg = tiny(data.tokenizer.vocab_size(), 2, 0.0);
@@ -259,19 +270,34 @@ fn one_rank_all_reduce_gives_back_every_gradient() {
     let model = cfg.model.init(&device);
     let mut rng = course::common::dataset::rng_for(1, 1, 0);
     let t = cfg.model.block_size;
-    let (x, y) = data.batch(
-        course::common::dataset::Split::Train,
-        2,
-        t,
-        &mut rng,
-        &device,
-    );
+    let (x, y) = data.sample_ids(course::common::dataset::Split::Train, 2, t, &mut rng);
+    use course::common::dataset::ids_tensor;
     use course::common::train::LanguageModel;
-    let grads = burn::optim::GradientsParams::from_grads(model.loss(x, y).backward(), &model);
-    let before = grads_of(&grads, &model);
-    let (after, _) = all_reduce_mean(grads, &model, &Solo, 777);
-    assert_eq!(before, grads_of(&after, &model));
+    let grads = |model: &Gpt| {
+        let (x, y) = (
+            ids_tensor(x.clone(), [2, t], &device),
+            ids_tensor(y.clone(), [2, t], &device),
+        );
+        burn::optim::GradientsParams::from_grads(model.loss(x, y).backward(), model)
+    };
+    let before = grads_of(&grads(&model), &model);
     assert!(before.iter().all(|v| v.is_finite()) && before.iter().any(|&v| v != 0.0));
+    let after: Vec<Vec<f32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadRank::world(2)
+            .into_iter()
+            .map(|rank| {
+                let (model, grads) = (model.clone(), &grads);
+                s.spawn(move || {
+                    let (g, _) = all_reduce_mean(grads(&model), &model, &rank, 777);
+                    grads_of(&g, &model)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for g in after {
+        assert_eq!(g, before);
+    }
 }
 
 fn grads_of(grads: &burn::optim::GradientsParams, model: &Gpt) -> Vec<f32> {
@@ -299,27 +325,35 @@ fn two_and_four_ranks_equal_one_rank_with_dropout() {
     device.seed(cfg.seed);
     let model = cfg.model.init(&device);
     let steps = 20;
-    let (solo, _) = train_on(&Solo, model.clone(), &cfg, &data, steps);
-    for size in [2, 4] {
-        let results: Vec<(Vec<f64>, u64)> = std::thread::scope(|s| {
-            let handles: Vec<_> = ThreadRank::world(size)
-                .into_iter()
-                .map(|rank| {
-                    let (model, cfg, data) = (model.clone(), &cfg, &data);
-                    s.spawn(move || train_on(&rank, model, cfg, data, steps))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for (rank, (losses, hash)) in results.iter().enumerate() {
-            assert_eq!(
-                *hash, results[0].1,
-                "{size} ranks: rank {rank}'s weights differ"
-            );
-            assert_close(losses, &solo, 1e-5, &format!("{size} ranks, rank {rank}"));
+    for kernels in [Kernels::BURN, course::ch05_fast::FUSED] {
+        let (solo, _) = train_on(&Solo, kernels, model.clone(), &cfg, &data, steps);
+        for size in [2, 4] {
+            let results: Vec<(Vec<f64>, u64)> = std::thread::scope(|s| {
+                let handles: Vec<_> = ThreadRank::world(size)
+                    .into_iter()
+                    .map(|rank| {
+                        let (model, cfg, data) = (model.clone(), &cfg, &data);
+                        s.spawn(move || train_on(&rank, kernels, model, cfg, data, steps))
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let name = kernels.name();
+            for (rank, (losses, hash)) in results.iter().enumerate() {
+                assert_eq!(
+                    *hash, results[0].1,
+                    "{name}, {size} ranks: rank {rank}'s weights"
+                );
+                assert_close(
+                    losses,
+                    &solo,
+                    1e-5,
+                    &format!("{name}, {size} ranks, rank {rank}"),
+                );
+            }
         }
+        assert!(solo[steps - 1] < solo[0] - 0.3, "no learning: {solo:?}");
     }
-    assert!(solo[steps - 1] < solo[0] - 0.3, "no learning: {solo:?}");
 }
 
 /// Without MPI in the build, a launch by mpirun is refused in one line.

@@ -31,14 +31,16 @@ pub trait FusedOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
-    /// Dropout with probability `dropout` on the weights (none at 0), its mask drawn by `seed`.
+    /// Dropout with probability `dropout` on the weights (none at 0), its mask drawn by `seed`
+    /// and read from element `start` on (0 but in chapter 11).
     fn fused_attention(
         qkv: FloatTensor<Self>,
         n_head: usize,
         dropout: f64,
         seed: u64,
+        start: u64,
     ) -> FloatTensor<Self>;
-    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64) -> FloatTensor<Self>;
+    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64, start: u64) -> FloatTensor<Self>;
 }
 // ANCHOR_END: trait
 
@@ -89,9 +91,10 @@ fn indices(t: &FlexTensor, v: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The dropout mask of probability `prob` drawn by `seed`; none when `prob` is 0.
-fn drop_mask(prob: f64, seed: u64) -> Option<DropMask> {
-    (prob > 0.0).then(|| DropMask::new(prob, seed))
+/// The dropout mask of probability `prob` drawn by `seed`, from element `start` on; none when
+/// `prob` is 0.
+fn drop_mask(prob: f64, seed: u64, start: u64) -> Option<DropMask> {
+    (prob > 0.0).then(|| DropMask::new(prob, seed).starting_at(start))
 }
 
 fn attn_shape(qkv: &FlexTensor, n_head: usize) -> AttnShape {
@@ -134,16 +137,20 @@ impl FusedOps for Flex {
         tensor(vec![loss], [1])
     }
 
-    fn fused_attention(qkv: FlexTensor, n_head: usize, dropout: f64, seed: u64) -> FlexTensor {
-        attention(&contiguous(&qkv), drop_mask(dropout, seed), n_head).0
+    fn fused_attention(
+        qkv: FlexTensor,
+        n_head: usize,
+        dropout: f64,
+        seed: u64,
+        start: u64,
+    ) -> FlexTensor {
+        attention(&contiguous(&qkv), drop_mask(dropout, seed, start), n_head).0
     }
 
-    fn fused_dropout(x: FlexTensor, prob: f64, seed: u64) -> FlexTensor {
+    fn fused_dropout(x: FlexTensor, prob: f64, seed: u64, start: u64) -> FlexTensor {
         let x = contiguous(&x);
-        tensor(
-            kernels::dropout(floats(&x), DropMask::new(prob, seed)),
-            shape(&x),
-        )
+        let mask = DropMask::new(prob, seed).starting_at(start);
+        tensor(kernels::dropout(floats(&x), mask), shape(&x))
     }
 }
 
@@ -391,6 +398,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
         n_head: usize,
         dropout: f64,
         seed: u64,
+        start: u64,
     ) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct AttentionBackward {
@@ -423,7 +431,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
         }
 
-        let mask = drop_mask(dropout, seed);
+        let mask = drop_mask(dropout, seed, start);
         match (AttentionBackward { n_head, mask })
             .prepare::<C>([qkv.node()])
             .compute_bound()
@@ -441,7 +449,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
     }
 
     /// Dropout's node saves nothing but the mask's seed: `dx = dy ⊙ mask`, the mask made again.
-    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64) -> FloatTensor<Self> {
+    fn fused_dropout(x: FloatTensor<Self>, prob: f64, seed: u64, start: u64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct DropoutBackward {
             mask: DropMask,
@@ -459,7 +467,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<Flex, C> {
             }
         }
 
-        let mask = DropMask::new(prob, seed);
+        let mask = DropMask::new(prob, seed).starting_at(start);
         let input = contiguous(x.primitive());
         let y = tensor(kernels::dropout(floats(&input), mask), shape(&input));
         (DropoutBackward { mask })

@@ -214,6 +214,9 @@ pub struct DropMask {
     threshold: u32,
     scale: f32,
     key: [u32; 2],
+    /// The counter of the tensor's first element: 0, unless the tensor is one slice of a
+    /// larger one whose mask it must share (chapter 11: one rank's part of a global batch).
+    start: u32,
 }
 
 /// Chris Wellons' `lowbias32`: a bijection of `u32` in which every input bit flips about half of
@@ -238,6 +241,20 @@ impl DropMask {
             threshold: (prob * 4_294_967_296.0) as u32,
             scale: (1.0 / (1.0 - prob)) as f32,
             key: [mix32(seed as u32), mix32((seed >> 32) as u32 ^ 0x9e37_79b9)],
+            start: 0,
+        }
+    }
+
+    /// The same mask, read from element `start` on: element `i` of the tensor gets the
+    /// factor of element `start + i` of the mask.
+    pub fn starting_at(self, start: u64) -> Self {
+        assert!(
+            start < 1 << 32,
+            "a dropout mask covers at most 2^32 elements"
+        );
+        DropMask {
+            start: start as u32,
+            ..self
         }
     }
 
@@ -253,6 +270,7 @@ impl DropMask {
 
     /// `out[j]` = the factor of element `offset + j` of the masked tensor.
     pub fn fill(&self, offset: usize, out: &mut [f32]) {
+        let offset = offset + self.start as usize;
         check_mask_range(offset, out.len());
         fill_mask(out, offset as u32, *self);
     }
@@ -266,6 +284,7 @@ impl DropMask {
         out: &'a mut [MaybeUninit<f32>],
     ) -> &'a mut [f32] {
         assert_eq!(x.len(), out.len(), "dropout: input and output differ");
+        let offset = offset + self.start as usize;
         check_mask_range(offset, out.len());
         mask_chunk(x, out, offset as u32, *self);
         // SAFETY: `mask_chunk` wrote every element of `out`, which is as long as `x`.

@@ -128,6 +128,7 @@ impl KernelOps for Fused {
             x.into_dispatch(),
             dropout.prob,
             seed,
+            0, // the mask from its first element: the tensor is the whole batch
         ))
     }
 
@@ -165,13 +166,14 @@ pub fn fused_attention(qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tens
         n_head,
         prob,
         seed,
+        0,
     ))
 }
 // ANCHOR_END: ops
 
 // ANCHOR: seed
 /// Burn's own rule for when `Dropout` acts: while training, on a device that records gradients.
-fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
+pub fn dropout_active(dropout: &Dropout, device: &Device) -> bool {
     dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
 }
 

@@ -186,9 +186,12 @@ fn dropout_case(shape: [usize; 3], device: &Device) -> OpCase {
             with_grads(&x, &w, |x| {
                 let x = x[0].clone();
                 match k.fused_on(&x.device()) {
-                    true => {
-                        Tensor::from_dispatch(Dispatch::fused_dropout(x.into_dispatch(), P, SEED))
-                    }
+                    true => Tensor::from_dispatch(Dispatch::fused_dropout(
+                        x.into_dispatch(),
+                        P,
+                        SEED,
+                        0,
+                    )),
                     false => x * mask.clone(),
                 }
             })
@@ -207,7 +210,7 @@ fn attention_dropout_case(shape: [usize; 3], nh: usize, device: &Device) -> OpCa
             with_grads(&qkv, &w, |x| {
                 let qkv = x[0].clone();
                 if k.fused_on(&qkv.device()) {
-                    let y = Dispatch::fused_attention(qkv.into_dispatch(), nh, P, SEED);
+                    let y = Dispatch::fused_attention(qkv.into_dispatch(), nh, P, SEED, 0);
                     return Tensor::from_dispatch(y);
                 }
                 let (q, k, v) = split_heads(qkv, nh); // [b, nh, t, hs]

@@ -8,9 +8,13 @@
 
 use crate::ch02_attention::{causal_weights, merge_heads, split_heads};
 use crate::ch03_gpt::{KernelOps, Kernels};
+use crate::ch05_fast::extension::FusedOps;
+use crate::ch05_fast::fused_available;
 use crate::ch05_fast::kernels::DropMask;
+use burn::backend::Dispatch;
 use burn::nn::{Dropout, Gelu, LayerNorm, Linear};
 use burn::prelude::*;
+use rayon::prelude::*;
 use std::sync::Mutex;
 
 // ANCHOR: sample_dropout
@@ -51,30 +55,42 @@ impl SampleDropout {
         };
     }
 
-    /// The mask (0 or `1 / (1 - p)` per element) of the next dropout site, for a tensor of
-    /// `shape` whose first dimension is the batch.
+    /// The key of the next dropout site's mask, and the mask's element at which this rank's
+    /// tensor starts (each sample holds `per_sample` elements).
+    fn next_site(&self, per_sample: usize) -> (u64, u64) {
+        let mut at = self.at.lock().expect("dropout position");
+        at.site += 1;
+        let key = mix(mix(self.seed, at.step as u64), at.site);
+        (key, (at.first_sample * per_sample) as u64)
+    }
+
+    /// The mask (0 or `1 / (1 - p)` per element) of the next dropout site, on the host, for a
+    /// tensor of `shape` whose first dimension is the batch.
     fn next_mask<const D: usize>(
         &self,
         shape: [usize; D],
         prob: f64,
         device: &Device,
     ) -> Tensor<D> {
-        let at = {
-            let mut at = self.at.lock().expect("dropout position");
-            at.site += 1;
-            *at
-        };
         let per_sample: usize = shape[1..].iter().product();
-        let key = mix(mix(self.seed, at.step as u64), at.site);
+        let (key, start) = self.next_site(per_sample);
+        let mask = DropMask::new(prob, key).starting_at(start);
         let mut keep = vec![0.0f32; shape.iter().product()];
-        DropMask::new(prob, key).fill(at.first_sample * per_sample, &mut keep);
+        keep.par_chunks_mut(per_sample.max(1))
+            .enumerate()
+            .for_each(|(j, out)| mask.fill(j * per_sample, out));
         Tensor::from_data(TensorData::new(keep, shape), device)
+    }
+
+    /// True when chapter 5's fused kernels run here: they take the mask's key and start.
+    fn fused(&self, device: &Device) -> bool {
+        self.inner.runs_on(device) && fused_available(device)
     }
 }
 
 /// Burn's rule for when dropout acts: training, on a device that records gradients.
 fn active(dropout: &Dropout, device: &Device) -> bool {
-    dropout.prob > 0.0 && dropout.training.is_enabled() && device.is_autodiff()
+    crate::ch05_fast::dropout_active(dropout, device)
 }
 
 /// SplitMix64's finaliser over `a` and `b`: a key for each (seed, step, site).
@@ -111,14 +127,27 @@ impl KernelOps for SampleDropout {
         if !active(dropout, &x.device()) {
             return x;
         }
+        let [_, t, c] = x.dims();
+        if self.fused(&x.device()) {
+            let (key, start) = self.next_site(t * c);
+            let y = Dispatch::fused_dropout(x.into_dispatch(), dropout.prob, key, start);
+            return Tensor::from_dispatch(y);
+        }
         let mask = self.next_mask(x.dims(), dropout.prob, &x.device()); // [b, t, c]
         x * mask
     }
-    /// Attention composed of Burn's operations when dropout acts (the mask of the weights
-    /// comes from here); the inner kernels' attention otherwise.
+    /// Chapter 5's fused attention told where its mask starts, or Burn's operations with
+    /// the mask made here; without dropout, the inner kernels' attention.
     fn attention(&self, qkv: Tensor<3>, n_head: usize, dropout: &Dropout) -> Tensor<3> {
         if !active(dropout, &qkv.device()) {
             return self.inner.attention(qkv, n_head, dropout);
+        }
+        if self.fused(&qkv.device()) {
+            let t = qkv.dims()[1];
+            let (key, start) = self.next_site(n_head * t * t); // weights [b, nh, t, t]
+            let y =
+                Dispatch::fused_attention(qkv.into_dispatch(), n_head, dropout.prob, key, start);
+            return Tensor::from_dispatch(y);
         }
         let (q, k, v) = split_heads(qkv, n_head); // [b, nh, t, hs]
         let att = causal_weights(q, k); // [b, nh, t, t]

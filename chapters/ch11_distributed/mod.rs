@@ -51,13 +51,18 @@ pub fn check_batch(batch: usize, size: usize) -> Result<()> {
 /// Averages every rank's gradients: all of them copied into one flat buffer (parameter by
 /// parameter, in the model's order, the same on every rank), summed over the ranks in
 /// buckets of `bucket` values, divided by the number of ranks, and put back. Returns the
-/// averaged gradients and the seconds spent in the all-reduce itself.
+/// averaged gradients and the seconds all this took (copies and any wait for a slower rank
+/// included).
 pub fn all_reduce_mean<M: Module>(
     mut grads: GradientsParams,
     model: &M,
     comm: &dyn Collective,
     bucket: usize,
 ) -> (GradientsParams, f64) {
+    if comm.size() == 1 {
+        return (grads, 0.0); // the mean of one is itself
+    }
+    let tick = Instant::now();
     let mut flat = Flatten {
         grads: &mut grads,
         values: Vec::new(),
@@ -65,11 +70,9 @@ pub fn all_reduce_mean<M: Module>(
     };
     model.visit(&mut flat);
     let (mut values, device) = (flat.values, flat.device);
-    let tick = Instant::now();
     for chunk in values.chunks_mut(bucket.max(1)) {
         comm.all_reduce_sum(chunk); // [bucket], summed over the ranks
     }
-    let seconds = tick.elapsed().as_secs_f64();
     let scale = 1.0 / comm.size() as f32;
     values.iter_mut().for_each(|g| *g *= scale);
     if let Some(device) = device {
@@ -80,7 +83,7 @@ pub fn all_reduce_mean<M: Module>(
             device,
         });
     }
-    (grads, seconds)
+    (grads, tick.elapsed().as_secs_f64())
 }
 
 /// Takes each gradient out of `grads` into `values` (zeros for a parameter without one, so

@@ -10,6 +10,7 @@
 #   TAG=tiny ARGS="--preset tiny" BACKEND=flex book/record.sh ch04_pretrain
 #   book/record.sh compare_backends-ops    # the per-operation costs (compare_backends --ops)
 #   book/record.sh ch04_pretrain-samples   # samples of the recorded baby checkpoint (run it after ch04_pretrain)
+#   FEATURES=mpi LAUNCH="mpirun -np 2 ..." TAG=mpi2 BACKEND=flex book/record.sh ch11_distributed
 #   ARGS="--checkpoint runs/record/ndarray/ch04_pretrain/ckpt/best" BACKEND=flex book/record.sh ch06_generate
 # The speed tables against PyTorch come from book/speed.py, book/gpt2_speed.py and
 # book/instruct_speed.py (they need a Python with torch and transformers), the
@@ -21,6 +22,10 @@ BACKEND="${BACKEND:-ndarray}"
 SEED="${SEED:-1337}"
 # Extra flags for the chapter, and a tag that keeps their recording apart.
 ARGS="${ARGS:-}"
+# Cargo features of the build (chapter 11: mpi), and a launcher to start the binary with
+# (chapter 11: mpirun).
+FEATURES="${FEATURES:-}"
+LAUNCH="${LAUNCH:-}"
 TAG="${TAG:-}"
 CHAPTERS=("$@")
 if [ ${#CHAPTERS[@]} -eq 0 ]; then
@@ -67,6 +72,9 @@ if [ ${#CHAPTERS[@]} -eq 0 ]; then
   # Chapter 10 on wgpu (here Mesa's software Vulkan driver: the checks are real, the times
   # are a CPU's; a GPU machine gives the GPU's).
   ARGS="--profile" BACKEND=wgpu bash "$self" ch10_gpu
+  # Chapter 11: the baby preset on two ranks of one thread each (a build with Open MPI).
+  FEATURES=mpi LAUNCH="mpirun --allow-run-as-root -np 2 --bind-to core -x RAYON_NUM_THREADS=1" \
+    TAG=mpi2 BACKEND=flex bash "$self" ch11_distributed
   # What GPT-2's initialisation is worth on its own (chapter 3 changes only the norm).
   TAG=gpt2-init ARGS="--gpt2-init --no-compare" bash "$self" ch03_gpt
   TAG=bench ARGS="--bench 20" BACKEND=flex bash "$self" ch04_pretrain
@@ -91,7 +99,7 @@ if [ -n "${GPT_INSTRUCTIONS:-}" ]; then
   GPT_INSTRUCTIONS="$(realpath --relative-to=. "$GPT_INSTRUCTIONS")"
   export GPT_INSTRUCTIONS
 fi
-cargo build --release --bins --quiet
+cargo build --release --bins --quiet ${FEATURES:+--features "$FEATURES"}
 
 for ch in "${CHAPTERS[@]}"; do
   if [ "$ch" = compare_backends-ops ]; then
@@ -147,9 +155,9 @@ for ch in "${CHAPTERS[@]}"; do
   trap 'rm -rf "$tmp"' EXIT
   echo "recording $ch on $BACKEND -> $dest"
   {
-    echo "\$ $ch --backend $BACKEND --seed $SEED${ARGS:+ $ARGS}"
-    # shellcheck disable=SC2086 # ARGS is a list of flags
-    "$TARGET/release/$ch" --backend "$BACKEND" --seed "$SEED" $ARGS --out "$out"
+    echo "\$ ${LAUNCH:+$LAUNCH }$ch --backend $BACKEND --seed $SEED${ARGS:+ $ARGS}"
+    # shellcheck disable=SC2086 # LAUNCH and ARGS are lists of words
+    $LAUNCH "$TARGET/release/$ch" --backend "$BACKEND" --seed "$SEED" $ARGS --out "$out"
   } > "$tmp/output.txt"
   for f in "$out"/*.svg "$out"/*.csv "$out"/*.json "$out"/*.md; do
     if [ -e "$f" ]; then cp "$f" "$tmp"/; fi

@@ -57,7 +57,9 @@ for path in sorted(glob.glob(os.path.join(root, "*", "summary.json")), key=order
     # Chapter 3's variants are named by their norm; say when GPT-2's init was on too.
     init = " + GPT-2 init" if s["chapter"] == "ch03_gpt" and model.get("gpt2_init") else ""
     models = s.get("variants") or [{
-        "name": f"preset {preset}" if preset else "", "parameters": s["parameters"], "final_train_loss": s["final_train_loss"],
+        "name": (f"preset {preset}" if preset else "")
+        + (f", {hp['ranks']} ranks" if isinstance(hp, dict) and hp.get("ranks", 1) > 1 else ""),
+        "parameters": s["parameters"], "final_train_loss": s["final_train_loss"],
         "final_val_loss": s["final_val_loss"], "wall_seconds": s["wall_seconds"],
         "tokens_per_second": s["tokens_per_second"],
     }]
@@ -73,6 +75,7 @@ NOTE = (f"Recorded by `book/record.sh` ({seed}) on {' and '.join(sorted(cpus))},
         "Wall time includes evaluations; tokens/s counts training steps only.")
 
 for chapter, rows in by_chapter.items():
+    os.makedirs(os.path.join(root, chapter), exist_ok=True)
     with open(os.path.join(root, chapter, "results.md"), "w") as f:
         f.write("\n".join([HEADER, *rows, "", NOTE, ""]))
 

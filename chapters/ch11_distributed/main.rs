@@ -109,7 +109,8 @@ fn notebook(a: &Cli, comm: &dyn Collective) -> Result<()> {
     };
     let (report, log) = training(a, &run, model, &job)?;
     if comm.rank() == 0 {
-        let files = write_files(&run, &job, &report, &log, rate)?;
+        let mut files = write_files(&run, &job, &report, &log, rate)?;
+        files.push("ring_all_reduce.svg".into());
         more_ranks(&report, &log, &cfg, rate);
         println!("\nwrote {} into {}", files.join(", "), run.out.display());
     }
@@ -336,7 +337,8 @@ fn training(a: &Cli, run: &Run, model: Gpt, job: &Job) -> Result<(TrainReport, L
         comm.size()
     );
     println!(
-        "all-reduce: {:.2} ms per step, {:.1}% of the step time",
+        "gradient exchange (copies out and back, all-reduce, waits): {:.2} ms per step, {:.1}% \
+         of the step time",
         log.all_reduce_seconds * 1e3 / steps,
         100.0 * share
     );

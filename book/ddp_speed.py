@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Chapter 11's PyTorch reference: the same GPT (../shared/reference/torch_gpt.py) trained with
+"""Chapter 11's PyTorch reference: the same GPT (book/reference/torch_gpt.py) trained with
 PyTorch's DistributedDataParallel on `--ranks` processes (gloo, over loopback), each with
 `--threads` threads and `batch / ranks` samples of every global batch. Prints chapter 4's
 benchmark line ("median of N: X ms/step", so that book/turns.py can time it in turns with
@@ -15,13 +15,13 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE = os.path.join(HERE, "..", "..", "shared", "reference")
+REFERENCE = os.path.join(HERE, "reference")
 sys.path.insert(0, os.environ.get("TORCH_REFERENCE", REFERENCE))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-from torch_gpt import CharGPT, make_optimizer  # noqa: E402
+from torch_gpt import DEFAULT_DATA, CharGPT, make_optimizer  # noqa: E402
 
 # Chapter 4's presets (layers, heads, width, block, global batch, dropout).
 PRESETS = {
@@ -93,7 +93,7 @@ def main():
     p.add_argument("--preset", choices=sorted(PRESETS), default="baby")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--port", type=int, default=29517)
-    p.add_argument("--data", default=os.path.join(REFERENCE, "..", "data", "tinyshakespeare.txt"))
+    p.add_argument("--data", default=DEFAULT_DATA)
     args = p.parse_args()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

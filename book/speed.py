@@ -40,7 +40,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # As cargo sees it when run in ROOT (a relative CARGO_TARGET_DIR is relative to ROOT).
 TARGET = os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR", "target"))
-TORCH_SCRIPT = os.path.join(ROOT, "..", "shared", "reference", "torch_gpt.py")
+TORCH_SCRIPT = os.path.join(ROOT, "book", "reference", "torch_gpt.py")
 # The practical fp32 peak of the course's 2-core Intel Xeon (AVX-512), from `book/torch_peak.py`
 # (PyTorch's square products reach 265-272 GFLOP/s); give --peak for another machine.
 PEAK_GFLOPS = 270.0
